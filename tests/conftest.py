@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny local models and real server processes on loopback ports.
+
+Tests run the real ``python -m kernel_server`` (SPEC 2, STYLE habit 10): nothing but the ``mps``
+device is faked. See ``kit.py`` for the builders and `ServerProcess`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pytest
+
+from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, build_tiny_models
+
+if TYPE_CHECKING:
+    from mymps_magic import Client
+
+# Set at import, before any test imports huggingface_hub: it reads HF_HUB_OFFLINE once, when
+# imported, so a fixture would be too late.
+os.environ.update(QUIET_ENV)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    """Every tiny model, built once per session into a temp dir (about 3 s, mostly imports)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    # A loaded pipeline's own progress bar stays on; tests that run one disable it on the pipe.
+    diffusers_logging.disable_progress_bar()
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One real server shared by the session, for tests that leave it as they found it.
+
+    A test that changes the server for good (unloads a model others use, fills memory, needs
+    other options) uses `make_server` instead.
+    """
+    with ServerProcess(tmp_path_factory.mktemp("server-home")) as process:
+        yield process
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[MakeServer]:
+    """A factory for a test's own servers, started and waited for; all are stopped afterwards.
+
+    ``make_server(max_body="1KiB")`` starts ``--max-body 1KiB``; keyword arguments are options
+    as `ServerProcess` takes them, plus ``home``, ``port``, ``env`` and ``token_file``.
+    """
+    started: list[ServerProcess] = []
+
+    def make(
+        *,
+        home: Path | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        token_file: bool = False,
+        **options: object,
+    ) -> ServerProcess:
+        process = ServerProcess(
+            home if home is not None else tmp_path / f"server-home-{len(started)}",
+            port=port,
+            options=options,
+            env=env,
+            token_file=token_file,
+        )
+        started.append(process)
+        return process.start()
+
+    yield make
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[Client]:
+    """A `mymps_magic.Client` talking to the shared `server` over real HTTP."""
+    from mymps_magic import Client
+
+    with Client(host="127.0.0.1", port=server.port, token=server.token) as connected:
+        yield connected
