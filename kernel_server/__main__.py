@@ -1,0 +1,109 @@
+"""``python -m kernel_server`` (also ``mymps serve``): options -> Settings -> uvicorn.
+
+Start-up problems (a bad option, a non-loopback bind, a busy port, a missing device) end the
+process with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from .settings import Settings, SettingsError, is_loopback, parse_size
+
+log = logging.getLogger("kernel_server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mymps serve",
+        description="Serve this machine's PyTorch device to mymps clients. Every option is also an "
+        "environment variable MYMPS_<OPTION> (MYMPS_BIND for --host); options win.",
+    )
+    p.add_argument("--host", help="address to bind (MYMPS_BIND, default 127.0.0.1; non-loopback needs --allow-remote)")
+    p.add_argument("--port", type=int, help="TCP port (MYMPS_PORT, default 5555; 0 picks a free one)")
+    p.add_argument("--device", choices=["auto", "mps", "cuda", "cpu"], help="device (MYMPS_DEVICE, default auto: mps, cuda, cpu)")
+    p.add_argument("--home", help="folder for the token and the log (MYMPS_HOME, default ~/.mymps)")
+    p.add_argument("--token-file", help="token file (MYMPS_TOKEN_FILE, default $MYMPS_HOME/token)")
+    p.add_argument("--allow-remote", action="store_true", default=None,
+                   help="allow binding a non-loopback address (MYMPS_ALLOW_REMOTE=1); the server runs any code sent to it")
+    p.add_argument("--max-body", help="largest request or message, e.g. 4GiB, 512MiB (MYMPS_MAX_BODY, default 4GiB)")
+    return p
+
+
+def settings_from(argv: list[str] | None) -> Settings:
+    from pathlib import Path
+
+    args = build_parser().parse_args(argv)
+    port = args.port
+    return Settings.from_env().override(
+        host=args.host,
+        port=port,
+        device=args.device,
+        home=Path(args.home).expanduser() if args.home else None,
+        token_file=Path(args.token_file).expanduser() if args.token_file else None,
+        allow_remote=args.allow_remote,
+        max_body=parse_size(args.max_body, "--max-body") if args.max_body else None,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(f"cannot listen on {host}:{port} ({exc.strerror}); is another server running? "
+                            "Pick another port with --port or stop the other one") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = settings_from(argv)
+        sock = _bind(settings.host, settings.port)
+    except SettingsError as exc:
+        print(f"mymps serve: {exc}", file=sys.stderr)
+        return 2
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[logging.StreamHandler(), logging.FileHandler(settings.home / "server.log")],
+    )
+
+    import uvicorn
+
+    from .app import create_app
+    from .auth import load_or_create_token
+    from .device import DeviceError, select_device
+
+    try:
+        device = select_device(settings.device)
+        token = load_or_create_token(settings.resolved_token_file, settings.token)
+    except (DeviceError, RuntimeError, OSError) as exc:
+        print(f"mymps serve: {exc}", file=sys.stderr)
+        sock.close()
+        return 2
+    app = create_app(settings, token=token, device=device)
+    host, port = sock.getsockname()[:2]
+    where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
+    token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
+    log.info("mymps server on http://%s:%s%s, device %s (%s); token in %s",
+             host, port, where, device.kind, device.name, token_source)
+    config = uvicorn.Config(
+        app, ws="websockets-sansio", ws_max_size=settings.max_body, log_level="warning",
+        access_log=False, timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

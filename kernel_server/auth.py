@@ -1,0 +1,124 @@
+"""The token and the body limit, enforced before anything of a request is read.
+
+FastAPI reads (and parses) a request body before its dependencies run, so a dependency cannot
+promise that an unauthenticated body is never parsed or unpickled. This is a pure ASGI middleware
+instead: it looks only at the headers, answers 401 or 413 itself, and otherwise hands the request
+on with a ``receive`` that stops a body growing past ``--max-body`` even without a
+Content-Length.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Awaitable, Callable, MutableMapping
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Paths anyone who reaches the port may call: they reveal no token and run nothing.
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def load_or_create_token(token_file: Path, token: str | None) -> str:
+    """Return the token the server accepts, creating the token file on first start.
+
+    ``MYMPS_TOKEN`` wins when set. Otherwise the file is created with mode 0600 (``O_EXCL``, so
+    a file planted by someone else is never silently trusted with wider permissions) and read on
+    later starts; a file others can read is narrowed to 0600.
+    """
+    if token:
+        return token
+    token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if token_file.stat().st_mode & 0o077:
+            token_file.chmod(0o600)
+        value = token_file.read_text().strip()
+        if not value:
+            raise RuntimeError(f"the token file {token_file} is empty; delete it and start again") from None
+        return value
+    value = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` when a body without Content-Length outgrows the limit."""
+
+
+class GuardMiddleware:
+    """Token check and body limit for every HTTP request and WebSocket handshake."""
+
+    def __init__(self, app: ASGIApp, *, token: str, max_body: int) -> None:
+        self.app = app
+        self._token = f"Bearer {token}".encode()
+        self.max_body = max_body
+
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope.get("headers", ()):
+            if key == b"authorization":
+                return hmac.compare_digest(value, self._token)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if not self._authorized(scope):
+                # Closing before accept refuses the handshake (HTTP 403): no frame is ever read.
+                await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong token"})
+                return
+        elif scope["type"] == "http":
+            if scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
+                await _reject(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+                              "(the token is in ~/.mymps/token on the server; `mymps tunnel` fetches it)")
+                return
+            length = _content_length(scope)
+            if length is not None and length > self.max_body:
+                await _reject(send, 413, f"request body of {length} bytes is over the server's "
+                              f"--max-body of {self.max_body} bytes")
+                return
+            receive = self._limited(receive, send)
+        await self.app(scope, receive, send)
+
+    def _limited(self, receive: Receive, send: Send) -> Receive:
+        seen = 0
+        limit = self.max_body
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"request body is over the server's --max-body of {limit} bytes")
+            return message
+
+        return limited_receive
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reject(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

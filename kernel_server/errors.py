@@ -1,0 +1,63 @@
+"""Errors the server turns into ``{"error": "..."}`` answers with a fitting status.
+
+Anything raised while serving a request that is not one of these becomes a 500 whose message
+still names the exception; none of them ever stops the server or unloads a model.
+
+    ServerError (500)
+    ├── BadRequest (400)      malformed body, input the model rejects
+    ├── NotFound (404)        unknown model, job or path
+    ├── Unprocessable (422)   a field out of range or of the wrong type
+    ├── Cancelled (409)       the job was cancelled before it finished
+    └── OutOfMemory (507)     the device ran out of memory
+"""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServerError):
+    status = 400
+
+
+class NotFound(ServerError):
+    status = 404
+
+
+class Cancelled(ServerError):
+    status = 409
+
+
+class Unprocessable(ServerError):
+    status = 422
+
+
+class OutOfMemory(ServerError):
+    status = 507
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's OutOfMemoryError and MPS's plain RuntimeError that says the same."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def as_server_error(exc: BaseException) -> ServerError:
+    """Map any exception from a job to the error the client sees."""
+    if isinstance(exc, ServerError):
+        return exc
+    if is_out_of_memory(exc):
+        return OutOfMemory(
+            f"the device ran out of memory ({str(exc).splitlines()[0][:200]}); "
+            "unload a model (`DELETE /models/NAME`) or use a smaller input or dtype"
+        )
+    return ServerError(f"{type(exc).__name__}: {exc}")

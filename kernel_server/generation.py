@@ -1,0 +1,174 @@
+"""Text generation with the model's KV cache, streamed piece by piece, stoppable at every token.
+
+The original streaming loop fed the whole sequence back for every token (quadratic, 29% of
+in-process speed). Here the prompt is run once and each later step feeds one token with the
+cache, as ``model.generate`` does, while keeping the loop ours so that every token can be streamed
+and a cancel request is seen between two tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .registry import LoadedModel
+
+OnText = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    prompt: str
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits, dim=-1).item())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        sorted_probs[(cumulative - sorted_probs) >= top_p] = 0.0
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice].item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:  # a backend without device generators: sample from a CPU one
+        return torch.Generator().manual_seed(seed)
+
+
+class _Detokenizer:
+    """Turns token ids into text pieces that are safe to show.
+
+    Holds back an incomplete UTF-8 character (decoded as U+FFFD) and any tail that could be the
+    start of a stop string, so a client never sees text that is later taken back.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        # Decoding a short window (as text-generation-inference does) keeps each step O(1) and
+        # keeps the spaces that SentencePiece drops at the start of a decode.
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # how much of ``text`` was handed out
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; return the new safe text and whether a stop string was reached."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return "", False
+        self.text += window[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        for s in self.stop:
+            index = self.text.find(s, max(0, self.sent - len(s)))
+            if index != -1:
+                self.text = self.text[:index]
+                return self._flush(len(self.text)), True
+        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._flush(len(self.text) - hold), False
+
+    def finish(self) -> str:
+        return self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+
+def generate(
+    loaded: LoadedModel,
+    params: GenerateParams,
+    is_cancelled: Callable[[], bool],
+    on_text: OnText | None = None,
+    on_progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Generate up to ``max_new_tokens``; returns the original's stats plus ``stop_reason``.
+
+    ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``length`` or ``cancelled``.
+    """
+    model, tokenizer = loaded.obj, loaded.tokenizer
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    ids = tokenizer(params.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        bos = getattr(tokenizer, "bos_token_id", None) or getattr(model.config, "bos_token_id", None) or 0
+        ids = torch.tensor([[bos]])
+    ids = ids.to(device)
+    eos = _eos_ids(model, tokenizer)
+    generator = _generator(device, params.seed)
+    detok = _Detokenizer(tokenizer, params.stop)
+    stop_reason = "length"
+    produced = 0
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(params.max_new_tokens):
+            if is_cancelled():
+                stop_reason = "cancelled"
+                break
+            token = _sample(out.logits[0, -1, :], params.temperature, params.top_p, generator)
+            produced += 1
+            if token in eos:
+                stop_reason = "eos"
+                break
+            piece, stopped = detok.add(token)
+            if piece and on_text is not None:
+                on_text(piece)
+            if on_progress is not None:
+                on_progress(produced / params.max_new_tokens)
+            if stopped:
+                stop_reason = "stop"
+                break
+            if produced == params.max_new_tokens:
+                break
+            out = model(
+                input_ids=torch.tensor([[token]], device=device),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+    tail = detok.finish()
+    if tail and on_text is not None:
+        on_text(tail)
+    elapsed = time.perf_counter() - start
+    loaded.touch()
+    return {
+        "text": detok.text,
+        "tokens_generated": produced,
+        "time_s": round(elapsed, 4),
+        "tokens_per_s": round(produced / elapsed, 2) if elapsed > 0 else 0.0,
+        "stop_reason": stop_reason,
+    }

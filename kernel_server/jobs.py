@@ -1,0 +1,173 @@
+"""The one ordered queue for device work.
+
+Device work (loads, generations, forward passes, images) runs one job at a time on a single
+worker thread, in the order it was submitted, so requests never race on the device and the event
+loop stays free: ``/health``, ``/stats``, ``/models`` and ``/jobs`` answer while a job runs.
+
+Jobs are ``concurrent.futures.Future``s. Cancelling a queued job drops it; cancelling a running
+one sets ``job.cancelled``, which long jobs (generation, diffusion steps) check between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from .errors import Cancelled, NotFound
+
+
+class Job(concurrent.futures.Future):  # type: ignore[type-arg]
+    """One unit of device work and its outcome."""
+
+    def __init__(self, fn: Callable[[Job], Any], kind: str, model: str | None, session: str | None) -> None:
+        super().__init__()
+        self.id = uuid.uuid4().hex[:12]
+        self.fn = fn
+        self.kind = kind
+        self.model = model
+        self.session = session
+        self.submitted = time.time()
+        self.started: float | None = None
+        self.progress: float | None = None
+        self._cancel_event = threading.Event()
+        self.cancel_reason = "cancelled"
+
+    @property
+    def cancelled_flag(self) -> bool:
+        """True once someone asked a running job to stop; long jobs poll it between steps."""
+        return self._cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if the job was asked to stop."""
+        if self._cancel_event.is_set():
+            raise Cancelled(f"job {self.id} was {self.cancel_reason}")
+
+    def request_cancel(self, reason: str = "cancelled") -> None:
+        self.cancel_reason = reason
+        self._cancel_event.set()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "session": self.session,
+            "model": self.model,
+            "state": "running" if self.started is not None else "queued",
+            "submitted": self.submitted,
+            "started": self.started,
+            "progress": self.progress,
+        }
+
+
+class JobQueue:
+    """FIFO of :class:`Job` executed by one worker thread."""
+
+    def __init__(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """``on_failure`` runs on the worker after a job fails, e.g. to give cached device memory back."""
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._closed = False
+        self._on_failure = on_failure
+        self._thread = threading.Thread(target=self._work, name="mymps-device", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, fn: Callable[[Job], Any], kind: str, *, model: str | None = None, session: str | None = None
+    ) -> Job:
+        job = Job(fn, kind, model, session)
+        with self._cond:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    async def run(
+        self, fn: Callable[[Job], Any], kind: str, *, model: str | None = None, session: str | None = None
+    ) -> Any:
+        """Submit and await the result; a caller that goes away cancels the job."""
+        job = self.submit(fn, kind, model=model, session=session)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            self.abandon(job, "cancelled: its client went away")
+            raise
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._cond:
+            jobs = ([self._running] if self._running else []) + list(self._queue)
+        return [job.describe() for job in jobs]
+
+    def counts(self) -> dict[str, int]:
+        with self._cond:
+            return {"running": int(self._running is not None), "queued": len(self._queue)}
+
+    def cancel(self, job_id: str, reason: str = "cancelled") -> Job:
+        """Drop a queued job or ask a running one to stop.
+
+        Raises:
+            NotFound: no running or queued job has this id.
+        """
+        with self._cond:
+            for job in self._queue:
+                if job.id == job_id:
+                    self._queue.remove(job)
+                    job.cancel_reason = reason
+                    job.cancel()
+                    return job
+            running = self._running
+        if running is not None and running.id == job_id:
+            running.request_cancel(reason)
+            return running
+        raise NotFound(f"no running or queued job {job_id!r}; `GET /jobs` lists them")
+
+    def abandon(self, job: Job, reason: str) -> None:
+        """Stop a job whose caller went away; nothing happens if it already finished."""
+        if not job.done():
+            try:
+                self.cancel(job.id, reason)
+            except NotFound:
+                pass
+
+    def close(self, reason: str = "cancelled: the server is shutting down") -> None:
+        """Cancel everything and stop the worker; waits briefly for the running job to stop."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            running = self._running
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel_reason = reason
+            job.cancel()
+        if running is not None:
+            running.request_cancel(reason)
+        self._thread.join(timeout=10)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._queue:
+                    return
+                job = self._queue.popleft()
+                if not job.set_running_or_notify_cancel():
+                    continue
+                self._running = job
+                job.started = time.time()
+            try:
+                job.set_result(job.fn(job))
+            except BaseException as exc:  # a failing job must never stop the worker
+                job.set_exception(exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+            finally:
+                with self._cond:
+                    self._running = None

@@ -1,0 +1,288 @@
+"""The HTTP and WebSocket endpoints: thin over the registry, the job queue and the workers.
+
+Metadata endpoints read shared state directly and never queue; everything that touches the
+device is a job, awaited without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import time
+from typing import Any, AsyncIterator, Callable
+
+import psutil
+import torch
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from mymps_magic import wire
+
+from . import generation, inference
+from .app import ServerState, server_version
+from .errors import BadRequest, ServerError, Unprocessable, as_server_error
+from .jobs import Job
+from .registry import LoadRequest
+from .schemas import GenerateBody, ImageBody, LoadBody, describe_validation_error
+
+router = APIRouter()
+
+
+def _state(request: Request | WebSocket) -> ServerState:
+    return request.app.state.mymps  # type: ignore[no-any-return]
+
+
+async def _run(st: ServerState, fn: Callable[[Job], Any], kind: str, model: str | None = None) -> Any:
+    """Queue ``fn`` as a job and await it; its failure becomes the error the client sees."""
+    try:
+        return await st.jobs.run(fn, kind, model=model)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        raise as_server_error(exc) from exc
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness and identity; the one endpoint that needs no token."""
+    st = _state(request)
+    return {
+        "status": "ok",
+        "version": server_version(),
+        "protocol": wire.PROTOCOL_VERSION,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": st.device.kind,
+        "device_name": st.device.name,
+        "models": st.registry.names(),
+        "uptime_s": round(time.time() - st.started_at, 1),
+    }
+
+
+@router.get("/stats")
+async def stats(request: Request) -> dict[str, Any]:
+    st = _state(request)
+    vm = psutil.virtual_memory()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "ram": {"used": vm.total - vm.available, "total": vm.total},
+        "device": {"kind": st.device.kind, "name": st.device.name, **st.device.memory()},
+        "jobs": st.jobs.counts(),
+    }
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"models": _state(request).registry.describe()}
+
+
+def _loaded_answer(st: ServerState, name: str, started: float, already: bool) -> dict[str, Any]:
+    model = st.registry.get(name)
+    answer = {
+        "status": "ok",
+        "name": name,
+        "device": st.device.kind,
+        "kind": model.kind,
+        "dtype": model.describe()["dtype"],
+        "load_time_s": round(time.perf_counter() - started, 3),
+        "already_loaded": already,
+    }
+    if already:
+        answer["message"] = f"{name} was already loaded; nothing to do"
+    return answer
+
+
+@router.post("/models/load")
+async def load_model(body: LoadBody, request: Request) -> Any:
+    """Load a model; with ``Accept: application/x-ndjson`` progress streams as NDJSON lines."""
+    st = _state(request)
+    started = time.perf_counter()
+    if st.registry.has(body.name):
+        return _loaded_answer(st, body.name, started, True)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    load_request = LoadRequest(**body.model_dump())
+
+    def work(job: Job) -> bool:
+        if st.registry.has(body.name):  # loaded by a request queued before this one
+            return True
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            job.progress = fraction
+            loop.call_soon_threadsafe(events.put_nowait, wire.progress_event(stage, fraction, message))
+
+        st.registry.load(load_request, progress, job.check_cancelled)
+        return False
+
+    if wire.NDJSON not in request.headers.get("accept", ""):
+        already = await _run(st, work, "load", body.name)
+        return _loaded_answer(st, body.name, started, already)
+
+    job = st.jobs.submit(work, "load", model=body.name)
+
+    async def stream() -> AsyncIterator[bytes]:
+        done = asyncio.wrap_future(job)
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield wire.ndjson_line(getter.result())
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield wire.ndjson_line(events.get_nowait())
+                try:
+                    yield wire.ndjson_line(_loaded_answer(st, body.name, started, done.result()))
+                except BaseException as exc:
+                    yield wire.ndjson_line(wire.error_body(as_server_error(exc).message))
+                return
+        finally:
+            st.jobs.abandon(job, "cancelled: its client went away")
+
+    return StreamingResponse(stream(), media_type=wire.NDJSON)
+
+
+@router.delete("/models/{name:path}")
+async def unload_model(name: str, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    st.registry.get(name)  # a fast 404 before queueing
+    freed = await _run(st, lambda job: st.registry.unload(name), "unload", name)
+    return {"status": "ok", "name": name, "freed_bytes": freed}
+
+
+@router.get("/models/{name:path}/info")
+async def model_info(name: str, request: Request) -> dict[str, Any]:
+    return _state(request).registry.get(name).info()
+
+
+@router.get("/jobs")
+async def list_jobs(request: Request) -> dict[str, Any]:
+    return {"jobs": _state(request).jobs.list()}
+
+
+@router.delete("/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    job = _state(request).jobs.cancel(job_id, "cancelled by DELETE /jobs")
+    return {"status": "ok", "id": job.id, "cancelled": True}
+
+
+@router.post("/infer", response_class=Response, responses={200: {"content": {wire.MSGPACK: {}}}})
+async def infer(request: Request) -> Response:
+    """Forward pass: a msgpack tensor map in, the outputs as a msgpack tensor map out."""
+    st = _state(request)
+    name = request.headers.get(wire.HEADER_MODEL)
+    if not name:
+        raise Unprocessable(f"name the model in the {wire.HEADER_MODEL!r} header")
+    st.registry.get(name)
+    try:
+        inputs = wire.unpack_tensors(await request.body())
+    except wire.WireFormatError as exc:
+        raise BadRequest(str(exc)) from None
+    outputs = await _run(st, lambda job: inference.infer(st.registry.get(name), inputs), "infer", name)
+    return Response(wire.pack_tensors(outputs), media_type=wire.MSGPACK)
+
+
+def _generation_job(st: ServerState, body: GenerateBody, on_text: Callable[[str], None] | None) -> Callable[[Job], Any]:
+    params = generation.GenerateParams(
+        prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
+        top_p=body.top_p, seed=body.seed, stop=tuple(body.stop),
+    )
+
+    def work(job: Job) -> dict[str, Any]:
+        loaded = st.registry.get(body.model, ("text",))
+
+        def on_progress(fraction: float) -> None:
+            job.progress = fraction
+
+        return generation.generate(loaded, params, lambda: job.cancelled_flag, on_text, on_progress)
+
+    return work
+
+
+@router.post("/generate")
+async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    st.registry.get(body.model, ("text",))
+    return await _run(st, _generation_job(st, body, None), "generate", body.model)  # type: ignore[no-any-return]
+
+
+@router.post("/image")
+async def image(body: ImageBody, request: Request) -> dict[str, Any]:
+    st = _state(request)
+    st.registry.get(body.model, ("diffusion",))
+
+    def work(job: Job) -> dict[str, Any]:
+        def on_progress(fraction: float) -> None:
+            job.progress = fraction
+
+        return inference.image(
+            st.registry.get(body.model, ("diffusion",)), body.prompt, body.steps, seed=body.seed,
+            guidance_scale=body.guidance_scale, width=body.width, height=body.height,
+            num_images=body.num_images, check_cancelled=job.check_cancelled, on_progress=on_progress,
+        )
+
+    return await _run(st, work, "image", body.model)  # type: ignore[no-any-return]
+
+
+async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
+    await ws.send_json({"type": wire.MSG_ERROR, "error": message, "status": status})
+    await ws.close()
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(ws: WebSocket) -> None:
+    """Stream one generation; a client that disconnects cancels it at the next token."""
+    st = _state(ws)
+    await ws.accept()
+    try:
+        body = GenerateBody.model_validate_json(await ws.receive_text())
+        st.registry.get(body.model, ("text",))
+    except WebSocketDisconnect:
+        return
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            await _ws_error(ws, 400, "the first frame must be a JSON object {model, prompt, max_new_tokens, ...}")
+        else:
+            await _ws_error(ws, 422, describe_validation_error(list(errors)))  # type: ignore[arg-type]
+        return
+    except ServerError as exc:
+        await _ws_error(ws, exc.status, exc.message)
+        return
+
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    job = st.jobs.submit(
+        _generation_job(st, body, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)),
+        "generate", model=body.model, session="ws",
+    )
+    done = asyncio.wrap_future(job)
+    gone = asyncio.ensure_future(ws.receive())  # the only thing a client sends now is its goodbye
+    try:
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            await asyncio.wait({getter, done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await ws.send_json({"type": wire.MSG_TOKEN, "text": getter.result()})
+                continue
+            getter.cancel()
+            if gone.done() and not done.done():
+                st.jobs.abandon(job, "cancelled: its client disconnected")
+                return
+            while not pieces.empty():
+                await ws.send_json({"type": wire.MSG_TOKEN, "text": pieces.get_nowait()})
+            try:
+                stats = done.result()
+            except BaseException as exc:
+                err = as_server_error(exc)
+                await _ws_error(ws, err.status, err.message)
+                return
+            await ws.send_json({"type": wire.MSG_DONE, **{k: v for k, v in stats.items() if k != "text"}})
+            await ws.close()
+            return
+    except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
+        st.jobs.abandon(job, "cancelled: its client disconnected")
+    finally:
+        gone.cancel()

@@ -1,0 +1,58 @@
+"""Request bodies, validated before any work is queued; a bad field is a 422 naming it."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+MAX_NEW_TOKENS = 8192
+
+
+class LoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(min_length=1)
+    kind: Kind = "text"
+    dtype: DType = "auto"
+    path: Optional[str] = None
+    model_class: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.7, ge=0.0, le=10.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class ImageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    prompt: str = ""
+    steps: int = Field(20, ge=1, le=1000)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    guidance_scale: Optional[float] = Field(None, ge=0.0, le=100.0)
+    width: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
+    height: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
+    num_images: int = Field(1, ge=1, le=16)
+
+
+def describe_validation_error(errors: list[dict[str, object]]) -> str:
+    """One line out of pydantic's error list: ``field: problem; field: problem``."""
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]  # type: ignore[union-attr]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)

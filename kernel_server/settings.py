@@ -1,0 +1,124 @@
+"""The server's settings, read once at startup and passed down.
+
+Every option is also an environment variable ``MYMPS_<OPTION>`` (SPEC 3); command-line flags
+override the environment. Nothing else in the server reads ``os.environ``: a bad value fails here,
+at startup, and names the variable or flag it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+DEVICES = ("auto", "mps", "cuda", "cpu")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names where it came from and what is allowed."""
+
+
+def parse_size(text: str, source: str = "size") -> int:
+    """Parse ``4GiB``, ``512MiB``, ``1000`` (bytes) and the like.
+
+    Raises:
+        SettingsError: naming ``source`` when the text is not a size.
+    """
+    match = _SIZE.match(str(text))
+    if not match:
+        raise SettingsError(f"{source}: {text!r} is not a size; use e.g. 4GiB, 512MiB or a byte count")
+    number, unit = match.groups()
+    size = int(float(number) * _UNITS[(unit or "b").lower()])
+    if size <= 0:
+        raise SettingsError(f"{source}: the size must be positive, got {text!r}")
+    return size
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name}={value!r}: use 1 or 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start; immutable once built."""
+
+    host: str = "127.0.0.1"
+    port: int = 5555
+    device: str = "auto"
+    home: Path = Path("~/.mymps").expanduser()
+    token_file: Path | None = None
+    token: str | None = None
+    allow_remote: bool = False
+    max_body: int = 4 * 1024**3
+
+    @property
+    def resolved_token_file(self) -> Path:
+        return self.token_file or self.home / "token"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``MYMPS_*`` variables (``MYMPS_BIND`` for the host)."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, object] = {}
+        if "MYMPS_BIND" in env:
+            kwargs["host"] = env["MYMPS_BIND"]
+        if "MYMPS_PORT" in env:
+            kwargs["port"] = _port(env["MYMPS_PORT"], "MYMPS_PORT")
+        if "MYMPS_DEVICE" in env:
+            kwargs["device"] = env["MYMPS_DEVICE"]
+        if env.get("MYMPS_HOME"):
+            kwargs["home"] = Path(env["MYMPS_HOME"]).expanduser()
+        if env.get("MYMPS_TOKEN_FILE"):
+            kwargs["token_file"] = Path(env["MYMPS_TOKEN_FILE"]).expanduser()
+        if env.get("MYMPS_TOKEN"):
+            kwargs["token"] = env["MYMPS_TOKEN"]
+        kwargs["allow_remote"] = _flag(env, "MYMPS_ALLOW_REMOTE")
+        if "MYMPS_MAX_BODY" in env:
+            kwargs["max_body"] = parse_size(env["MYMPS_MAX_BODY"], "MYMPS_MAX_BODY")
+        return cls(**kwargs).validated("MYMPS_")  # type: ignore[arg-type]
+
+    def override(self, **changes: object) -> Settings:
+        """Apply command-line flags (``None`` means not given) and validate again."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return replace(self, **given).validated("--")  # type: ignore[arg-type]
+
+    def validated(self, source: str) -> Settings:
+        if self.device not in DEVICES:
+            raise SettingsError(f"{source}device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"{source}port: {self.port} is not a TCP port (1-65535)")
+        if not self.allow_remote and not is_loopback(self.host):
+            raise SettingsError(
+                f"refusing to bind {self.host}: the server runs any code sent to it, so it listens on "
+                "loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
+            )
+        return self
+
+
+def _port(text: str, source: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"{source}: {text!r} is not a port number") from None
