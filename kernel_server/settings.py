@@ -105,10 +105,13 @@ class Settings:
         return replace(self, **given).validated("--")  # type: ignore[arg-type]
 
     def validated(self, source: str) -> Settings:
+        def named(option: str) -> str:
+            return f"--{option}" if source == "--" else f"MYMPS_{option.upper()}"
+
         if self.device not in DEVICES:
-            raise SettingsError(f"{source}device: {self.device!r} is not one of {', '.join(DEVICES)}")
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"{source}port: {self.port} is not a TCP port (1-65535)")
+            raise SettingsError(f"{named('device')}: {self.device!r} is not one of {', '.join(DEVICES)}")
+        if not 0 <= self.port < 65536:
+            raise SettingsError(f"{named('port')}: {self.port} is not a TCP port (0-65535)")
         if not self.allow_remote and not is_loopback(self.host):
             raise SettingsError(
                 f"refusing to bind {self.host}: the server runs any code sent to it, so it listens on "

@@ -1,0 +1,102 @@
+"""Settings from env vars and flags, the token file, and refusals at start-up."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kernel_server.__main__ import settings_from
+from kernel_server.auth import load_or_create_token
+from kernel_server.settings import Settings, SettingsError, parse_size
+from kit import REPO_ROOT, MakeServer, free_port
+
+
+def test_env_vars_fill_every_option(tmp_path: Path) -> None:
+    env = {
+        "MYMPS_BIND": "127.0.0.2", "MYMPS_PORT": "6000", "MYMPS_DEVICE": "cpu",
+        "MYMPS_HOME": str(tmp_path), "MYMPS_TOKEN_FILE": str(tmp_path / "tok"),
+        "MYMPS_ALLOW_REMOTE": "1", "MYMPS_MAX_BODY": "512MiB",
+    }
+    s = Settings.from_env(env)
+    assert (s.host, s.port, s.device, s.home) == ("127.0.0.2", 6000, "cpu", tmp_path)
+    assert s.resolved_token_file == tmp_path / "tok"
+    assert s.allow_remote and s.max_body == 512 * 1024**2
+
+
+def test_flags_override_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MYMPS_PORT", "6000")
+    monkeypatch.setenv("MYMPS_MAX_BODY", "1GiB")
+    s = settings_from(["--port", "7000", "--max-body", "2KiB", "--home", str(tmp_path)])
+    assert s.port == 7000 and s.max_body == 2048 and s.resolved_token_file == tmp_path / "token"
+
+
+@pytest.mark.parametrize(("text", "size"), [("4GiB", 4 * 1024**3), ("1000", 1000), ("1.5KiB", 1536), ("2 MB", 2_000_000)])
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MYMPS_DEVICE": "tpu"}, "MYMPS_DEVICE: 'tpu' is not one of auto, mps, cuda, cpu"),
+        ({"MYMPS_PORT": "http"}, "MYMPS_PORT: 'http' is not a port number"),
+        ({"MYMPS_MAX_BODY": "lots"}, "MYMPS_MAX_BODY: 'lots' is not a size"),
+        ({"MYMPS_ALLOW_REMOTE": "maybe"}, "MYMPS_ALLOW_REMOTE='maybe': use 1 or 0"),
+        ({"MYMPS_BIND": "0.0.0.0"}, "refusing to bind 0.0.0.0"),
+    ],
+)
+def test_bad_values_name_their_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_token_file_is_created_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "token"
+    first = load_or_create_token(path, None)
+    assert len(first) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_token(path, None) == first
+    path.chmod(0o644)
+    assert load_or_create_token(path, None) == first
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "a readable token file is narrowed to 0600"
+    assert load_or_create_token(path, "from-env") == "from-env"
+
+
+def test_server_creates_its_token_file_and_never_logs_the_token(make_server: MakeServer) -> None:
+    server = make_server(token_file=True)
+    token_file = server.home / "token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert httpx.get(f"{server.url}/models").status_code == 401
+    ok = httpx.get(f"{server.url}/models", headers={"Authorization": f"Bearer {server.token}"})
+    assert ok.status_code == 200
+    health = httpx.get(f"{server.url}/health").text
+    server.stop()
+    assert server.token not in server.log_text()
+    assert server.token not in (server.home / "server.log").read_text()
+    assert server.token not in health
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_server", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_non_loopback_host_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = _serve("--host", "0.0.0.0", "--port", str(free_port()), "--home", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--allow-remote" in lines[0], result.stderr
+
+
+def test_a_busy_port_is_refused_in_one_line(make_server: MakeServer, tmp_path: Path) -> None:
+    server = make_server()
+    result = _serve("--port", str(server.port), "--home", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{server.port}" in lines[0], result.stderr
