@@ -1,0 +1,41 @@
+"""mymps: a remote accelerator for a Jupyter notebook, reached through an SSH tunnel.
+
+The client side. Importing it never imports torch, transformers or diffusers (nor IPython):
+it must install and import in well under a second on a machine that has none of them.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from mymps_magic._stream import TokenStream as TokenStream
+from mymps_magic.client import Client as Client
+from mymps_magic.client import MympsClient as MympsClient
+from mymps_magic.errors import AuthError as AuthError
+from mymps_magic.errors import BadRequestError as BadRequestError
+from mymps_magic.errors import ConnectionError as ConnectionError
+from mymps_magic.errors import MympsError as MympsError
+from mymps_magic.errors import NotFoundError as NotFoundError
+from mymps_magic.errors import RemoteError as RemoteError
+from mymps_magic.errors import ServerError as ServerError
+from mymps_magic.errors import TimeoutError as TimeoutError
+
+try:
+    __version__ = version("mymps")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "BadRequestError",
+    "Client",
+    "ConnectionError",
+    "MympsClient",
+    "MympsError",
+    "NotFoundError",
+    "RemoteError",
+    "ServerError",
+    "TimeoutError",
+    "TokenStream",
+    "__version__",
+]

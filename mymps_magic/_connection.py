@@ -1,0 +1,213 @@
+"""The transport boundary: HTTP requests and WebSocket opening, and their errors.
+
+Every httpx and websockets exception, and every error answer of the server, is translated into
+a `mymps_magic.errors` type here and nowhere else, so the rest of the client deals only in mymps
+errors whose one-line messages say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import httpx
+
+from mymps_magic import errors, wire
+from mymps_magic._settings import Settings
+
+# A server that is up accepts a TCP connection at once; waiting longer only delays the message
+# that says the tunnel or the server is down.
+CONNECT_TIMEOUT = 5.0
+
+FIX_LINK = "Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"
+FIX_TOKEN = "Set MYMPS_TOKEN or copy the server's ~/.mymps/token (`mymps tunnel` fetches it)."
+
+# WebSocket close code the server uses for a missing or wrong token (policy violation).
+WS_CLOSE_POLICY = 1008
+
+
+class Connection:
+    """One server's HTTP client (kept alive across calls) plus what WebSockets to it need.
+
+    Args:
+        settings: the server's address and token.
+        timeout: seconds to wait for the answer to a short call. Calls made with ``wait=True``
+            (generation, images, loading) wait as long as the work takes.
+    """
+
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        self._connect_timeout = min(timeout, CONNECT_TIMEOUT)
+        # trust_env=False: the server is the local end of an SSH tunnel (or the machine itself);
+        # an HTTP proxy from the environment would only get in the way.
+        self._http = httpx.Client(
+            base_url=f"http://{settings.address}",
+            headers=self.headers,
+            timeout=httpx.Timeout(timeout, connect=self._connect_timeout),
+            trust_env=False,
+        )
+
+    def ws_url(self, path: str) -> str:
+        return f"ws://{self.settings.address}{path}"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        wait: bool = False,
+    ) -> httpx.Response:
+        """Send one request and return its successful answer.
+
+        Raises:
+            MympsError: the matching subclass, for transport failures and error answers.
+        """
+        with self.translate():
+            response = self._http.request(
+                method, path, json=json_body, content=content, headers=headers, timeout=self._timeout(wait)
+            )
+        self.raise_for_answer(response)
+        return response
+
+    def json(self, method: str, path: str, *, json_body: Any = None, wait: bool = False) -> dict[str, Any]:
+        """Send a request whose answer is a JSON object, and return that object."""
+        return self._decode(self.request(method, path, json_body=json_body, wait=wait))
+
+    def ndjson(self, method: str, path: str, *, json_body: Any) -> Iterator[dict[str, Any]]:
+        """Send a request that answers with NDJSON lines, and yield each line's object.
+
+        A server that answers with one plain JSON object instead yields just that object.
+
+        Raises:
+            MympsError: transport failures, an error status, or a final ``{"error"}`` line
+                (mapped by its optional ``status`` field, else `ServerError`).
+        """
+        headers = {"Accept": wire.NDJSON}
+        with self.translate(), self._http.stream(
+            method, path, json=json_body, headers=headers, timeout=self._timeout(True)
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                self.raise_for_answer(response)
+            if not response.headers.get("content-type", "").startswith(wire.NDJSON):
+                response.read()
+                yield self._decode(response)
+                return
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    raise self._not_mymps(response.status_code) from None
+                if isinstance(obj, dict) and "error" in obj and "event" not in obj:
+                    raise self.error_frame(obj)
+                yield obj
+
+    def _timeout(self, wait: bool) -> httpx.Timeout | float:
+        if wait:
+            return httpx.Timeout(None, connect=self._connect_timeout)
+        return httpx.Timeout(self.timeout, connect=self._connect_timeout)
+
+    @contextmanager
+    def translate(self) -> Iterator[None]:
+        """Turn httpx's transport exceptions raised inside the block into mymps errors."""
+        address = self.settings.address
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise errors.ConnectionError(f"Cannot reach {address}. {FIX_LINK}") from None
+        except httpx.TimeoutException:
+            raise errors.TimeoutError(
+                f"No answer from {address} within {self.timeout:g} s. "
+                "Check the server's log, or give the Client a larger timeout."
+            ) from None
+        except httpx.TransportError:
+            raise errors.ConnectionError(f"Lost the connection to {address} before the answer came. {FIX_LINK}") from None
+
+    @contextmanager
+    def ws_errors(self) -> Iterator[None]:
+        """Turn websockets' and the socket's exceptions raised inside the block into mymps errors.
+
+        An ``async`` function uses it too, as a plain ``with`` around its awaits.
+        """
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+        address = self.settings.address
+        try:
+            yield
+        except errors.MympsError:
+            raise  # already translated (and ConnectionError is an OSError: keep it from below)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise self.auth_error() from None
+            raise errors.error_for_status(status, _error_message(exc.response.body, status)) from None
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == WS_CLOSE_POLICY:
+                raise self.auth_error() from None
+            raise errors.ConnectionError(f"Lost the connection to {address} before the stream ended. {FIX_LINK}") from None
+        except (InvalidHandshake, OSError):  # OSError covers refused connections and open timeouts
+            raise errors.ConnectionError(f"Cannot reach {address}. {FIX_LINK}") from None
+
+    def raise_for_answer(self, response: httpx.Response) -> None:
+        """Raise the mymps error for an error answer; do nothing for a successful one."""
+        status = response.status_code
+        if status < 400:
+            return
+        if status == 401:
+            raise self.auth_error()
+        raise errors.error_for_status(status, _error_message(response.content, status))
+
+    def error_frame(self, frame: dict[str, Any]) -> errors.MympsError:
+        """The error for an ``{"error", "status"?}`` NDJSON line or WebSocket frame."""
+        message = str(frame.get("error") or "The server reported an error without a message.")
+        status = frame.get("status")
+        if status == 401:
+            return self.auth_error()
+        if isinstance(status, int):
+            return errors.error_for_status(status, message)
+        return errors.ServerError(message)
+
+    def auth_error(self) -> errors.AuthError:
+        """The error for a refused token; it names where the token came from, never the token."""
+        source = self.settings.token_source
+        if source == "none":
+            return errors.AuthError(f"No token found, and {self.settings.address} needs one. {FIX_TOKEN}", status_code=401)
+        return errors.AuthError(f"The server refused the token (from {source}). {FIX_TOKEN}", status_code=401)
+
+    def _decode(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            obj = response.json()
+        except ValueError:
+            raise self._not_mymps(response.status_code) from None
+        if not isinstance(obj, dict):
+            raise self._not_mymps(response.status_code)
+        return obj
+
+    def _not_mymps(self, status: int) -> errors.ServerError:
+        return errors.ServerError(
+            f"{self.settings.address} answered HTTP {status} with something mymps cannot read. "
+            "Is a mymps server listening there (`mymps serve`)?",
+            status_code=status,
+        )
+
+
+def _error_message(body: bytes, status: int) -> str:
+    """The server's ``{"error": ...}`` message, or a fallback naming the status."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and obj.get("error"):
+        return str(obj["error"])
+    return f"The server answered HTTP {status} without saying why; see its log."

@@ -1,0 +1,113 @@
+"""Where the client finds its server and token: arguments, then environment, then defaults.
+
+This is the only client module that reads the environment, and it does so once, when a `Client`
+is made. The token file is read here too, and only when no token was given more directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from mymps_magic.errors import AuthError, BadRequestError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5555
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved address and token of the server a `Client` talks to.
+
+    Attributes:
+        host: the server's host, usually the local end of the SSH tunnel.
+        port: the server's port.
+        token: the bearer token, or None when none was found (only ``/health`` works then).
+            Left out of ``repr`` so that it never lands in a log or a traceback.
+        token_source: where the token came from (``"argument"``, ``"MYMPS_TOKEN"``, a file
+            path, or ``"none"``), so an authentication error can say which one to fix.
+    """
+
+    host: str
+    port: int
+    token: str | None = field(repr=False)
+    token_source: str
+
+    @property
+    def address(self) -> str:
+        """``host:port``, with IPv6 hosts in brackets, as URLs and messages need it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def resolve(
+        cls,
+        host: str | None = None,
+        port: int | str | None = None,
+        token: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Settings:
+        """Apply the arguments over the environment over the defaults.
+
+        Host: ``host``, then ``MYMPS_SERVER_HOST``, then 127.0.0.1. Port: ``port``, then
+        ``MYMPS_SERVER_PORT``, then ``MYMPS_PORT`` (the original's tunnel port), then 5555.
+        Token: ``token``, then ``MYMPS_TOKEN``, then the file ``MYMPS_TOKEN_FILE``, else
+        ``$MYMPS_HOME/token`` (``MYMPS_HOME`` defaults to ``~/.mymps``).
+
+        Args:
+            host, port, token: explicit values; None means "look further".
+            environ: the environment to read; ``os.environ`` when None.
+
+        Returns:
+            The settings a `Client` uses.
+
+        Raises:
+            BadRequestError: a port is not a number in 1..65535; the message names its source.
+            AuthError: the token file exists but cannot be read.
+        """
+        env = os.environ if environ is None else environ
+        resolved_host = host or env.get("MYMPS_SERVER_HOST") or DEFAULT_HOST
+        if port is not None:
+            resolved_port = _parse_port(port, "port")
+        elif env.get("MYMPS_SERVER_PORT"):
+            resolved_port = _parse_port(env["MYMPS_SERVER_PORT"], "MYMPS_SERVER_PORT")
+        elif env.get("MYMPS_PORT"):
+            resolved_port = _parse_port(env["MYMPS_PORT"], "MYMPS_PORT")
+        else:
+            resolved_port = DEFAULT_PORT
+
+        if token:
+            return cls(resolved_host, resolved_port, token, "argument")
+        if env.get("MYMPS_TOKEN"):
+            return cls(resolved_host, resolved_port, env["MYMPS_TOKEN"], "MYMPS_TOKEN")
+        if env.get("MYMPS_TOKEN_FILE"):
+            token_file = Path(env["MYMPS_TOKEN_FILE"]).expanduser()
+        else:
+            home = Path(env["MYMPS_HOME"]).expanduser() if env.get("MYMPS_HOME") else Path.home() / ".mymps"
+            token_file = home / "token"
+        file_token = _read_token_file(token_file)
+        if file_token is None:
+            return cls(resolved_host, resolved_port, None, "none")
+        return cls(resolved_host, resolved_port, file_token, str(token_file))
+
+
+def _parse_port(value: int | str, source: str) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535:
+        raise BadRequestError(f"{source} must be a port number from 1 to 65535, not {value!r}.")
+    return port
+
+
+def _read_token_file(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuthError(f"Cannot read the token file {path} ({exc.strerror}). Fix its permissions or set MYMPS_TOKEN.") from None
+    return text or None

@@ -1,0 +1,117 @@
+"""The errors a mymps client raises: one tree, one line each, saying what to do.
+
+```
+MympsError
+├── ConnectionError    (also builtins.ConnectionError) server not reachable, or the link dropped
+├── TimeoutError       (also builtins.TimeoutError)    no answer in time
+├── AuthError                                          token missing or refused (HTTP 401/403)
+├── NotFoundError      (also LookupError)              unknown model, job or path (HTTP 404)
+├── BadRequestError    (also ValueError)               bad argument or setting (HTTP 400/413/422)
+├── ServerError                                        the server failed (HTTP 5xx, 507 = out of memory)
+└── RemoteError                                        user code raised on the server
+```
+
+Transports are translated into these types at one boundary (`_connection.py`); nothing above it
+sees an httpx or websockets exception. Messages never contain the token.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "AuthError",
+    "BadRequestError",
+    "ConnectionError",
+    "MympsError",
+    "NotFoundError",
+    "RemoteError",
+    "ServerError",
+    "TimeoutError",
+    "error_for_status",
+]
+
+
+class MympsError(Exception):
+    """Base of every error mymps raises; its message is one line that says what to do.
+
+    Args:
+        message: the line shown to the user.
+        status_code: the HTTP status the server answered with, when the error came from one.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConnectionError(MympsError, builtins.ConnectionError):
+    """The server cannot be reached, or the connection dropped before the answer came."""
+
+
+class TimeoutError(MympsError, builtins.TimeoutError):
+    """The server did not answer within the client's timeout."""
+
+
+class AuthError(MympsError):
+    """The server needs a token and got none, or refused the one it got."""
+
+
+class NotFoundError(MympsError, LookupError):
+    """The server has no such model, job or path; the message lists what it has where it can."""
+
+
+class BadRequestError(MympsError, ValueError):
+    """An argument or setting is wrong: found locally, or rejected by the server (400, 413, 422)."""
+
+
+class ServerError(MympsError):
+    """The server failed while handling a valid request (5xx; 507 means the device is out of memory)."""
+
+
+class RemoteError(MympsError):
+    """An exception raised by user code on the server, carried back with its remote traceback.
+
+    IPython calls `_render_traceback_` to show it, so a notebook shows the remote stack the way
+    it would show a local one, instead of the client-side frames that merely received it.
+
+    Args:
+        ename: the remote exception's type name, e.g. ``"ZeroDivisionError"``.
+        evalue: its message.
+        traceback: the remote traceback, one string per line (server frames already trimmed).
+    """
+
+    def __init__(self, ename: str, evalue: str = "", traceback: list[str] | None = None) -> None:
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = list(traceback or [])
+
+    def _render_traceback_(self) -> list[str]:
+        lines = [line for chunk in self.traceback for line in chunk.splitlines()]
+        return lines if lines else [self.message]
+
+
+def error_for_status(status_code: int, message: str) -> MympsError:
+    """The error for a server answer with HTTP status ``status_code`` and the server's message.
+
+    Authentication failures are not passed here: their message depends on where the client's
+    token came from, which only the client knows.
+
+    Args:
+        status_code: the HTTP status (or the ``status`` field of an error frame).
+        message: the server's one-line ``error``; kept as it is, because the server knows what
+            went wrong (an unknown model's message lists the loaded ones).
+
+    Returns:
+        A `NotFoundError`, `BadRequestError` or `ServerError` carrying ``status_code``.
+    """
+    if status_code == 404:
+        return NotFoundError(message, status_code=status_code)
+    if status_code in (400, 413, 422):
+        return BadRequestError(message, status_code=status_code)
+    return ServerError(message, status_code=status_code)
