@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up (or reuse) a virtual environment and run the demo or the tests, on a fresh machine too.
+#   scripts/dev.sh demo          the tiny local demo: server + client on this machine's CPU
+#   scripts/dev.sh test [ARGS]   the whole test suite (ARGS go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${MYMPS_VENV:-.venv}
+python=${PYTHON:-python3}
+
+setup() {
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    # Reinstall only when the dependencies changed: a re-run starts in a second.
+    local stamp="$venv/.mymps-installed" want
+    want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        # One pip command for everything: the server extra pins torch==2.13.0, so accelerate's
+        # torch>=2.0 cannot pull a multi-GB CUDA build.
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[server,test]"
+        echo "$want" > "$stamp"
+    fi
+}
+
+case "${1:-}" in
+    demo)
+        setup
+        exec "$venv/bin/mymps" demo
+        ;;
+    test)
+        shift
+        setup
+        export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+        exec "$venv/bin/python" -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: scripts/dev.sh demo | test [pytest args]" >&2
+        exit 2
+        ;;
+esac
