@@ -6,7 +6,7 @@ it must install and import in well under a second on a machine that has none of 
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from mymps_magic._stream import TokenStream as TokenStream
 from mymps_magic.client import Client as Client
@@ -21,8 +21,8 @@ from mymps_magic.errors import ServerError as ServerError
 from mymps_magic.errors import TimeoutError as TimeoutError
 
 try:
-    __version__ = version("mymps")
-except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = _metadata.version("mymps")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.1.0"
 
 __all__ = [

@@ -202,7 +202,7 @@ class Connection:
         )
 
 
-def _error_message(body: bytes, status: int) -> str:
+def _error_message(body: bytes | bytearray, status: int) -> str:
     """The server's ``{"error": ...}`` message, or a fallback naming the status."""
     try:
         obj = json.loads(body)

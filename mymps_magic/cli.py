@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="mymps", description="A remote accelerator for Jupyter notebooks.")
     parser.add_argument("--version", action="version", version=f"mymps {mymps_magic.__version__}")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", required=True)
     # add_help=False: `mymps serve --help` passes through to the server's own options.
     verbs.add_parser(
         "serve",

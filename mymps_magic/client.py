@@ -188,19 +188,29 @@ class Client:
             body["model_class"] = model_class
         if not progress:
             return self._connection.json("POST", "/models/load", json_body=body, wait=True)
+        return self._load_with_progress(body)
 
+    def _load_with_progress(self, body: dict[str, Any]) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
+        # The bar appears with the first progress event, so that a request the server rejects
+        # at once (bad kind, unknown path) prints only its error.
+        bar: tqdm[Any] | None = None
         final: dict[str, Any] | None = None
-        with tqdm(total=100, desc=f"Loading {name}", bar_format="{l_bar}{bar}| {elapsed}{postfix}") as bar:
+        try:
             for event in self._connection.ndjson("POST", "/models/load", json_body=body):
-                if event.get("event") == wire.EVENT_PROGRESS:
-                    bar.set_postfix_str(str(event.get("message") or event.get("stage") or ""), refresh=False)
-                    bar.update(max(0, round(float(event.get("progress", 0)) * 100) - bar.n))
-                else:
+                if event.get("event") != wire.EVENT_PROGRESS:
                     final = event
-            if final is not None:
+                    continue
+                if bar is None:
+                    bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
+                bar.set_postfix_str(str(event.get("message") or event.get("stage") or ""), refresh=False)
+                bar.update(max(0, round(float(event.get("progress", 0)) * 100) - bar.n))
+            if bar is not None and final is not None:
                 bar.update(100 - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
         if final is None:
             raise errors.ServerError("The server ended the load without saying how it went; see its log.")
         return final
@@ -325,7 +335,7 @@ class Client:
 
         from PIL import Image as PILImage
 
-        images = []
+        images: list[Image] = []
         for encoded in answer["images"]:
             image = PILImage.open(io.BytesIO(base64.b64decode(encoded)))
             image.load()

@@ -71,7 +71,14 @@ def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
         raise ValueError(f"arch must be 'gpt2' or 'llama', not {arch!r}")
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +93,7 @@ def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         bos_token=SPECIAL_TOKEN,
         eos_token=SPECIAL_TOKEN,
@@ -94,25 +101,25 @@ def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
         pad_token=SPECIAL_TOKEN,
         model_max_length=256,
     )
-    special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
+    special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
+    assert isinstance(special, int)
+    vocab = len(tokenizer)
 
     torch.manual_seed(0)
-    ids = {"vocab_size": len(tokenizer), "bos_token_id": special_id, "eos_token_id": special_id}
+    model: PreTrainedModel
     if arch == "gpt2":
-        model: torch.nn.Module = GPT2LMHeadModel(
-            GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256, pad_token_id=special_id, **ids)
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2, n_head=2, n_embd=64, n_positions=256, vocab_size=vocab,
+                bos_token_id=special, eos_token_id=special, pad_token_id=special,
+            )
         )
     else:
         model = LlamaForCausalLM(
             LlamaConfig(
-                num_hidden_layers=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-                pad_token_id=special_id,
-                **ids,
+                num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=256, vocab_size=vocab,
+                bos_token_id=special, eos_token_id=special, pad_token_id=special,
             )
         )
     model.save_pretrained(out)
@@ -140,7 +147,7 @@ def run() -> int:
         return 1
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # the demo's own bars are the ones worth seeing
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # the demo's bars suffice
 
     with tempfile.TemporaryDirectory(prefix="mymps-demo-") as tmp:
         server: subprocess.Popen[bytes] | None = None
@@ -164,6 +171,9 @@ def run() -> int:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
+                    # Its own session: Ctrl-C interrupts the demo, which then stops the server
+                    # in order, instead of killing the server under a running request.
+                    start_new_session=True,
                 )
             with Client("127.0.0.1", port, token=token) as client:
                 health = _wait_until_up(client, server)

@@ -1,0 +1,49 @@
+"""Guards the public API: what `mymps_magic.__all__` lists is the contract; the rest may change."""
+
+from __future__ import annotations
+
+import __future__
+from types import ModuleType
+
+import mymps_magic
+
+PUBLIC_API = [
+    "AuthError",
+    "BadRequestError",
+    "Client",
+    "ConnectionError",
+    "MympsClient",
+    "MympsError",
+    "NotFoundError",
+    "RemoteError",
+    "ServerError",
+    "TimeoutError",
+    "TokenStream",
+    "__version__",
+]
+
+
+def test_all_is_exactly_the_public_api() -> None:
+    assert mymps_magic.__all__ == PUBLIC_API
+
+
+def test_every_exported_name_exists() -> None:
+    for name in mymps_magic.__all__:
+        assert hasattr(mymps_magic, name), name
+
+
+def test_no_public_name_is_left_out_of_all() -> None:
+    public = {
+        name
+        for name, value in vars(mymps_magic).items()
+        if not name.startswith("_") and not isinstance(value, (ModuleType, __future__._Feature))
+    }
+    assert public <= set(mymps_magic.__all__)
+
+
+def test_mympsclient_is_a_true_alias() -> None:
+    assert mymps_magic.MympsClient is mymps_magic.Client
+
+
+def test_version_is_a_string() -> None:
+    assert isinstance(mymps_magic.__version__, str) and mymps_magic.__version__
