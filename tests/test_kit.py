@@ -11,6 +11,7 @@ import inspect
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -25,6 +26,9 @@ from kit import (
     build_tiny_models,
     free_port,
 )
+
+if TYPE_CHECKING:
+    from mymps_magic import Client
 
 # The whole kit must stay cheap enough to build once per test session without anyone noticing;
 # it takes about 3 s here, mostly importing torch, transformers and diffusers.
@@ -148,6 +152,12 @@ def test_shared_server_answers_health_on_cpu(server: ServerProcess) -> None:
     assert answer.json()["device"] == "cpu"
     assert server.running and server.token
     assert server.token not in server.log_text()
+
+
+def test_client_fixture_talks_to_the_shared_server(client: Client, server: ServerProcess) -> None:
+    assert client.port == server.port
+    assert client.health()["device"] == "cpu"
+    assert isinstance(client.models(), list)  # needs the token: the fixture passed it on
 
 
 def test_server_process_stops_and_restarts_on_the_same_port(make_server: MakeServer) -> None:

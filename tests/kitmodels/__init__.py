@@ -28,4 +28,5 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map float32 ``(N, 4)`` to ``(N, 2)``."""
-        return self.linear(x)
+        out: torch.Tensor = self.linear(x)
+        return out
