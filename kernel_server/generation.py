@@ -29,9 +29,10 @@ class GenerateParams:
     stop: Sequence[str] = ()
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def _eos_ids(model: Any) -> set[int]:
+    """The ids that end a generation, chosen as ``model.generate`` chooses them."""
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in (getattr(model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)
@@ -129,7 +130,7 @@ def generate(
         bos = getattr(tokenizer, "bos_token_id", None) or getattr(model.config, "bos_token_id", None) or 0
         ids = torch.tensor([[bos]])
     ids = ids.to(device)
-    eos = _eos_ids(model, tokenizer)
+    eos = _eos_ids(model)
     generator = _generator(device, params.seed)
     detok = _Detokenizer(tokenizer, params.stop)
     stop_reason = "length"
