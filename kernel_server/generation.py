@@ -8,6 +8,7 @@ and a cancel request is seen between two tokens.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -39,6 +40,11 @@ def _eos_ids(model: Any) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _cache_keyword(model: Any) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; speak whichever the model knows."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -135,6 +141,7 @@ def generate(
     detok = _Detokenizer(tokenizer, params.stop)
     stop_reason = "length"
     produced = 0
+    cache_kw = _cache_keyword(model)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
         for _ in range(params.max_new_tokens):
@@ -156,11 +163,7 @@ def generate(
                 break
             if produced == params.max_new_tokens:
                 break
-            out = model(
-                input_ids=torch.tensor([[token]], device=device),
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache_kw: out[cache_kw]})
     tail = detok.finish()
     if tail and on_text is not None:
         on_text(tail)

@@ -63,6 +63,37 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+class _Steps:
+    """Stands in for a pipeline's tqdm bar: both ways pipelines use it (iterate, or ``with`` and
+    ``update()``) report progress and stop a cancelled job at the next step."""
+
+    def __init__(self, iterable: Iterable[Any] | None, total: int | None,
+                 check_cancelled: Callable[[], None], on_progress: Callable[[float], None]) -> None:
+        self.items = list(iterable) if iterable is not None else []
+        self.total = max(1, len(self.items) if iterable is not None else (total or 1))
+        self.done = 0
+        self.check_cancelled = check_cancelled
+        self.on_progress = on_progress
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.check_cancelled()
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.on_progress(min(1.0, self.done / self.total))
+        self.check_cancelled()
+
+    def __enter__(self) -> _Steps:
+        self.check_cancelled()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def image(
     loaded: LoadedModel,
     prompt: str,
@@ -78,35 +109,32 @@ def image(
 ) -> dict[str, Any]:
     """Run a diffusers pipeline; images come back as base64 PNG.
 
-    Only the arguments the pipeline accepts are passed, so unconditional pipelines (no prompt)
-    work as well as text-to-image ones. Cancellation and progress ride on the pipeline's own
-    ``progress_bar`` hook, which every ``DiffusionPipeline`` calls once per step.
+    Unconditional pipelines (DDPM) take no prompt and ignore it; an option a pipeline does not
+    take (``width`` for DDPM) is refused rather than silently dropped. Cancellation and progress
+    ride on the pipeline's own ``progress_bar`` hook, which every ``DiffusionPipeline`` calls.
     """
     pipe = loaded.obj
     seed = random.randrange(2**31) if seed is None else seed
     accepted = inspect.signature(pipe.__call__).parameters
-    wanted: dict[str, Any] = {
-        "prompt": prompt,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance_scale,
-        "width": width,
-        "height": height,
-        "num_images_per_prompt": num_images,
-        "batch_size": num_images,
-        "output_type": "pil",
-    }
-    kwargs = {k: v for k, v in wanted.items() if v is not None and k in accepted}
-    if "prompt" not in accepted and prompt:
-        kwargs.pop("prompt", None)
+    options = {"guidance_scale": guidance_scale, "width": width, "height": height}
+    kwargs: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    refused = [k for k in kwargs if k not in accepted]
+    if refused:
+        raise BadRequest(f"pipeline {loaded.name!r} ({type(pipe).__name__}) does not take {', '.join(refused)}")
+    kwargs["num_inference_steps"] = steps
+    kwargs["output_type"] = "pil"
+    if "prompt" in accepted:  # unconditional pipelines (DDPM) take no prompt and ignore it
+        kwargs["prompt"] = prompt
+    count = "num_images_per_prompt" if "num_images_per_prompt" in accepted else "batch_size"
+    if count in accepted:
+        kwargs[count] = num_images
+    elif num_images != 1:
+        raise BadRequest(f"pipeline {loaded.name!r} makes one image per call; ask for num_images=1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs["generator"] = generator
 
-    def progress_bar(iterable: Iterable[Any] | None = None, total: int | None = None) -> Iterator[Any]:
-        items = list(iterable) if iterable is not None else list(range(total or 0))
-        for i, item in enumerate(items):
-            check_cancelled()
-            yield item
-            on_progress((i + 1) / max(1, len(items)))
+    def progress_bar(iterable: Iterable[Any] | None = None, total: int | None = None) -> _Steps:
+        return _Steps(iterable, total, check_cancelled, on_progress)
 
     start = time.perf_counter()
     pipe.progress_bar = progress_bar

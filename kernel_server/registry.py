@@ -10,6 +10,7 @@ import gc
 import importlib
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -85,6 +86,7 @@ class Registry:
 
     def __init__(self, device: Device) -> None:
         self.device = device
+        _quiet_libraries()
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
@@ -163,6 +165,15 @@ class Registry:
         return DTYPES[name]
 
 
+def _quiet_libraries() -> None:
+    """Load progress goes to the caller as events; the libraries' own bars would only fill the log."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -237,7 +248,7 @@ def _load_diffusion(req: LoadRequest, dtype: torch.dtype, device: Device, progre
     from diffusers import DiffusionPipeline
 
     progress("weights", 0.2, "loading the pipeline")
-    pipe = DiffusionPipeline.from_pretrained(req.source, torch_dtype=dtype, trust_remote_code=req.trust_remote_code)
+    pipe = DiffusionPipeline.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
     check_cancelled()
     progress("device", 0.8, f"moving to {device.kind}")
     pipe = pipe.to(device.torch_device)
@@ -249,7 +260,9 @@ def _load_torchscript(req: LoadRequest, dtype: torch.dtype, device: Device, prog
                       check_cancelled: Callable[[], None]) -> LoadedModel:
     progress("weights", 0.2, "loading the TorchScript module")
     try:
-        module = torch.jit.load(str(Path(req.source).expanduser()), map_location=device.torch_device)
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; its files still load
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(Path(req.source).expanduser()), map_location=device.torch_device)
     except RuntimeError as exc:
         raise BadRequest(f"{req.source!r} is not a TorchScript file ({_first_line(exc)})") from exc
     module = module.to(dtype).eval()

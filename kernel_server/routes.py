@@ -98,8 +98,10 @@ async def load_model(body: LoadBody, request: Request) -> Any:
     """Load a model; with ``Accept: application/x-ndjson`` progress streams as NDJSON lines."""
     st = _state(request)
     started = time.perf_counter()
+    ndjson = wire.NDJSON in request.headers.get("accept", "")
     if st.registry.has(body.name):
-        return _loaded_answer(st, body.name, started, True)
+        answer = _loaded_answer(st, body.name, started, True)
+        return Response(wire.ndjson_line(answer), media_type=wire.NDJSON) if ndjson else answer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     load_request = LoadRequest(**body.model_dump())
@@ -115,7 +117,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
         st.registry.load(load_request, progress, job.check_cancelled)
         return False
 
-    if wire.NDJSON not in request.headers.get("accept", ""):
+    if not ndjson:
         already = await _run(st, work, "load", body.name)
         return _loaded_answer(st, body.name, started, already)
 
@@ -136,7 +138,8 @@ async def load_model(body: LoadBody, request: Request) -> Any:
                 try:
                     yield wire.ndjson_line(_loaded_answer(st, body.name, started, done.result()))
                 except BaseException as exc:
-                    yield wire.ndjson_line(wire.error_body(as_server_error(exc).message))
+                    err = as_server_error(exc)
+                    yield wire.ndjson_line(wire.error_body(err.message, err.status))
                 return
         finally:
             st.jobs.abandon(job, "cancelled: its client went away")
@@ -227,7 +230,7 @@ async def image(body: ImageBody, request: Request) -> dict[str, Any]:
 
 
 async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
-    await ws.send_json({"type": wire.MSG_ERROR, "error": message, "status": status})
+    await ws.send_json({"type": wire.MSG_ERROR, **wire.error_body(message, status)})
     await ws.close()
 
 

@@ -99,6 +99,7 @@ def ndjson_line(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
-def error_body(message: str) -> dict[str, str]:
-    """The JSON body of every error answer."""
-    return {"error": message}
+def error_body(message: str, status: int | None = None) -> dict[str, Any]:
+    """The JSON body of every error answer; ``status`` is added where no HTTP status carries it
+    (an NDJSON line, a WebSocket frame)."""
+    return {"error": message} if status is None else {"error": message, "status": status}
