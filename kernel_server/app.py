@@ -17,10 +17,11 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mymps_magic import wire
 
-from .auth import BodyTooLarge, GuardMiddleware
+from .auth import GuardMiddleware
 from .device import Device, select_device
 from .errors import ServerError
 from .jobs import JobQueue
@@ -90,9 +91,10 @@ def create_app(settings: Settings, *, token: str, device: Device | None = None) 
                                                 "Content-Type: application/json)"), status_code=400)
         return JSONResponse(wire.error_body(describe_validation_error(errors)), status_code=422)
 
-    @app.exception_handler(BodyTooLarge)
-    async def on_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse(wire.error_body(str(exc)), status_code=413)
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {exc.detail}; GET /openapi.json lists the endpoints"
+        return JSONResponse(wire.error_body(message), status_code=exc.status_code, headers=exc.headers)
 
     app.add_middleware(GuardMiddleware, token=token, max_body=settings.max_body)
     return app

@@ -4,7 +4,8 @@ FastAPI reads (and parses) a request body before its dependencies run, so a depe
 promise that an unauthenticated body is never parsed or unpickled. This is a pure ASGI middleware
 instead: it looks only at the headers, answers 401 or 413 itself, and otherwise hands the request
 on with a ``receive`` that stops a body growing past ``--max-body`` even without a
-Content-Length.
+Content-Length: it answers 413 itself and tells the app the client went away, since FastAPI
+would turn any exception raised while it reads a body into a 400.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ def load_or_create_token(token_file: Path, token: str | None) -> str:
     return value
 
 
-class BodyTooLarge(Exception):
-    """Raised from ``receive`` when a body without Content-Length outgrows the limit."""
-
-
 class GuardMiddleware:
     """Token check and body limit for every HTTP request and WebSocket handshake."""
 
@@ -85,23 +82,33 @@ class GuardMiddleware:
                 await _reject(send, 413, f"request body of {length} bytes is over the server's "
                               f"--max-body of {self.max_body} bytes")
                 return
-            receive = self._limited(receive, send)
+            await self._limited(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
-    def _limited(self, receive: Receive, send: Send) -> Receive:
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
         seen = 0
+        rejected = False
         limit = self.max_body
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(f"request body is over the server's --max-body of {limit} bytes")
+                    rejected = True
+                    await _reject(send, 413, f"request body is over the server's --max-body of {limit} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        return limited_receive
+        async def guarded_send(message: Message) -> None:
+            if not rejected:  # after our 413 the app's own answer has nowhere to go
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _content_length(scope: Scope) -> int | None:

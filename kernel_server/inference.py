@@ -34,9 +34,17 @@ def infer(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if is_out_of_memory(exc):
             raise
-        raise BadRequest(f"model {loaded.name!r} rejected the input: {str(exc).strip().splitlines()[0][:400]}") from exc
+        raise BadRequest(f"model {loaded.name!r} rejected the input: {_model_message(exc)}") from exc
     loaded.touch()
     return _outputs(output)
+
+
+def _model_message(exc: BaseException) -> str:
+    """The model's own words: TorchScript wraps them in an interpreter traceback, last line last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0])[:400]
 
 
 def _to_device(arr: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
