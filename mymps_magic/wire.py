@@ -11,12 +11,67 @@ Formats defined here:
   ending with the same object the plain request answers (``{"status": "ok", ...}``) or an error
   line ``{"error": "..."}``.
 * Errors: JSON ``{"error": "..."}`` with a fitting HTTP status.
+* ``/ws/session`` frames (SPEC 4), below.
+
+The session channel
+-------------------
+A frame is one WebSocket binary message: a 4-byte big-endian header length, a msgpack header,
+then the frame's buffers back to back. The header always has ``v`` (protocol version), ``t``
+(type) and ``id`` (the request it belongs to; 0 for none), and ``bufs`` (the buffer sizes). A
+frame whose buffers exceed ``CHUNK`` bytes is sent as its header message (``chunked: true``, no
+data) followed by the buffers' bytes in messages of at most ``CHUNK`` bytes, which the receiver
+copies into buffers it allocated once from the sizes; so a 256 MiB array is never held twice.
+
+Values travel as cloudpickle protocol 5 with out-of-band buffers: buffer 0 is the pickle
+stream, the rest are the raw memory of numpy arrays and tensors. Torch tensors are reduced
+through numpy (their own reducer would copy the storage in-band) and come back as torch tensors
+where torch is importable, else as numpy arrays.
+
+Client -> server (``id`` is the client's request number, increasing within a session):
+
+=============  ==========================================================================
+``hello``      first frame: ``session`` (id to resume, or None), ``last_seq`` (last server
+               frame seen), ``python`` ("3.11"), ``cloudpickle`` (version), ``protocol``
+``run``        buffers: pickled ``(fn, args, kwargs)``; the value comes back in ``result``
+``cell``       ``source``: Python source run in the namespace; ``result`` carries the value of
+               the last expression (pickled, when it pickles) and its ``mime`` bundle
+``push``       buffers: a pickled ``dict`` merged into the namespace
+``pull``       ``names``: list of names; ``result`` carries a pickled tuple of values
+``interrupt``  raise ``KeyboardInterrupt`` in this session's running code (``target`` request
+               id, or 0 for whatever of this session runs)
+``cancel``     ``target``: drop that queued request; ``result`` ``{cancelled: bool}``
+``reset``      clear the namespace (the models stay loaded)
+``ack``        ``seq``: the client has everything up to ``seq``; the server may forget it
+=============  ==========================================================================
+
+Server -> client (each has ``seq``, increasing within a session, so a client that reconnects
+gets exactly what it missed):
+
+=============  ==========================================================================
+``welcome``    ``session``, ``resumed`` (bool), ``python``, ``cloudpickle``, ``server``
+               (version), ``last_request`` (highest request id the server has received, so
+               the client resends only what never arrived), ``mismatch`` (a line or None)
+``started``    the request left the queue and runs now; ``job`` is its id in ``/jobs``
+``stream``     ``name`` ("stdout"/"stderr"), ``text``
+``display``    ``data`` (mimebundle: mime -> str or bytes), ``metadata``
+``progress``   ``bar`` (id), ``n``, ``total``, ``desc``, ``unit``, ``elapsed``, ``closed``
+``result``     the request's outcome; buffers: the pickled value where there is one;
+               ``mime``: rich repr of a cell's last value; ``fields`` for small plain answers
+``error``      ``ename``, ``evalue``, ``traceback`` (lines, server frames trimmed), and
+               ``code``: "remote" (the user's code raised), "pickle", "name", "version",
+               "cancelled", "session", "bad_request"
+=============  ==========================================================================
 """
 
 from __future__ import annotations
 
+import io
 import json
-from typing import Any, Mapping
+import pickle
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -103,3 +158,183 @@ def error_body(message: str, status: int | None = None) -> dict[str, Any]:
     """The JSON body of every error answer; ``status`` is added where no HTTP status carries it
     (an NDJSON line, a WebSocket frame)."""
     return {"error": message} if status is None else {"error": message, "status": status}
+
+
+# --------------------------------------------------------------------------------------------
+# The session channel
+
+CHUNK = 4 * 1024 * 1024
+"""Largest WebSocket message a frame's data is cut into (well under uvicorn's 16 MiB default)."""
+
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+_HEADER_LEN = struct.Struct(">I")
+
+Buffer = "bytes | bytearray | memoryview | pickle.PickleBuffer"
+
+
+@dataclass
+class Frame:
+    """One message of the session channel: a header and its buffers."""
+
+    type: str
+    id: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+    buffers: list[Any] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def cloudpickle_version() -> str:
+    import cloudpickle
+
+    return str(cloudpickle.__version__)
+
+
+def encode_frame(frame: Frame) -> list[bytes | memoryview]:
+    """The WebSocket messages that carry ``frame``, without copying large buffers."""
+    views = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B") for b in frame.buffers]
+    sizes = [v.nbytes for v in views]
+    total = sum(sizes)
+    header = {**frame.fields, "v": PROTOCOL_VERSION, "t": frame.type, "id": frame.id, "bufs": sizes}
+    if total <= CHUNK:
+        packed = msgpack.packb(header, use_bin_type=True)
+        return [b"".join([_HEADER_LEN.pack(len(packed)), packed, *views])]
+    header["chunked"] = True
+    packed = msgpack.packb(header, use_bin_type=True)
+    messages: list[bytes | memoryview] = [_HEADER_LEN.pack(len(packed)) + packed]
+    for view in views:
+        for start in range(0, view.nbytes, CHUNK):
+            messages.append(view[start:start + CHUNK])
+    return messages
+
+
+class FrameDecoder:
+    """Turns WebSocket messages back into frames; feed messages in the order they arrived."""
+
+    def __init__(self) -> None:
+        self._pending: Frame | None = None
+        self._sizes: list[int] = []
+        self._index = 0
+        self._offset = 0
+
+    def feed(self, message: bytes | bytearray | memoryview) -> Frame | None:
+        """Return the frame this message completes, or None while a chunked frame is incomplete.
+
+        Raises:
+            WireFormatError: the message is not a frame of this protocol version.
+        """
+        if self._pending is not None:
+            return self._feed_chunk(memoryview(message))
+        view = memoryview(message)
+        if view.nbytes < _HEADER_LEN.size:
+            raise WireFormatError("a session frame must start with a 4-byte header length")
+        (length,) = _HEADER_LEN.unpack_from(view)
+        try:
+            header = msgpack.unpackb(view[4:4 + length], raw=False)
+        except Exception as exc:
+            raise WireFormatError(f"the frame header is not valid msgpack ({exc})") from None
+        if not isinstance(header, dict) or "t" not in header:
+            raise WireFormatError("the frame header must be a map with a type 't'")
+        if header.get("v") != PROTOCOL_VERSION:
+            raise WireFormatError(
+                f"protocol version {header.get('v')} on the other end, {PROTOCOL_VERSION} here: "
+                "install the same mymps version on both machines"
+            )
+        sizes = [int(n) for n in header.pop("bufs", [])]
+        frame = Frame(str(header.pop("t")), int(header.pop("id", 0)), header)
+        header.pop("v", None)
+        if header.pop("chunked", False):
+            frame.buffers = [bytearray(n) for n in sizes]
+            self._pending, self._sizes, self._index, self._offset = frame, sizes, 0, 0
+            return self._skip_empty()
+        offset = 4 + length
+        for i, n in enumerate(sizes):
+            # Buffers after the first hold array memory: copied into writable memory, or every
+            # array a user pulls would be read-only (the first, the pickle stream, is only read).
+            part = view[offset:offset + n]
+            frame.buffers.append(part if i == 0 else bytearray(part))
+            offset += n
+        if offset != view.nbytes:
+            raise WireFormatError("the frame's buffers do not match the sizes in its header")
+        return frame
+
+    def _skip_empty(self) -> Frame | None:
+        while self._pending is not None and self._index < len(self._sizes) and self._offset == self._sizes[self._index]:
+            self._index += 1
+            self._offset = 0
+        if self._pending is not None and self._index == len(self._sizes):
+            frame, self._pending = self._pending, None
+            return frame
+        return None
+
+    def _feed_chunk(self, view: memoryview) -> Frame | None:
+        assert self._pending is not None
+        target = self._pending.buffers[self._index]
+        end = self._offset + view.nbytes
+        if end > self._sizes[self._index]:
+            raise WireFormatError("a chunk runs past the end of its buffer")
+        target[self._offset:end] = view
+        self._offset = end
+        return self._skip_empty()
+
+
+# Pickling ------------------------------------------------------------------------------------
+
+def _rebuild_tensor(array: np.ndarray, dtype: str) -> Any:
+    """Unpickle a tensor: a torch tensor where torch is importable, else the numpy array."""
+    try:
+        import torch
+    except ImportError:
+        return array.view(np.uint16).astype(np.uint32).__lshift__(16).view(np.float32) if dtype == "bfloat16" else array
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def _tensor_reduce(tensor: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    import torch
+
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        return _rebuild_tensor, (t.contiguous().view(torch.int16).numpy().view(np.uint16), "bfloat16")
+    return _rebuild_tensor, (t.contiguous().numpy(), str(t.dtype).removeprefix("torch."))
+
+
+def _pickler_class() -> type:
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc, name-defined]
+        def reducer_override(self, obj: Any) -> Any:
+            torch = sys.modules.get("torch")
+            if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
+                return _tensor_reduce(obj)
+            return super().reducer_override(obj)
+
+    return Pickler
+
+
+_PICKLER: type | None = None
+
+
+def dumps(value: Any) -> list[Any]:
+    """Pickle ``value`` into buffers: the pickle stream first, then out-of-band array memory."""
+    global _PICKLER
+    if _PICKLER is None:
+        _PICKLER = _pickler_class()
+    buffers: list[Any] = []
+    stream = io.BytesIO()
+    _PICKLER(stream, protocol=5, buffer_callback=buffers.append).dump(value)
+    return [stream.getbuffer(), *[b.raw() for b in buffers]]
+
+
+def loads(buffers: Sequence[Any]) -> Any:
+    """The inverse of :func:`dumps`; arrays share memory with the received buffers."""
+    if not buffers:
+        raise WireFormatError("a pickled value needs at least one buffer")
+    return pickle.loads(buffers[0], buffers=buffers[1:])
