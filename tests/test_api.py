@@ -629,10 +629,10 @@ def test_metadata_endpoints_answer_while_a_generation_runs(
             assert answer.status_code == 200, f"{path}: {answer.status_code}"
             assert elapsed < METADATA_BUDGET_S, f"{path} took {elapsed:.3f} s while a job ran"
         assert http.get("/stats").json()["jobs"]["running"] == 1
-        still = [j for j in jobs(http) if j["id"] == job["id"]]
-        assert still and still[0]["state"] == "running" and still[0]["kind"] == "generate"
-        assert 0 < still[0]["progress"] < 1
-        assert still[0]["started"] >= still[0]["submitted"]
+        still = wait_for(lambda: [j for j in jobs(http) if j["id"] == job["id"] and j["progress"]], timeout=5)[0]
+        assert still["state"] == "running" and still["kind"] == "generate" and still["model"] == LLAMA
+        assert 0 < still["progress"] < 1
+        assert still["started"] >= still["submitted"]
         assert request.thread.is_alive()
 
 
