@@ -681,9 +681,28 @@ def test_a_failing_job_leaves_the_server_healthy_and_models_loaded(
     assert answer.json()["error"]
     assert http.get("/health").json()["status"] == "ok"
     assert set(loaded) <= set(http.get("/health").json()["models"])
-    assert jobs(http) == []
+    wait_idle(http, timeout=2.0)  # nothing left behind (an immediate check is the next test's)
     after = generate(http, model=GPT2, prompt="The quick", max_new_tokens=5, temperature=0)
     assert after["tokens_generated"] == 5
+
+
+def test_a_job_that_answered_is_no_longer_listed(http: httpx.Client, loaded: dict[str, dict[str, Any]]) -> None:
+    """Once a request has its answer, its job is over: /jobs and /stats must not still show it.
+
+    A failed job is the likelier case to linger (the server cleans up after a failure), so this
+    sends many inputs the model rejects and looks at /jobs right after each answer.
+    """
+    wrong = wire.pack_tensors({"x": np.zeros((2, 5), np.float32)})
+    lingering = []
+    for _ in range(100):
+        answer = http.post("/infer", content=wrong, headers={wire.HEADER_MODEL: TORCHSCRIPT})
+        assert answer.status_code == 400
+        listed = jobs(http)
+        if listed:
+            lingering.append(listed[0])
+
+    assert lingering == [], f"{len(lingering)} of 100 answered jobs still listed, e.g. {lingering[0]}"
+    assert http.get("/stats").json()["jobs"] == {"running": 0, "queued": 0}
 
 
 # --- /openapi.json ---------------------------------------------------------------------------
