@@ -694,14 +694,14 @@ def test_a_job_that_answered_is_no_longer_listed(http: httpx.Client, loaded: dic
     """
     wrong = wire.pack_tensors({"x": np.zeros((2, 5), np.float32)})
     lingering = []
-    for _ in range(100):
+    for _ in range(20):
         answer = http.post("/infer", content=wrong, headers={wire.HEADER_MODEL: TORCHSCRIPT})
         assert answer.status_code == 400
         listed = jobs(http)
         if listed:
             lingering.append(listed[0])
 
-    assert lingering == [], f"{len(lingering)} of 100 answered jobs still listed, e.g. {lingering[0]}"
+    assert lingering == [], f"{len(lingering)} of 20 answered jobs still listed, e.g. {lingering[0]}"
     assert http.get("/stats").json()["jobs"] == {"running": 0, "queued": 0}
 
 
