@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
+import threading
+from types import FrameType
 
-from .settings import Settings, SettingsError, is_loopback, parse_size
+from .settings import Settings, SettingsError, is_loopback, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
 
@@ -30,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", default=None,
                    help="allow binding a non-loopback address (MYMPS_ALLOW_REMOTE=1); the server runs any code sent to it")
     p.add_argument("--max-body", help="largest request or message, e.g. 4GiB, 512MiB (MYMPS_MAX_BODY, default 4GiB)")
+    p.add_argument("--session-idle", help="seconds a disconnected notebook session keeps its namespace "
+                   "(MYMPS_SESSION_IDLE, default 3600)")
     return p
 
 
@@ -37,15 +42,15 @@ def settings_from(argv: list[str] | None) -> Settings:
     from pathlib import Path
 
     args = build_parser().parse_args(argv)
-    port = args.port
     return Settings.from_env().override(
         host=args.host,
-        port=port,
+        port=args.port,
         device=args.device,
         home=Path(args.home).expanduser() if args.home else None,
         token_file=Path(args.token_file).expanduser() if args.token_file else None,
         allow_remote=args.allow_remote,
         max_body=parse_size(args.max_body, "--max-body") if args.max_body else None,
+        session_idle=parse_seconds(args.session_idle, "--session-idle") if args.session_idle else None,
     )
 
 
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, make_job_queue
+    from .jobs import INTERRUPT_SIGNAL
     from .auth import load_or_create_token
     from .device import DeviceError, select_device
 
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mymps serve: {exc}", file=sys.stderr)
         sock.close()
         return 2
-    app = create_app(settings, token=token, device=device)
+    jobs = make_job_queue(device, own_thread=False)
+    app = create_app(settings, token=token, device=device, jobs=jobs)
     host, port = sock.getsockname()[:2]
     where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
@@ -101,7 +108,25 @@ def main(argv: list[str] | None = None) -> int:
         app, ws="websockets-sansio", ws_max_size=settings.max_body, log_level="warning",
         access_log=False, timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            jobs.close()  # ends jobs.work() below, also when the app failed to start
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    # uvicorn installs no signal handlers off the main thread: these are the server's own.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(INTERRUPT_SIGNAL, jobs.on_interrupt_signal)
+    http = threading.Thread(target=serve_http, name="mymps-http")
+    http.start()
+    jobs.work()  # device work runs here, on the main thread, so interrupts can break a sleep
+    http.join()
     return 0
 
 

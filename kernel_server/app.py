@@ -27,6 +27,7 @@ from .errors import ServerError
 from .jobs import JobQueue
 from .registry import Registry
 from .schemas import describe_validation_error
+from .sessions import SessionManager
 from .settings import Settings
 
 log = logging.getLogger("kernel_server")
@@ -47,11 +48,32 @@ class ServerState:
     device: Device
     registry: Registry
     jobs: JobQueue
+    sessions: SessionManager
     started_at: float = field(default_factory=time.time)
 
 
-def create_app(settings: Settings, *, token: str, device: Device | None = None) -> FastAPI:
-    """Build the app. ``device`` defaults to the one ``settings.device`` selects."""
+def make_job_queue(device: Device, *, own_thread: bool) -> JobQueue:
+    """The device queue; after a failed job it gives the device's cached memory back."""
+
+    def after_failure(exc: BaseException) -> None:
+        gc.collect()
+        device.free_memory()
+
+    return JobQueue(on_failure=after_failure, own_thread=own_thread)
+
+
+def create_app(
+    settings: Settings, *, token: str, device: Device | None = None, jobs: JobQueue | None = None
+) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: the server's settings.
+        token: the token every request but ``GET /health`` must carry.
+        device: defaults to the one ``settings.device`` selects.
+        jobs: a queue whose worker the caller runs (``python -m kernel_server`` runs it on the
+            main thread, so interrupts break sleeps); by default one with its own thread.
+    """
     from .routes import router
 
     @asynccontextmanager
@@ -59,17 +81,15 @@ def create_app(settings: Settings, *, token: str, device: Device | None = None) 
         dev = device or select_device(settings.device)
         registry = Registry(dev)
 
-        def after_failure(exc: BaseException) -> None:
-            gc.collect()
-            dev.free_memory()
-
-        jobs = JobQueue(on_failure=after_failure)
-        app.state.mymps = ServerState(settings, dev, registry, jobs)
+        queue = jobs or make_job_queue(dev, own_thread=True)
+        sessions = SessionManager(dev, registry, queue, settings.session_idle)
+        app.state.mymps = ServerState(settings, dev, registry, queue, sessions)
         log.info("device %s (%s)", dev.kind, dev.name)
         try:
             yield
         finally:
-            jobs.close()
+            sessions.close()
+            queue.close()
 
     app = FastAPI(
         title="mymps kernel_server",

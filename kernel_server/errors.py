@@ -13,6 +13,9 @@ still names the exception; none of them ever stops the server or unloads a model
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 
 class ServerError(Exception):
     status = 500
@@ -55,6 +58,8 @@ def as_server_error(exc: BaseException) -> ServerError:
     """Map any exception from a job to the error the client sees."""
     if isinstance(exc, ServerError):
         return exc
+    if isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+        return Cancelled("the job was cancelled before it finished")
     if is_out_of_memory(exc):
         return OutOfMemory(
             f"the device ran out of memory ({str(exc).splitlines()[0][:200]}); "

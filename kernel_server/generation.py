@@ -145,9 +145,6 @@ def generate(
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
         for _ in range(params.max_new_tokens):
-            if is_cancelled():
-                stop_reason = "cancelled"
-                break
             token = _sample(out.logits[0, -1, :], params.temperature, params.top_p, generator)
             produced += 1
             if token in eos:
@@ -162,6 +159,9 @@ def generate(
                 stop_reason = "stop"
                 break
             if produced == params.max_new_tokens:
+                break
+            if is_cancelled():  # checked after each token: a cancelled generation ends at the next one
+                stop_reason = "cancelled"
                 break
             out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{cache_kw: out[cache_kw]})
     tail = detok.finish()

@@ -5,7 +5,16 @@ worker thread, in the order it was submitted, so requests never race on the devi
 loop stays free: ``/health``, ``/stats``, ``/models`` and ``/jobs`` answer while a job runs.
 
 Jobs are ``concurrent.futures.Future``s. Cancelling a queued job drops it; cancelling a running
-one sets ``job.cancelled``, which long jobs (generation, diffusion steps) check between steps.
+one sets ``job.cancelled_flag``, which long jobs (generation, diffusion steps) check between
+steps, and raises ``KeyboardInterrupt`` in running user code.
+
+Why user code runs on the main thread: an exception set on another thread cannot break a
+``time.sleep`` or a blocking read, but a signal can. ``python -m kernel_server`` therefore runs
+this queue's worker on the main thread (``work()``) and uvicorn on another; an interrupt is a
+SIGUSR1 sent to that thread, which the handler (``on_interrupt_signal``) turns into
+``KeyboardInterrupt`` only while user code of the job to interrupt is running. (SIGUSR1, not
+SIGINT: a Ctrl-C in the server's terminal must always mean "shut down".) An app built without that (tests that
+embed it) gets a worker thread, where an interrupt still stops pure-Python loops.
 """
 
 from __future__ import annotations
@@ -13,12 +22,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import ctypes
+import signal
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from types import FrameType
+from typing import Any, Callable, Iterator
 
 from .errors import Cancelled, NotFound
+
+
+INTERRUPT_SIGNAL = signal.SIGUSR1
 
 
 class Job(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -36,6 +52,18 @@ class Job(concurrent.futures.Future):  # type: ignore[type-arg]
         self.progress: float | None = None
         self._cancel_event = threading.Event()
         self.cancel_reason = "cancelled"
+        self.in_user_code = False
+        self.interrupt_pending = False
+
+    @contextlib.contextmanager
+    def user_code(self) -> Iterator[None]:
+        """Mark the stretch where an interrupt may raise ``KeyboardInterrupt``."""
+        self.in_user_code = True
+        try:
+            yield
+        finally:
+            self.in_user_code = False
+            self.interrupt_pending = False
 
     @property
     def cancelled_flag(self) -> bool:
@@ -67,15 +95,26 @@ class Job(concurrent.futures.Future):  # type: ignore[type-arg]
 class JobQueue:
     """FIFO of :class:`Job` executed by one worker thread."""
 
-    def __init__(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        """``on_failure`` runs on the worker after a job fails, e.g. to give cached device memory back."""
+    def __init__(
+        self, on_failure: Callable[[BaseException], None] | None = None, *, own_thread: bool = True
+    ) -> None:
+        """``on_failure`` runs on the worker after a job fails, e.g. to give cached device memory
+        back. With ``own_thread=False`` the caller runs :meth:`work` on the thread of its choice
+        (the main thread, for interrupts that break a sleep)."""
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._closed = False
         self._on_failure = on_failure
-        self._thread = threading.Thread(target=self._work, name="mymps-device", daemon=True)
-        self._thread.start()
+        self._worker: int | None = None
+        self._thread: threading.Thread | None = None
+        if own_thread:
+            self._thread = threading.Thread(target=self.work, name="mymps-device", daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
 
     def submit(
         self, fn: Callable[[Job], Any], kind: str, *, model: str | None = None, session: str | None = None
@@ -96,6 +135,8 @@ class JobQueue:
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
+            if job.cancelled():  # dropped from the queue: tell the caller why
+                raise Cancelled(f"job {job.id} was {job.cancel_reason} before it ran") from None
             self.abandon(job, "cancelled: its client went away")
             raise
 
@@ -124,8 +165,17 @@ class JobQueue:
             running = self._running
         if running is not None and running.id == job_id:
             running.request_cancel(reason)
+            self.interrupt(running)
             return running
         raise NotFound(f"no running or queued job {job_id!r}; `GET /jobs` lists them")
+
+    def drop(self, job: Job) -> bool:
+        """Remove ``job`` if it is still queued (``Future.cancel`` semantics: never a running one)."""
+        with self._cond:
+            if job not in self._queue:
+                return False
+            self._queue.remove(job)
+        return bool(job.cancel())
 
     def abandon(self, job: Job, reason: str) -> None:
         """Stop a job whose caller went away; nothing happens if it already finished."""
@@ -148,9 +198,32 @@ class JobQueue:
             job.cancel()
         if running is not None:
             running.request_cancel(reason)
-        self._thread.join(timeout=10)
+            self.interrupt(running)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-    def _work(self) -> None:
+    def interrupt(self, job: Job) -> bool:
+        """Raise ``KeyboardInterrupt`` in ``job``'s user code if it is running some now."""
+        if self._running is not job or not job.in_user_code or self._worker is None:
+            return False
+        job.interrupt_pending = True
+        if self._worker == threading.main_thread().ident:
+            signal.pthread_kill(self._worker, INTERRUPT_SIGNAL)
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._worker), ctypes.py_object(KeyboardInterrupt))
+        return True
+
+    def on_interrupt_signal(self, signum: int, frame: FrameType | None) -> None:
+        """The handler of :data:`INTERRUPT_SIGNAL`: raises ``KeyboardInterrupt`` into the job an
+        interrupt was meant for, and does nothing if that job left its user code meanwhile."""
+        job = self._running
+        if job is not None and job.interrupt_pending and job.in_user_code:
+            job.interrupt_pending = False
+            raise KeyboardInterrupt
+
+    def work(self) -> None:
+        """Run jobs until :meth:`close`; the device worker's loop."""
+        self._worker = threading.get_ident()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -162,12 +235,18 @@ class JobQueue:
                     continue
                 self._running = job
                 job.started = time.time()
+            failure: BaseException | None = None
             try:
-                job.set_result(job.fn(job))
+                result = job.fn(job)
             except BaseException as exc:  # a failing job must never stop the worker
-                job.set_exception(exc)
+                failure = exc
+            # Off the list before the answer goes out: a client that got its answer and then
+            # asks /jobs must not see the job still running.
+            with self._cond:
+                self._running = None
+            if failure is None:
+                job.set_result(result)
+            else:
+                job.set_exception(failure)
                 if self._on_failure is not None:
-                    self._on_failure(exc)
-            finally:
-                with self._cond:
-                    self._running = None
+                    self._on_failure(failure)

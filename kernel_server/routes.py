@@ -24,6 +24,7 @@ from .app import ServerState, server_version
 from .errors import BadRequest, ServerError, Unprocessable, as_server_error
 from .jobs import Job
 from .registry import LoadRequest
+from .sessions import Mailbox
 from .schemas import GenerateBody, ImageBody, LoadBody, describe_validation_error
 
 router = APIRouter()
@@ -289,3 +290,55 @@ async def ws_generate(ws: WebSocket) -> None:
         st.jobs.abandon(job, "cancelled: its client disconnected")
     finally:
         gone.cancel()
+
+
+async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        data = message.get("bytes")
+        if data is None:
+            raise wire.WireFormatError("session frames are binary messages")
+        frame = decoder.feed(data)
+        if frame is not None:
+            return frame
+
+
+async def _send_frames(ws: WebSocket, live: Mailbox) -> None:
+    while True:
+        for frame in await live.take():
+            for message in wire.encode_frame(frame):
+                await ws.send_bytes(message if isinstance(message, bytes) else bytes(message))
+
+
+@router.websocket("/ws/session")
+async def ws_session(ws: WebSocket) -> None:
+    """The notebook channel (SPEC 4): requests with ids in, output and results out."""
+    st = _state(ws)
+    await ws.accept()
+    decoder = wire.FrameDecoder()
+    try:
+        hello = await _next_frame(ws, decoder)
+        if hello.type != "hello":
+            raise wire.WireFormatError("the first frame must be 'hello'")
+    except wire.WireFormatError as exc:
+        await ws.close(1003, str(exc)[:120])
+        return
+    except WebSocketDisconnect:
+        return
+    session, resumed = st.sessions.open(hello.get("session"))
+    for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
+        await ws.send_bytes(bytes(message))
+    live = session.attach(int(hello.get("last_seq") or 0) if resumed else 0)
+    sender = asyncio.ensure_future(_send_frames(ws, live))
+    try:
+        while True:
+            session.receive(await _next_frame(ws, decoder))
+    except wire.WireFormatError as exc:
+        await ws.close(1003, str(exc)[:120])
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        session.detach(live)
+        sender.cancel()

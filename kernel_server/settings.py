@@ -72,6 +72,7 @@ class Settings:
     token: str | None = None
     allow_remote: bool = False
     max_body: int = 4 * 1024**3
+    session_idle: float = 3600.0
 
     @property
     def resolved_token_file(self) -> Path:
@@ -97,6 +98,8 @@ class Settings:
         kwargs["allow_remote"] = _flag(env, "MYMPS_ALLOW_REMOTE")
         if "MYMPS_MAX_BODY" in env:
             kwargs["max_body"] = parse_size(env["MYMPS_MAX_BODY"], "MYMPS_MAX_BODY")
+        if "MYMPS_SESSION_IDLE" in env:
+            kwargs["session_idle"] = parse_seconds(env["MYMPS_SESSION_IDLE"], "MYMPS_SESSION_IDLE")
         return cls(**kwargs).validated("MYMPS_")  # type: ignore[arg-type]
 
     def override(self, **changes: object) -> Settings:
@@ -118,6 +121,16 @@ class Settings:
                 "loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
             )
         return self
+
+
+def parse_seconds(text: str, source: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise SettingsError(f"{source}: {text!r} is not a number of seconds")
+    return value
 
 
 def _port(text: str, source: str) -> int:

@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from mymps_magic import errors, wire
 from mymps_magic._connection import Connection
+from mymps_magic._remote import RemoteExecution
 from mymps_magic._settings import Settings
 from mymps_magic._stream import TokenStream
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 30.0
 
 
-class Client:
+class Client(RemoteExecution):
     """A connection to a mymps server, usually through the SSH tunnel on localhost.
 
     Example:
@@ -83,7 +84,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP connection. Models stay loaded on the server."""
+        """Close the connections. Models stay loaded on the server; a session's namespace is
+        kept for ``--session-idle`` seconds."""
+        self._close_session()
         self._connection.close()
 
     # Server and device.

@@ -8,8 +8,16 @@ MympsError
 ├── NotFoundError      (also LookupError)              unknown model, job or path (HTTP 404)
 ├── BadRequestError    (also ValueError)               bad argument or setting (HTTP 400/413/422)
 ├── ServerError                                        the server failed (HTTP 5xx, 507 = out of memory)
-└── RemoteError                                        user code raised on the server
+├── RemoteError                                        user code raised on the server
+├── PicklingError      (also pickle.PicklingError)     a value or function cannot cross the wire
+├── RemoteNameError    (also NameError)                `pull` of a name the remote session lacks
+├── VersionMismatchError                               Python/cloudpickle differ: pickled code refused
+├── CancelledError     (also concurrent.futures.CancelledError)  the call was cancelled before it ran
+└── SessionLostError   (a ConnectionError)             the server no longer has this session
 ```
+
+In IPython every one of them shows as its one line (``_render_traceback_``), not as a stack of
+client frames; a `RemoteError` shows the remote traceback instead.
 
 Transports are translated into these types at one boundary (`_connection.py`); nothing above it
 sees an httpx or websockets exception. Messages never contain the token.
@@ -18,16 +26,23 @@ sees an httpx or websockets exception. Messages never contain the token.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
+import pickle
 
 __all__ = [
     "AuthError",
     "BadRequestError",
+    "CancelledError",
     "ConnectionError",
     "MympsError",
     "NotFoundError",
+    "PicklingError",
     "RemoteError",
+    "RemoteNameError",
     "ServerError",
+    "SessionLostError",
     "TimeoutError",
+    "VersionMismatchError",
     "error_for_status",
 ]
 
@@ -47,6 +62,9 @@ class MympsError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self.message}"]
 
 
 class ConnectionError(MympsError, builtins.ConnectionError):
@@ -94,6 +112,26 @@ class RemoteError(MympsError):
     def _render_traceback_(self) -> list[str]:
         lines = [line for chunk in self.traceback for line in chunk.splitlines()]
         return lines if lines else [self.message]
+
+
+class PicklingError(MympsError, pickle.PicklingError):
+    """A value, function or return value cannot be pickled, or the other end cannot unpickle it."""
+
+
+class RemoteNameError(MympsError, NameError):
+    """``pull`` asked for a name that the remote session does not define."""
+
+
+class VersionMismatchError(MympsError):
+    """The two ends run different Python ``major.minor`` or cloudpickle versions."""
+
+
+class CancelledError(MympsError, concurrent.futures.CancelledError):
+    """The call was cancelled (or the server dropped it) before it ran."""
+
+
+class SessionLostError(ConnectionError):
+    """The server no longer has this client's session: it restarted or the session idled out."""
 
 
 def error_for_status(status_code: int, message: str) -> MympsError:

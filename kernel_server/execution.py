@@ -1,0 +1,264 @@
+"""Running the user's functions and cells: namespace, live output, displays, progress, errors.
+
+User code runs on the device worker (see ``jobs.py``). While it runs, what it prints, displays
+and reports as progress goes to an :class:`Outlet`, which sends it to the session as frames
+straight away; nothing waits for the code to finish.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import itertools
+import linecache
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from types import CodeType, TracebackType
+from typing import Any, Callable, Iterator, Mapping, TextIO
+
+from mymps_magic import wire
+
+from .richrepr import mimebundle
+
+Emit = Callable[[wire.Frame], None]
+"""Sends a frame to the session; safe to call from any thread."""
+
+_SERVER_DIR = str(Path(__file__).resolve().parent)
+_WIRE_FILE = str(Path(wire.__file__).resolve())
+
+
+class Outlet:
+    """Where one request's output goes: stream text, displays and progress bars as frames."""
+
+    def __init__(self, emit: Emit, request_id: int) -> None:
+        self.emit = emit
+        self.request_id = request_id
+        self._bars = itertools.count(1)
+
+    def stream(self, name: str, text: str) -> None:
+        if text:
+            self.emit(wire.Frame("stream", self.request_id, {"name": name, "text": text}))
+
+    def display(self, *objs: Any) -> None:
+        for obj in objs:
+            data, metadata = mimebundle(obj)
+            self.emit(wire.Frame("display", self.request_id, {"data": data, "metadata": metadata}))
+
+    def new_bar(self) -> int:
+        return next(self._bars)
+
+    def progress(self, bar: int, fields: dict[str, Any]) -> None:
+        self.emit(wire.Frame("progress", self.request_id, {"bar": bar, **fields}))
+
+
+class OutputRouter(io.TextIOBase):
+    """Installed once as ``sys.stdout`` / ``sys.stderr``: text written while user code runs goes
+    to that request's outlet (from any thread the code started), the rest to the real stream."""
+
+    def __init__(self, name: str, real: TextIO) -> None:
+        self.name = name
+        self.real = real
+        self.outlet: Outlet | None = None
+
+    def write(self, text: str) -> int:
+        outlet = self.outlet
+        if outlet is None:
+            return self.real.write(text)
+        outlet.stream(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.outlet is None:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+class Execution:
+    """The server's side of running user code: the output routers and the tqdm hook."""
+
+    def __init__(self) -> None:
+        self.stdout = OutputRouter("stdout", sys.stdout)
+        self.stderr = OutputRouter("stderr", sys.stderr)
+        sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
+        self._current: Outlet | None = None
+        self._lock = threading.Lock()
+        _hook_tqdm(self)
+
+    @property
+    def current(self) -> Outlet | None:
+        return self._current
+
+    def close(self) -> None:
+        sys.stdout, sys.stderr = self.stdout.real, self.stderr.real
+
+    def capture(self, outlet: Outlet) -> _Capture:
+        return _Capture(self, outlet)
+
+
+class _Capture:
+    def __init__(self, execution: Execution, outlet: Outlet) -> None:
+        self.execution = execution
+        self.outlet = outlet
+
+    def __enter__(self) -> Outlet:
+        ex = self.execution
+        ex._current = ex.stdout.outlet = ex.stderr.outlet = self.outlet
+        return self.outlet
+
+    def __exit__(self, *exc: object) -> None:
+        ex = self.execution
+        ex._current = ex.stdout.outlet = ex.stderr.outlet = None
+
+
+def _hook_tqdm(execution: Execution) -> None:
+    """Make tqdm bars of remote code report to the client instead of drawing on stderr.
+
+    tqdm calls ``display`` whenever a bar should redraw (already rate-limited by its own
+    ``mininterval``) and ``close`` at the end; both are rerouted while user code runs.
+    """
+    from tqdm import std
+
+    original_init, original_display, original_close = std.tqdm.__init__, std.tqdm.display, std.tqdm.close
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        outlet = execution.current
+        self._mymps_outlet = outlet
+        if outlet is not None:
+            self._mymps_bar = outlet.new_bar()
+            kwargs["file"] = io.StringIO()  # nothing to draw here: the client draws
+        original_init(self, *args, **kwargs)
+
+    def fields(self: Any, closed: bool) -> dict[str, Any]:
+        d = self.format_dict
+        return {"n": d.get("n", 0), "total": d.get("total"), "desc": d.get("prefix") or "",
+                "unit": d.get("unit", "it"), "elapsed": round(d.get("elapsed", 0.0), 3), "closed": closed}
+
+    def display(self: Any, msg: str | None = None, pos: int | None = None) -> Any:
+        outlet = getattr(self, "_mymps_outlet", None)
+        if outlet is None:
+            return original_display(self, msg, pos)
+        outlet.progress(self._mymps_bar, fields(self, False))
+        return True
+
+    def close(self: Any) -> None:
+        outlet = getattr(self, "_mymps_outlet", None)
+        done = getattr(self, "disable", True)
+        original_close(self)
+        if outlet is not None and not done:
+            outlet.progress(self._mymps_bar, fields(self, True))
+
+    std.tqdm.__init__, std.tqdm.display, std.tqdm.close = __init__, display, close
+
+
+def progress(iterable: Any = None, total: int | None = None, desc: str | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar whose progress shows in the notebook; use it like ``tqdm``."""
+    from tqdm import std
+
+    return std.tqdm(iterable, total=total, desc=desc, mininterval=0.1, **kwargs)
+
+
+class ModelsView(Mapping[str, Any]):
+    """``models`` in the namespace: name -> the loaded model or pipeline object, always current."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+
+    def __getitem__(self, name: str) -> Any:
+        return self._registry.get(name).obj
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._registry.names())
+
+    def __len__(self) -> int:
+        return len(self._registry.names())
+
+    def __repr__(self) -> str:
+        return f"models({', '.join(self._registry.names()) or 'none loaded'})"
+
+
+def new_namespace(device: Any, registry: Any, execution: Execution) -> dict[str, Any]:
+    """A fresh session namespace with what SPEC 5 promises remote code."""
+    import numpy as np
+    import torch
+
+    def display(*objs: Any) -> None:
+        """Show objects in the notebook (images, figures, HTML, anything with a rich repr)."""
+        outlet = execution.current
+        if outlet is None:
+            print(*objs)
+        else:
+            outlet.display(*objs)
+
+    return {
+        "__name__": "__mymps__",
+        "__builtins__": __builtins__,
+        "DEVICE": device.torch_device,
+        "models": ModelsView(registry),
+        "torch": torch,
+        "np": np,
+        "display": display,
+        "progress": progress,
+    }
+
+
+_cell_numbers = itertools.count(1)
+
+
+def compile_cell(source: str) -> tuple[CodeType, CodeType | None]:
+    """Compile a cell as IPython does: the last statement, if an expression, gives its value.
+
+    The source is registered with ``linecache`` so tracebacks show the cell's lines.
+    """
+    filename = f"<mymps-cell-{next(_cell_numbers)}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    tree = ast.parse(source, filename=filename, mode="exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    body = compile(tree, filename, "exec")
+    return body, (compile(last, filename, "eval") if last is not None else None)
+
+
+def remote_traceback(exc: BaseException) -> list[str]:
+    """The traceback the user should see: their frames, without the server's own."""
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and _is_server_frame(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return [line for line in lines if not any(_is_server_frame(part) for part in _files_in(line))]
+
+
+def _files_in(line: str) -> list[str]:
+    if line.lstrip().startswith('File "'):
+        return [line.split('"')[1]]
+    return []
+
+
+def _is_server_frame(filename: str) -> bool:
+    return filename.startswith(_SERVER_DIR) or filename == _WIRE_FILE
+
+
+def error_frame(request_id: int, exc: BaseException, code: str = "remote") -> wire.Frame:
+    return wire.Frame("error", request_id, {
+        "ename": type(exc).__name__,
+        "evalue": str(exc),
+        "traceback": remote_traceback(exc) if code == "remote" else [],
+        "code": code,
+    })
+
+
+def timed() -> Callable[[], float]:
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start

@@ -1,0 +1,326 @@
+"""Notebook sessions: a namespace each, requests in order, output kept until the client has it.
+
+A session outlives its WebSocket. Every frame it sends gets a sequence number and stays in the
+outbox until the client acknowledges it, so a client that reconnects after a dropped tunnel is
+sent exactly what it missed, and the results of work that ran meanwhile. A disconnected session
+is kept for ``--session-idle`` seconds.
+
+Ordering: a session's requests are handled one after another by its own lane. ``run`` and
+``cell`` are queued as device jobs (the lane does not wait for them, so they queue back to
+back); ``push``, ``pull`` and ``reset`` wait for this session's earlier jobs only, never for
+another session's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import platform
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable
+
+from mymps_magic import wire
+
+from .errors import is_out_of_memory
+from .execution import Execution, Outlet, compile_cell, error_frame, new_namespace
+from .jobs import Job, JobQueue
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .registry import Registry
+
+log = logging.getLogger("kernel_server.sessions")
+
+Sender = Callable[[wire.Frame], None]
+
+
+def versions_mismatch(python: str, cloudpickle: str) -> str | None:
+    """The one line a user reads when the two ends cannot exchange pickled code, or None."""
+    here_python, here_cp = wire.PYTHON_VERSION, wire.cloudpickle_version()
+    if python == here_python and cloudpickle == here_cp:
+        return None
+    return (f"Python {python} / cloudpickle {cloudpickle} here, Python {here_python} / cloudpickle {here_cp} "
+            "on the server: pickled code (run, submit, @remote) is refused; cells and plain data still work. "
+            f"Use Python {here_python} and `pip install cloudpickle=={here_cp}` on the notebook side")
+
+
+class Mailbox:
+    """Frames waiting for one socket; the sender takes them in batches to merge output."""
+
+    def __init__(self) -> None:
+        self.frames: collections.deque[wire.Frame] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put(self, frame: wire.Frame) -> None:
+        self.frames.append(frame)
+        self._ready.set()
+
+    async def take(self) -> list[wire.Frame]:
+        await self._ready.wait()
+        self._ready.clear()
+        batch = list(self.frames)
+        self.frames.clear()
+        return merge_streams(batch)
+
+
+def merge_streams(frames: list[wire.Frame]) -> list[wire.Frame]:
+    """Join neighbouring stream frames of one request and stream: a loop of prints becomes a
+    few frames. The merged frame carries the last one's ``seq``; the outbox keeps the originals."""
+    out: list[wire.Frame] = []
+    for frame in frames:
+        prev = out[-1] if out else None
+        if (prev is not None and frame.type == prev.type == "stream" and frame.id == prev.id
+                and frame.fields["name"] == prev.fields["name"]):
+            out[-1] = wire.Frame("stream", frame.id, {**frame.fields, "text": prev.fields["text"] + frame.fields["text"]})
+        else:
+            out.append(frame)
+    return out
+
+
+class Session:
+    """One client's namespace, outbox and lane of requests."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self.id = uuid.uuid4().hex
+        self.manager = manager
+        self.namespace = manager.new_namespace()
+        self.outbox: collections.deque[tuple[int, wire.Frame]] = collections.deque()
+        self.seq = 0
+        self.last_request = 0
+        self.mismatch: str | None = None
+        self.jobs: dict[int, Job] = {}
+        self.disconnected_at: float | None = time.time()
+        self._live: Mailbox | None = None
+        self._lane: asyncio.Queue[wire.Frame] = asyncio.Queue()
+        self._lane_task = asyncio.ensure_future(self._run_lane())
+        self._loop = asyncio.get_running_loop()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def emit(self, frame: wire.Frame) -> None:
+        """Number, keep and (if connected) send a frame. Event loop thread only."""
+        self.seq += 1
+        frame.fields["seq"] = self.seq
+        self.outbox.append((self.seq, frame))
+        if self._live is not None:
+            self._live.put(frame)
+
+    def emit_threadsafe(self, frame: wire.Frame) -> None:
+        self._loop.call_soon_threadsafe(self.emit, frame)
+
+    def attach(self, last_seq: int) -> Mailbox:
+        """Connect a new socket: returns its mailbox, already holding what the client missed."""
+        self.ack(last_seq)
+        live = Mailbox()
+        for _, frame in self.outbox:
+            live.put(frame)
+        self._live = live
+        self.disconnected_at = None
+        return live
+
+    def detach(self, live: Mailbox) -> None:
+        if self._live is live:  # a newer socket may have taken over already
+            self._live = None
+            self.disconnected_at = time.time()
+
+    def ack(self, seq: int) -> None:
+        while self.outbox and self.outbox[0][0] <= seq:
+            self.outbox.popleft()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def receive(self, frame: wire.Frame) -> None:
+        """Take one request frame from the socket."""
+        if frame.type == "ack":
+            self.ack(int(frame.get("seq", 0)))
+            return
+        if frame.id <= self.last_request and frame.type not in ("interrupt", "cancel"):
+            return  # a resent request that had arrived before the connection dropped
+        self.last_request = max(self.last_request, frame.id)
+        if frame.type == "interrupt":
+            self._interrupt(int(frame.get("target", 0)))
+            self.emit(wire.Frame("result", frame.id, {"fields": {}}))
+        elif frame.type == "cancel":
+            self._cancel(frame.id, int(frame.get("target", 0)))
+        elif frame.type in ("run", "cell", "push", "pull", "reset"):
+            self._lane.put_nowait(frame)
+        else:
+            self.emit(error_frame(frame.id, ValueError(f"unknown request type {frame.type!r}"), "bad_request"))
+
+    async def _run_lane(self) -> None:
+        while True:
+            frame = await self._lane.get()
+            try:
+                if frame.type in ("run", "cell"):
+                    self._submit(frame)
+                else:
+                    await self._after_my_jobs()
+                    await getattr(self, f"_{frame.type}")(frame)
+            except Exception as exc:  # one bad request must not stop the lane
+                log.exception("session %s: request %s failed", self.id[:8], frame.id)
+                self.emit(error_frame(frame.id, exc, "bad_request"))
+
+    async def _after_my_jobs(self) -> None:
+        pending = [asyncio.wrap_future(job) for job in self.jobs.values()]
+        if pending:
+            await asyncio.wait(pending)
+
+    def _submit(self, frame: wire.Frame) -> None:
+        if frame.type == "run" and self.mismatch:
+            self.emit(error_frame(frame.id, RuntimeError(self.mismatch), "version"))
+            return
+        rid = frame.id
+        manager = self.manager
+
+        def work(job: Job) -> None:
+            self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
+            outlet = Outlet(self.emit_threadsafe, rid)
+            try:
+                if frame.type == "run":
+                    try:
+                        fn, args, kwargs = wire.loads(frame.buffers)
+                    except Exception as exc:
+                        self.emit_threadsafe(error_frame(rid, _unpickle_error(exc), "pickle"))
+                        return
+                    with manager.execution.capture(outlet), job.user_code():
+                        value = fn(*args, **kwargs)
+                    self.emit_threadsafe(_value_frame(rid, value, None))
+                else:
+                    body, last = compile_cell(str(frame["source"]))
+                    with manager.execution.capture(outlet), job.user_code():
+                        exec(body, self.namespace)
+                        value = eval(last, self.namespace) if last is not None else None
+                    if value is not None:
+                        self.namespace["_"] = value
+                    self.emit_threadsafe(_value_frame(rid, value, outlet))
+            except BaseException as exc:
+                self.emit_threadsafe(error_frame(rid, exc))
+                if is_out_of_memory(exc):
+                    manager.device.free_memory()
+
+        job = manager.jobs.submit(work, frame.type, session=self.id)
+        self.jobs[rid] = job
+        job.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self.jobs.pop, rid, None))
+
+    def _interrupt(self, target: int) -> None:
+        for rid, job in list(self.jobs.items()):
+            if target in (0, rid):
+                self.manager.jobs.interrupt(job)
+
+    def _cancel(self, rid: int, target: int) -> None:
+        job = self.jobs.get(target)
+        cancelled = job is not None and self.manager.jobs.drop(job)
+        if cancelled:
+            self.jobs.pop(target, None)
+        self.emit(wire.Frame("result", rid, {"fields": {"cancelled": bool(cancelled)}}))
+
+    async def _push(self, frame: wire.Frame) -> None:
+        try:
+            values = await asyncio.to_thread(wire.loads, frame.buffers)
+        except Exception as exc:
+            self.emit(error_frame(frame.id, _unpickle_error(exc), "pickle"))
+            return
+        self.namespace.update(values)
+        self.emit(wire.Frame("result", frame.id, {"fields": {"names": sorted(values)}}))
+
+    async def _pull(self, frame: wire.Frame) -> None:
+        names = [str(n) for n in frame.get("names", [])]
+        missing = [n for n in names if n not in self.namespace]
+        if missing:
+            self.emit(error_frame(frame.id, NameError(
+                f"{', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} not defined in the remote "
+                "session; define it there first (a %%mymps cell or run) or push it"), "name"))
+            return
+        values = tuple(self.namespace[n] for n in names)
+        self.emit(await asyncio.to_thread(_value_frame, frame.id, values, None, names))
+
+    async def _reset(self, frame: wire.Frame) -> None:
+        self.namespace = self.manager.new_namespace()
+        self.emit(wire.Frame("result", frame.id, {"fields": {}}))
+
+    def close(self) -> None:
+        self._lane_task.cancel()
+        for job in self.jobs.values():
+            self.manager.jobs.abandon(job, "cancelled: its session ended")
+
+
+def _unpickle_error(exc: BaseException) -> Exception:
+    hint = ""
+    if isinstance(exc, ModuleNotFoundError):
+        hint = (f"; the server cannot import {exc.name!r}: install it there, or define the code in the "
+                "notebook or your own module so it travels by value")
+    return RuntimeError(f"the server could not unpickle what was sent ({type(exc).__name__}: {exc}){hint}")
+
+
+def _value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | None = None) -> wire.Frame:
+    """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
+    fields: dict[str, Any] = {}
+    if outlet is not None and value is not None:
+        from .richrepr import mimebundle
+
+        fields["mime"] = mimebundle(value)[0]
+    try:
+        buffers = wire.dumps(value)
+    except Exception as exc:
+        if outlet is not None:  # a cell's value still shows through its repr
+            return wire.Frame("result", rid, {**fields, "unpicklable": f"{type(value).__name__}: {exc}"})
+        what = f"{names[0]!r}" if names and len(names) == 1 else f"the {type(value).__name__} value"
+        if names and len(names) > 1:
+            what = "one of " + ", ".join(map(repr, names))
+        return error_frame(rid, TypeError(
+            f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
+            "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), "pickle")
+    return wire.Frame("result", rid, fields, buffers)
+
+
+class SessionManager:
+    """All sessions of the server, and the idle reaper for disconnected ones."""
+
+    def __init__(self, device: Device, registry: Registry, jobs: JobQueue, idle_s: float) -> None:
+        self.device = device
+        self.registry = registry
+        self.jobs = jobs
+        self.idle_s = idle_s
+        self.execution = Execution()
+        self.sessions: dict[str, Session] = {}
+        self._reaper = asyncio.ensure_future(self._reap())
+
+    def new_namespace(self) -> dict[str, Any]:
+        return new_namespace(self.device, self.registry, self.execution)
+
+    def open(self, session_id: str | None) -> tuple[Session, bool]:
+        """The session to resume, or a new one; the bool says whether it was resumed."""
+        if session_id and session_id in self.sessions:
+            return self.sessions[session_id], True
+        session = Session(self)
+        self.sessions[session.id] = session
+        return session, False
+
+    def welcome(self, session: Session, resumed: bool, hello: wire.Frame) -> wire.Frame:
+        session.mismatch = versions_mismatch(str(hello.get("python")), str(hello.get("cloudpickle")))
+        from .app import server_version
+
+        return wire.Frame("welcome", 0, {
+            "session": session.id, "resumed": resumed, "python": wire.PYTHON_VERSION,
+            "python_full": platform.python_version(), "cloudpickle": wire.cloudpickle_version(),
+            "server": server_version(), "last_request": session.last_request, "mismatch": session.mismatch,
+        })
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, max(0.5, self.idle_s / 4)))
+            now = time.time()
+            for sid, session in list(self.sessions.items()):
+                idle_since = session.disconnected_at
+                if idle_since is not None and now - idle_since > self.idle_s and not session.jobs:
+                    session.close()
+                    del self.sessions[sid]
+                    log.info("session %s closed after %.0f s disconnected", sid[:8], now - idle_since)
+
+    def close(self) -> None:
+        self._reaper.cancel()
+        for session in self.sessions.values():
+            session.close()
+        self.execution.close()

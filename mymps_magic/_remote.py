@@ -1,0 +1,194 @@
+"""Remote execution on the `Client`: run, submit, @remote, push, pull, run_cell, interrupt, reset.
+
+All of it travels over the session channel (``/ws/session``), opened on first use. The session's
+namespace lives on the server and survives reconnects; ``reset`` clears it, never the models.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import sysconfig
+from pathlib import Path
+from types import FunctionType, ModuleType
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from mymps_magic import errors, wire
+from mymps_magic._session import CellResult, RemoteFuture, SessionChannel
+from mymps_magic.display import OutputSink
+
+if TYPE_CHECKING:
+    from mymps_magic._connection import Connection
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_INSTALLED = tuple(
+    str(Path(p).resolve()) for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (p := sysconfig.get_paths().get(key))
+)
+
+
+class RemoteExecution:
+    """The remote-execution half of `Client` (mixed in; see `Client` for the connection)."""
+
+    _connection: Connection
+    _channel: SessionChannel | None = None
+
+    @property
+    def session(self) -> SessionChannel:
+        """The session channel, connected on first use."""
+        if self._channel is None:
+            self._channel = SessionChannel(self._connection, OutputSink())
+        return self._channel
+
+    def _close_session(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _pickled_call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        channel = self.session
+        if channel.mismatch:
+            raise errors.VersionMismatchError(channel.mismatch)
+        _send_local_modules_by_value(fn, *args, *kwargs.values())
+        try:
+            return wire.dumps((fn, args, kwargs))
+        except Exception as exc:
+            raise errors.PicklingError(
+                f"Cannot send {getattr(fn, '__name__', fn)!r} or its arguments: {type(exc).__name__}: {exc}. "
+                "Send plain data (numbers, lists, arrays, tensors) or write the code in a %%mymps cell"
+            ) from None
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the server and return its value.
+
+        Printed output and ``display(...)`` calls show here while it runs. Ctrl-C (the
+        notebook's stop button) raises ``KeyboardInterrupt`` in the remote code.
+
+        Raises:
+            RemoteError: ``fn`` raised on the server (remote type, message and traceback).
+            PicklingError: ``fn``, an argument or the return value cannot be pickled.
+            VersionMismatchError: the two ends run different Python or cloudpickle versions.
+        """
+        return self.session.call("run", buffers=self._pickled_call(fn, args, kwargs))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RemoteFuture:
+        """Queue ``fn(*args, **kwargs)`` on the server and return at once.
+
+        Returns:
+            A ``concurrent.futures.Future``: ``result(timeout)``, ``done()``, ``cancel()``
+            (True only while it is still queued; a running call is stopped with `interrupt`).
+            Its ``job_id`` is the id ``/jobs`` shows once it runs.
+        """
+        buffers = self._pickled_call(fn, args, kwargs)
+        return self.session.request("run", buffers=buffers, waiter=False).future
+
+    def remote(self, fn: F) -> F:
+        """Decorator: calling the function runs it on the server (``run``), with the same args."""
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.run(fn, *args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    def push(self, **values: Any) -> None:
+        """Set names in the remote namespace: ``c.push(x=arr, y=2)``.
+
+        Raises:
+            PicklingError: a value cannot be pickled.
+        """
+        try:
+            buffers = wire.dumps(values)
+        except Exception as exc:
+            bad = [name for name, v in values.items() if not _picklable(v)]
+            raise errors.PicklingError(
+                f"Cannot push {', '.join(map(repr, bad)) or 'the values'}: {type(exc).__name__}: {exc}. "
+                "Push plain data (numbers, lists, arrays, tensors) or build the object remotely in a %%mymps cell"
+            ) from None
+        self.session.call("push", buffers=buffers)
+
+    def pull(self, *names: str) -> Any:
+        """Get values from the remote namespace: one name returns the value, several a tuple.
+
+        Raises:
+            RemoteNameError: a name is not defined remotely.
+            PicklingError: a value cannot be pickled (keep it remote; pull plain data).
+        """
+        if not names:
+            raise errors.BadRequestError("pull needs at least one name, e.g. c.pull('x')")
+        values = self.session.call("pull", {"names": list(names)})
+        return values[0] if len(names) == 1 else values
+
+    def run_cell(self, source: str, *, timeout: float | None = None) -> Any:
+        """Run Python source in the remote namespace, as a notebook cell runs.
+
+        Output shows while it runs; the value of the last expression is returned (an object
+        that shows its remote rich repr if the value itself cannot be pickled).
+
+        Args:
+            source: the cell's code.
+            timeout: seconds after which the remote code is interrupted.
+
+        Raises:
+            RemoteError: the cell raised (``KeyboardInterrupt`` after an interrupt or timeout).
+        """
+        result = self._run_cell(source, timeout=timeout)
+        return result.value if isinstance(result, CellResult) else result
+
+    def _run_cell(self, source: str, *, timeout: float | None = None) -> Any:
+        return self.session.call("cell", {"source": source}, timeout=timeout)
+
+    def interrupt(self) -> None:
+        """Raise ``KeyboardInterrupt`` in this session's running remote code (if any)."""
+        self.session.interrupt()
+
+    def reset(self) -> None:
+        """Clear the remote namespace. The loaded models stay loaded."""
+        self.session.call("reset")
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        wire.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+def _is_local(module: ModuleType | None) -> bool:
+    """A module of the user's own (not installed, not the standard library), which the server
+    cannot be expected to import: it must travel by value."""
+    if module is None or module.__name__ in ("__main__", "builtins") or module.__name__.startswith("mymps_magic"):
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    return not str(Path(file).resolve()).startswith(_INSTALLED)
+
+
+def _send_local_modules_by_value(*objs: Any) -> None:
+    """Register the user's own modules that these objects (and the functions they call) come from
+    with cloudpickle's pickle-by-value, so the server needs no copy of them."""
+    import cloudpickle
+
+    seen: set[int] = set()
+    todo = list(objs)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        module = obj if isinstance(obj, ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None and not isinstance(obj, FunctionType):
+            module = sys.modules.get(type(obj).__module__)
+        if _is_local(module):
+            assert module is not None
+            top = sys.modules.get(module.__name__.split(".")[0], module)
+            try:
+                cloudpickle.register_pickle_by_value(top)
+            except ValueError:
+                cloudpickle.register_pickle_by_value(module)
+        if isinstance(obj, FunctionType):
+            names = obj.__code__.co_names
+            todo.extend(obj.__globals__[n] for n in names if n in obj.__globals__)
