@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
+from kernels import Kernel
 from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, build_tiny_models
 
 if TYPE_CHECKING:
@@ -82,3 +83,11 @@ def client(server: ServerProcess) -> Iterator[Client]:
 
     with Client(host="127.0.0.1", port=server.port, token=server.token) as connected:
         yield connected
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[Kernel]:
+    """A real IPython kernel (jupyter_client), stopped after the test."""
+    started = Kernel(tmp_path / "kernel")
+    yield started
+    started.close()
