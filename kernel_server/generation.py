@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .errors import BadRequest
 from .registry import LoadedModel
 
 OnText = Callable[[str], None]
@@ -40,6 +41,18 @@ def _eos_ids(model: Any) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def _token_budget(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut to what fits a model with learned absolute positions (GPT-2's
+    ``n_positions``): past it such a model fails with an index error, not an answer."""
+    limit = getattr(model.config, "n_positions", None)
+    if not isinstance(limit, int):
+        return max_new_tokens
+    if prompt_tokens >= limit:
+        raise BadRequest(f"the prompt is {prompt_tokens} tokens but this model's context holds {limit}; "
+                         "shorten the prompt")
+    return min(max_new_tokens, limit - prompt_tokens)
 
 
 def _cache_keyword(model: Any) -> str:
@@ -136,6 +149,7 @@ def generate(
         bos = getattr(tokenizer, "bos_token_id", None) or getattr(model.config, "bos_token_id", None) or 0
         ids = torch.tensor([[bos]])
     ids = ids.to(device)
+    budget = _token_budget(model, ids.shape[1], params.max_new_tokens)
     eos = _eos_ids(model)
     generator = _generator(device, params.seed)
     detok = _Detokenizer(tokenizer, params.stop)
@@ -144,7 +158,7 @@ def generate(
     cache_kw = _cache_keyword(model)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        for _ in range(params.max_new_tokens):
+        for _ in range(budget):
             token = _sample(out.logits[0, -1, :], params.temperature, params.top_p, generator)
             produced += 1
             if token in eos:
@@ -154,11 +168,11 @@ def generate(
             if piece and on_text is not None:
                 on_text(piece)
             if on_progress is not None:
-                on_progress(produced / params.max_new_tokens)
+                on_progress(produced / budget)
             if stopped:
                 stop_reason = "stop"
                 break
-            if produced == params.max_new_tokens:
+            if produced == budget:
                 break
             if is_cancelled():  # checked after each token: a cancelled generation ends at the next one
                 stop_reason = "cancelled"

@@ -592,3 +592,30 @@ def test_a_non_loopback_host_without_allow_remote_is_refused(tmp_path: Path, how
     assert "Traceback" not in done.stderr
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing listens there
+
+
+
+@pytest.fixture(scope="module")
+def gpt2(http: httpx.Client, tiny_models: TinyModels) -> Iterator[str]:
+    """The tiny GPT-2: learned absolute positions, a 256-token context."""
+    name = "bad-gpt2"
+    assert http.post("/models/load", json={"name": name, "path": str(tiny_models.text_gpt2)}).status_code == 200
+    yield name
+    http.delete(f"/models/{name}")
+
+
+def test_a_prompt_longer_than_the_models_context_is_a_400(server: ServerProcess, http: httpx.Client, gpt2: str) -> None:
+    answer = http.post("/generate", json={"model": gpt2, "prompt": "word " * 400, "max_new_tokens": 5})
+
+    assert "context holds 256" in error_of(answer, 400)
+    assert_healthy(server, (gpt2,))
+
+
+def test_a_generation_that_would_run_past_the_context_stops_there(server: ServerProcess, http: httpx.Client, gpt2: str) -> None:
+    answer = http.post("/generate", json={"model": gpt2, "prompt": "Once upon a time", "max_new_tokens": 1000,
+                                          "temperature": 1.0, "seed": 1})
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stop_reason"] in ("length", "eos")
+    assert answer.json()["tokens_generated"] < 256
+    assert_healthy(server, (gpt2,))
