@@ -8,34 +8,54 @@ from __future__ import annotations
 
 import importlib.metadata as _metadata
 
+from mymps_magic._session import RemoteFuture as RemoteFuture
 from mymps_magic._stream import TokenStream as TokenStream
 from mymps_magic.client import Client as Client
 from mymps_magic.client import MympsClient as MympsClient
 from mymps_magic.errors import AuthError as AuthError
 from mymps_magic.errors import BadRequestError as BadRequestError
+from mymps_magic.errors import CancelledError as CancelledError
 from mymps_magic.errors import ConnectionError as ConnectionError
 from mymps_magic.errors import MympsError as MympsError
 from mymps_magic.errors import NotFoundError as NotFoundError
+from mymps_magic.errors import PicklingError as PicklingError
 from mymps_magic.errors import RemoteError as RemoteError
+from mymps_magic.errors import RemoteNameError as RemoteNameError
 from mymps_magic.errors import ServerError as ServerError
+from mymps_magic.errors import SessionLostError as SessionLostError
 from mymps_magic.errors import TimeoutError as TimeoutError
+from mymps_magic.errors import VersionMismatchError as VersionMismatchError
 
 try:
     __version__ = _metadata.version("mymps")
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.1.0"
 
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext mymps_magic``: register ``%mymps`` and ``%%mymps``."""
+    from mymps_magic.magics import MympsMagics
+
+    ipython.register_magics(MympsMagics)  # type: ignore[attr-defined]
+
+
 __all__ = [
     "AuthError",
     "BadRequestError",
+    "CancelledError",
     "Client",
     "ConnectionError",
     "MympsClient",
     "MympsError",
     "NotFoundError",
+    "PicklingError",
     "RemoteError",
+    "RemoteFuture",
+    "RemoteNameError",
     "ServerError",
+    "SessionLostError",
     "TimeoutError",
     "TokenStream",
+    "VersionMismatchError",
     "__version__",
+    "load_ipython_extension",
 ]

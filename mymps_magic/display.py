@@ -26,11 +26,16 @@ def in_kernel() -> bool:
 
 
 class RemoteValue:
-    """A remote value that could not be pickled, shown through the rich repr the server made."""
+    """A remote cell's value as the notebook shows it: through the rich repr the server made.
 
-    def __init__(self, mime: dict[str, Any], reason: str) -> None:
+    ``value`` is the value itself where it could be pickled and unpickled here, else None
+    (``reason`` says why).
+    """
+
+    def __init__(self, mime: dict[str, Any], reason: str = "", value: Any = None) -> None:
         self.mime = mime
         self.reason = reason
+        self.value = value
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return dict(self.mime)

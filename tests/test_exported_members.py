@@ -10,16 +10,23 @@ import mymps_magic
 PUBLIC_API = [
     "AuthError",
     "BadRequestError",
+    "CancelledError",
     "Client",
     "ConnectionError",
     "MympsClient",
     "MympsError",
     "NotFoundError",
+    "PicklingError",
     "RemoteError",
+    "RemoteFuture",
+    "RemoteNameError",
     "ServerError",
+    "SessionLostError",
     "TimeoutError",
     "TokenStream",
+    "VersionMismatchError",
     "__version__",
+    "load_ipython_extension",
 ]
 
 
