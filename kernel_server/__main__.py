@@ -14,9 +14,11 @@ import sys
 import threading
 from types import FrameType
 
-from .settings import Settings, SettingsError, is_loopback, parse_seconds, parse_size
+from .settings import Settings, SettingsError, is_loopback, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote", action="store_true", default=None,
                    help="allow binding a non-loopback address (MYMPS_ALLOW_REMOTE=1); the server runs any code sent to it")
     p.add_argument("--max-body", help="largest request or message, e.g. 4GiB, 512MiB (MYMPS_MAX_BODY, default 4GiB)")
+    p.add_argument("--preload", action="append", metavar="NAME[:KIND[:DTYPE]]",
+                   help="load this model at start (repeatable; MYMPS_PRELOAD comma-separated)")
+    p.add_argument("--restore", action="store_true", default=None,
+                   help="reload the models that were loaded when the server last stopped (MYMPS_RESTORE=1)")
     p.add_argument("--session-idle", help="seconds a disconnected notebook session keeps its namespace "
                    "(MYMPS_SESSION_IDLE, default 3600)")
     return p
@@ -51,6 +57,8 @@ def settings_from(argv: list[str] | None) -> Settings:
         allow_remote=args.allow_remote,
         max_body=parse_size(args.max_body, "--max-body") if args.max_body else None,
         session_idle=parse_seconds(args.session_idle, "--session-idle") if args.session_idle else None,
+        preload=tuple(parse_preload(spec, "--preload") for spec in args.preload) if args.preload else None,
+        restore=args.restore,
     )
 
 
@@ -116,13 +124,27 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             jobs.close()  # ends jobs.work() below, also when the app failed to start
 
-    def stop(signum: int, frame: FrameType | None) -> None:
+    def shut_down() -> None:
+        jobs.close()  # running work is cancelled with a reason its client sees...
+        jobs.wait_idle(timeout=5)  # ...and given a moment to send it, before the sockets close
         server.should_exit = True
+
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # A handler may run in the middle of a job on this thread: do the work on another one.
+        if not stopping.is_set():
+            stopping.set()
+            log.info("shutting down (%s)", signal.Signals(signum).name)
+            threading.Thread(target=shut_down, name="mymps-shutdown", daemon=True).start()
 
     # uvicorn installs no signal handlers off the main thread: these are the server's own.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(INTERRUPT_SIGNAL, jobs.on_interrupt_signal)
+    # Three threads share the GIL (HTTP loop, device worker, user threads). Python's default 5 ms
+    # switch interval is what a request waits when the worker runs Python: hand over sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     http = threading.Thread(target=serve_http, name="mymps-http")
     http.start()
     jobs.work()  # device work runs here, on the main thread, so interrupts can break a sleep

@@ -23,12 +23,13 @@ from mymps_magic import wire
 
 from .auth import GuardMiddleware
 from .device import Device, select_device
-from .errors import ServerError
-from .jobs import JobQueue
-from .registry import Registry
+from .errors import ServerError, as_server_error
+from .jobs import Job, JobQueue
+from .registry import LoadRequest, Registry
 from .schemas import describe_validation_error
 from .sessions import SessionManager
 from .settings import Settings
+from .state import ModelState
 
 log = logging.getLogger("kernel_server")
 
@@ -50,6 +51,31 @@ class ServerState:
     jobs: JobQueue
     sessions: SessionManager
     started_at: float = field(default_factory=time.time)
+
+
+def startup_requests(settings: Settings, restored: list[LoadRequest]) -> list[LoadRequest]:
+    """``--restore``'s models, then ``--preload``'s, each name once."""
+    unique: dict[str, LoadRequest] = {}
+    for request in list(restored) + [LoadRequest(n, k, d) for n, k, d in settings.preload]:
+        unique.setdefault(request.name, request)
+    return list(unique.values())
+
+
+def _load_at_start(registry: Registry, jobs: JobQueue, requests: list[LoadRequest]) -> None:
+    """Queue the start-up loads; the server answers meanwhile, and a failure is only logged."""
+    for request in requests:
+        def work(job: Job, request: LoadRequest = request) -> None:
+            def progress(stage: str, fraction: float, message: str) -> None:
+                job.progress = fraction
+
+            registry.load(request, progress, job.check_cancelled)
+            log.info("loaded %s (%s) at start", request.name, request.kind)
+
+        def report(job: Job, request: LoadRequest = request) -> None:
+            if not job.cancelled() and job.exception() is not None:
+                log.warning("could not load %s at start: %s", request.name, as_server_error(job.exception()).message)
+
+        jobs.submit(work, "load", model=request.name).add_done_callback(report)
 
 
 def make_job_queue(device: Device, *, own_thread: bool) -> JobQueue:
@@ -79,12 +105,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dev = device or select_device(settings.device)
-        registry = Registry(dev)
+        state = ModelState(settings.home / "state.json")
+        to_restore = state.read() if settings.restore else []
+        registry = Registry(dev, on_change=state.write)
 
         queue = jobs or make_job_queue(dev, own_thread=True)
         sessions = SessionManager(dev, registry, queue, settings.session_idle)
         app.state.mymps = ServerState(settings, dev, registry, queue, sessions)
         log.info("device %s (%s)", dev.kind, dev.name)
+        _load_at_start(registry, queue, startup_requests(settings, to_restore))
         try:
             yield
         finally:

@@ -35,6 +35,7 @@ from .errors import Cancelled, NotFound
 
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
+SHUTDOWN_REASON = "cancelled: the server is shutting down"
 
 
 class Job(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -136,7 +137,7 @@ class JobQueue:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             if job.cancelled():  # dropped from the queue: tell the caller why
-                raise Cancelled(f"job {job.id} was {job.cancel_reason} before it ran") from None
+                raise Cancelled(f"job {job.id} was {job.cancel_reason}") from None
             self.abandon(job, "cancelled: its client went away")
             raise
 
@@ -185,7 +186,7 @@ class JobQueue:
             except NotFound:
                 pass
 
-    def close(self, reason: str = "cancelled: the server is shutting down") -> None:
+    def close(self, reason: str = SHUTDOWN_REASON) -> None:
         """Cancel everything and stop the worker; waits briefly for the running job to stop."""
         with self._cond:
             self._closed = True
@@ -220,6 +221,13 @@ class JobQueue:
         if job is not None and job.interrupt_pending and job.in_user_code:
             job.interrupt_pending = False
             raise KeyboardInterrupt
+
+    def wait_idle(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) until no job runs: a graceful shutdown lets the cancelled
+        job answer its client before the connections close."""
+        deadline = time.monotonic() + timeout
+        while self._running is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def work(self) -> None:
         """Run jobs until :meth:`close`; the device worker's loop."""

@@ -26,6 +26,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Progress = Callable[[str, float, str], None]
 
 
+@dataclass(frozen=True)
+class LoadRequest:
+    name: str
+    kind: str = "text"
+    dtype: str = "auto"
+    path: str | None = None
+    model_class: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def source(self) -> str:
+        return self.path or self.name
+
+
 @dataclass
 class LoadedModel:
     """A model (or pipeline) resident on the device, with what users see of it."""
@@ -37,6 +51,7 @@ class LoadedModel:
     obj: Any
     source: str
     tokenizer: Any = None
+    request: LoadRequest | None = None
     parameters: int = 0
     bytes: int = 0
     loaded_at: float = field(default_factory=time.time)
@@ -67,25 +82,14 @@ class LoadedModel:
                 "config": _jsonable(config)}
 
 
-@dataclass(frozen=True)
-class LoadRequest:
-    name: str
-    kind: str = "text"
-    dtype: str = "auto"
-    path: str | None = None
-    model_class: str | None = None
-    trust_remote_code: bool = False
-
-    @property
-    def source(self) -> str:
-        return self.path or self.name
-
-
 class Registry:
     """Name -> :class:`LoadedModel`, safe to read from the event loop while the worker loads."""
 
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, on_change: Callable[[list[LoadRequest]], None] | None = None) -> None:
+        """``on_change`` gets the load requests of every loaded model after each load and unload
+        (the ``--restore`` state file)."""
         self.device = device
+        self._on_change = on_change
         _quiet_libraries()
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -139,8 +143,10 @@ class Registry:
                 raise NotFound(f"cannot load {request.source!r}: {_first_line(exc)}") from exc
             raise
         model.parameters, model.bytes = _size(model.obj)
+        model.request = request
         with self._lock:
             self._models[request.name] = model
+        self._changed()
         progress("ready", 1.0, f"{request.name} is on {self.device.kind}")
         return model
 
@@ -155,7 +161,14 @@ class Registry:
         del model
         gc.collect()
         self.device.free_memory()
+        self._changed()
         return freed
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            with self._lock:
+                requests = [m.request for m in self._models.values() if m.request is not None]
+            self._on_change(requests)
 
     def _dtype(self, name: str) -> torch.dtype:
         if name == "auto":

@@ -21,8 +21,8 @@ from mymps_magic import wire
 
 from . import generation, inference
 from .app import ServerState, server_version
-from .errors import BadRequest, ServerError, Unprocessable, as_server_error
-from .jobs import Job
+from .errors import BadRequest, Cancelled, ServerError, Unprocessable, as_server_error
+from .jobs import SHUTDOWN_REASON, Job
 from .registry import LoadRequest
 from .sessions import Mailbox
 from .schemas import GenerateBody, ImageBody, LoadBody, describe_validation_error
@@ -200,7 +200,10 @@ def _generation_job(st: ServerState, body: GenerateBody, on_text: Callable[[str]
         def on_progress(fraction: float) -> None:
             job.progress = fraction
 
-        return generation.generate(loaded, params, lambda: job.cancelled_flag, on_text, on_progress)
+        result = generation.generate(loaded, params, lambda: job.cancelled_flag, on_text, on_progress)
+        if job.cancel_reason == SHUTDOWN_REASON:  # not the user's choice: say so, not a partial text
+            raise Cancelled(f"the generation was {SHUTDOWN_REASON}; start it again when the server is back")
+        return result
 
     return work
 

@@ -175,7 +175,8 @@ class Session:
         manager = self.manager
 
         def work(job: Job) -> None:
-            self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
+            if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
+                self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
             outlet = Outlet(self.emit_threadsafe, rid)
             try:
                 if frame.type == "run":
@@ -196,6 +197,10 @@ class Session:
                         self.namespace["_"] = value
                     self.emit_threadsafe(_value_frame(rid, value, outlet))
             except BaseException as exc:
+                if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
+                    exc = RuntimeError(f"the call was {job.cancel_reason}")
+                    self.emit_threadsafe(error_frame(rid, exc, "cancelled"))
+                    return
                 self.emit_threadsafe(error_frame(rid, exc))
                 if is_out_of_memory(exc):
                     manager.device.free_memory()

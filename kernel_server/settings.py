@@ -12,7 +12,12 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, get_args
+
+from .schemas import DType, Kind
+
+KINDS = get_args(Kind)
+DTYPES = get_args(DType)
 
 DEVICES = ("auto", "mps", "cuda", "cpu")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.IGNORECASE)
@@ -73,6 +78,8 @@ class Settings:
     allow_remote: bool = False
     max_body: int = 4 * 1024**3
     session_idle: float = 3600.0
+    preload: tuple[tuple[str, str, str], ...] = ()
+    restore: bool = False
 
     @property
     def resolved_token_file(self) -> Path:
@@ -98,6 +105,10 @@ class Settings:
         kwargs["allow_remote"] = _flag(env, "MYMPS_ALLOW_REMOTE")
         if "MYMPS_MAX_BODY" in env:
             kwargs["max_body"] = parse_size(env["MYMPS_MAX_BODY"], "MYMPS_MAX_BODY")
+        if env.get("MYMPS_PRELOAD"):
+            kwargs["preload"] = tuple(parse_preload(spec, "MYMPS_PRELOAD")
+                                      for spec in env["MYMPS_PRELOAD"].split(",") if spec.strip())
+        kwargs["restore"] = _flag(env, "MYMPS_RESTORE")
         if "MYMPS_SESSION_IDLE" in env:
             kwargs["session_idle"] = parse_seconds(env["MYMPS_SESSION_IDLE"], "MYMPS_SESSION_IDLE")
         return cls(**kwargs).validated("MYMPS_")  # type: ignore[arg-type]
@@ -121,6 +132,30 @@ class Settings:
                 "loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
             )
         return self
+
+
+def parse_preload(spec: str, source: str) -> tuple[str, str, str]:
+    """``NAME[:KIND[:DTYPE]]`` -> ``(name, kind, dtype)``; a name may itself contain colons.
+
+    Raises:
+        SettingsError: naming ``source`` when the kind or dtype is unknown or the name is empty.
+    """
+    parts = spec.strip().split(":")
+    kind, dtype = "text", "auto"
+    if len(parts) >= 3 and parts[-2] in KINDS:
+        *name_parts, kind, dtype = parts
+        if dtype not in DTYPES:
+            raise SettingsError(f"{source}: {spec!r} has dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    elif len(parts) >= 2 and parts[-1] in KINDS:
+        *name_parts, kind = parts
+    elif len(parts) >= 2 and parts[-1] and parts[-1].isalpha():
+        raise SettingsError(f"{source}: {spec!r} has kind {parts[-1]!r}; use one of {', '.join(KINDS)}")
+    else:
+        name_parts = parts
+    name = ":".join(name_parts)
+    if not name:
+        raise SettingsError(f"{source}: {spec!r} names no model; use NAME[:KIND[:DTYPE]]")
+    return name, kind, dtype
 
 
 def parse_seconds(text: str, source: str) -> float:

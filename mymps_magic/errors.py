@@ -146,10 +146,13 @@ def error_for_status(status_code: int, message: str) -> MympsError:
             went wrong (an unknown model's message lists the loaded ones).
 
     Returns:
-        A `NotFoundError`, `BadRequestError` or `ServerError` carrying ``status_code``.
+        A `NotFoundError`, `BadRequestError`, `CancelledError` (409: the job was cancelled) or
+        `ServerError` carrying ``status_code``.
     """
     if status_code == 404:
         return NotFoundError(message, status_code=status_code)
     if status_code in (400, 413, 422):
         return BadRequestError(message, status_code=status_code)
+    if status_code == 409:
+        return CancelledError(message, status_code=status_code)
     return ServerError(message, status_code=status_code)
