@@ -81,7 +81,7 @@ class RemoteExecution:
             Its ``job_id`` is the id ``/jobs`` shows once it runs.
         """
         buffers = self._pickled_call(fn, args, kwargs)
-        return self.session.request("run", buffers=buffers, waiter=False).future
+        return self.session.request("run", {"notify_start": True}, buffers, waiter=False).future
 
     def remote(self, fn: F) -> F:
         """Decorator: calling the function runs it on the server (``run``), with the same args."""

@@ -52,6 +52,7 @@ gets exactly what it missed):
                (version), ``last_request`` (highest request id the server has received, so
                the client resends only what never arrived), ``mismatch`` (a line or None)
 ``started``    the request left the queue and runs now; ``job`` is its id in ``/jobs``
+               (sent only for requests that asked with ``notify_start``: futures)
 ``stream``     ``name`` ("stdout"/"stderr"), ``text``
 ``display``    ``data`` (mimebundle: mime -> str or bytes), ``metadata``
 ``progress``   ``bar`` (id), ``n``, ``total``, ``desc``, ``unit``, ``elapsed``, ``closed``
