@@ -30,6 +30,7 @@ DIFFUSION = "magics-ddpm"
 GPT2 = "magics-gpt2-unload"
 SUBCOMMANDS = ["connect", "status", "health", "models", "stats", "jobs", "load", "unload", "generate",
                "image", "push", "pull", "reset", "interrupt"]
+JOB_COLUMNS = ["id", "kind", "state", "model", "session", "progress", "since"]
 # Greedy decoding of this prompt on the tiny Llama loops without EOS (see test_api.py).
 LOOP_PROMPT = "Machine learning"
 # Words that only appear in a traceback of the client's own frames.
@@ -236,6 +237,14 @@ def test_last_expression_shows_with_its_rich_repr(nb: Kernel) -> None:
     assert ok(nb.execute("%%mymps\nNone")).result is None
 
 
+def test_trailing_semicolon_hides_the_value_as_in_ipython(nb: Kernel) -> None:
+    """``plt.plot(...);`` in a notebook shows no value: a remote cell keeps that convention."""
+    assert ok(nb.execute("6 * 7;")).result is None, "IPython's own convention, for reference"
+    run = ok(nb.execute("%%mymps\nsemi = 6 * 7\nsemi;"))
+    assert run.result is None, f"the value of a line ending in ';' is shown: {run.result}"
+    assert ok(nb.execute("%%mymps\nsemi")).result == {"text/plain": "42"}, "the cell did run"
+
+
 def test_remote_display_reaches_the_notebook_in_order(nb: Kernel) -> None:
     run = ok(nb.execute(
         "%%mymps\nfrom PIL import Image\n"
@@ -374,13 +383,15 @@ def test_health_models_stats_jobs_and_status_print_tables(nb: Kernel, server: Se
                     r"ram     [\d.]+ \w+ of [\d.]+ \w+   cpu \d+%\n"
                     r"jobs    \d+ running, \d+ queued\n$", stats), stats
 
-    assert ok(nb.execute("%mymps jobs")).stdout == "No jobs.\n"
+    jobs = ok(nb.execute("%mymps jobs")).stdout
+    # The shared server may be busy with another module's work; idle, it says so in words.
+    assert jobs == "No jobs.\n" or jobs.split("\n")[0].split() == JOB_COLUMNS, jobs
 
     status = ok(nb.execute("%mymps status")).stdout
     assert re.match(rf"Server  127\.0\.0\.1:{server.port}  mymps \S+  \([\d.]+ ms round trip\)\n", status), status
     assert "\ndevice  cpu" in status and "\njobs    " in status
     assert re.search(r"^name +kind +dtype", status, re.M) and re.search(rf"^{LLAMA} ", status, re.M)
-    assert status.rstrip().endswith("No jobs.")
+    assert status.rstrip().endswith("No jobs.") or re.search(r"^id +kind +state", status, re.M)
 
 
 def test_jobs_lists_running_work_and_interrupt_stops_it(nb: Kernel) -> None:
@@ -391,7 +402,7 @@ def test_jobs_lists_running_work_and_interrupt_stops_it(nb: Kernel) -> None:
         "while not jobs_future.running(): time.sleep(0.02)\n"
     ))
     table = ok(nb.execute("%mymps jobs")).stdout.splitlines()
-    assert table[0].split() == ["id", "kind", "state", "model", "session", "progress", "since"]
+    assert table[0].split() == JOB_COLUMNS
     session = ok(nb.execute("print(jobs_client.session.session_id[:8])")).stdout.strip()
     assert any(line.split()[1:3] == ["run", "running"] and session in line for line in table[1:]), table
 
@@ -401,7 +412,8 @@ def test_jobs_lists_running_work_and_interrupt_stops_it(nb: Kernel) -> None:
         "    print(type(exc).__name__, exc.ename)\n"
     ))
     assert outcome.stdout == "RemoteError KeyboardInterrupt\n"
-    assert ok(nb.execute("%mymps jobs")).stdout == "No jobs.\n"
+    after = ok(nb.execute("%mymps jobs")).stdout
+    assert not any(session in line and "running" in line for line in after.splitlines()), after
 
 
 def test_line_push_and_pull(nb: Kernel) -> None:
