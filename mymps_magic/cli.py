@@ -44,12 +44,78 @@ def main(argv: list[str] | None = None) -> int:
         help="build a tiny model, start a local server and generate with it (no GPU, no downloads)",
         description="Build a tiny model, start a local server and generate with it.",
     )
+    _add_tunnel(verbs)
+    _add_deploy(verbs)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.verb == "serve":
         return _serve(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb == "tunnel":
+        return _tunnel(args)
+    if args.verb == "deploy":
+        return _deploy(args)
     return _demo()
+
+
+def _ssh_options() -> argparse.ArgumentParser:
+    """The ssh pass-through flags that `tunnel` and `deploy` share (ssh's own letters)."""
+    ssh = argparse.ArgumentParser(add_help=False)
+    ssh.add_argument("destination", nargs="?", metavar="[user@]host",
+                     help="the remote machine (default: MYMPS_USER@MYMPS_HOST)")
+    ssh.add_argument("-p", dest="ssh_port", type=int, metavar="SSH_PORT", help="ssh port (default: MYMPS_SSH_PORT, else ssh's)")
+    ssh.add_argument("-o", dest="ssh_options", action="append", default=[], metavar="OPTION",
+                     help="an ssh option (repeatable), given to every ssh it runs; yours win over mymps's defaults")
+    ssh.add_argument("-i", dest="identity", metavar="IDENTITY", help="ssh identity (private key) file")
+    ssh.add_argument("-F", dest="config", metavar="CONFIG", help="ssh configuration file")
+    return ssh
+
+
+def _ssh_flags(args: argparse.Namespace) -> list[str]:
+    flags = [item for option in args.ssh_options for item in ("-o", option)]
+    if args.identity:
+        flags += ["-i", args.identity]
+    if args.config:
+        flags += ["-F", args.config]
+    return flags
+
+
+def _add_tunnel(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tunnel = verbs.add_parser(
+        "tunnel",
+        parents=[_ssh_options()],
+        help="open and keep up the SSH tunnel to the server, and fetch its token",
+        description="Forward a local port to the server's port on the remote machine over ssh, copy the "
+        "server's token into the local token file, and keep the tunnel up (reconnecting with backoff) until "
+        "Ctrl-C. Defaults: MYMPS_USER, MYMPS_HOST, MYMPS_SSH_PORT, MYMPS_PORT.",
+    )
+    tunnel.add_argument("--local-port", type=int, metavar="N",
+                        help="local end (default: MYMPS_SERVER_PORT, else MYMPS_PORT, else 5555)")
+    tunnel.add_argument("--remote-port", type=int, metavar="N", help="the server's port there (default: MYMPS_PORT, else 5555)")
+    tunnel.add_argument("--remote-home", metavar="DIR",
+                        help="the server's MYMPS_HOME there, where its token is (default: its $MYMPS_HOME, else ~/.mymps)")
+    tunnel.add_argument("--check", action="store_true",
+                        help="only test whether a server answers at the local end with our token; exit 0 or 1")
+
+
+def _add_deploy(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    deploy = verbs.add_parser(
+        "deploy",
+        parents=[_ssh_options()],
+        help="copy this project to the remote machine and install the server there",
+        description="Mirror this project into --remote-dir on the remote machine (rsync over ssh, else a tar "
+        "stream), make or reuse a virtual environment there, install the server extra into it (skipped when "
+        "pyproject.toml is unchanged), and print how to start the server.",
+    )
+    deploy.add_argument("--remote-dir", metavar="DIR",
+                        help="where the project goes; it becomes a mirror of it, its .venv kept (default: ~/mymps)")
+    deploy.add_argument("--python", metavar="PATH", help="the remote interpreter that makes the venv (default: python3)")
+    deploy.add_argument("--system-site-packages", action="store_true",
+                        help="let the venv see that interpreter's packages (a PyTorch already installed there)")
+    deploy.add_argument("--pip-args", default="", metavar="ARGS",
+                        help="more pip install options, as one shell-quoted string (e.g. an --index-url)")
+    deploy.add_argument("--source", metavar="DIR", help="the project to copy (default: the checkout mymps runs from)")
+    deploy.add_argument("--dry-run", action="store_true", help="print the exact commands and run none of them")
 
 
 def _serve(argv: list[str]) -> int:
@@ -67,3 +133,48 @@ def _demo() -> int:
     from mymps_magic import demo
 
     return demo.run()
+
+
+def _tunnel(args: argparse.Namespace) -> int:
+    from mymps_magic import tunnel
+
+    try:
+        if args.check:
+            return tunnel.check(tunnel.resolve_local_port(args.local_port))
+        settings = tunnel.TunnelSettings.resolve(
+            args.destination,
+            ssh_port=args.ssh_port,
+            ssh_options=_ssh_flags(args),
+            local_port=args.local_port,
+            remote_port=args.remote_port,
+            remote_home=args.remote_home,
+        )
+    except tunnel.CommandError as exc:
+        print(f"mymps tunnel: {exc}", file=sys.stderr)
+        return 2
+    return tunnel.Tunnel(settings).run()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from mymps_magic import deploy
+    from mymps_magic.tunnel import CommandError
+
+    try:
+        plan = deploy.DeployPlan.resolve(
+            args.destination,
+            ssh_port=args.ssh_port,
+            ssh_options=_ssh_flags(args),
+            remote_dir=args.remote_dir,
+            python=args.python,
+            system_site_packages=args.system_site_packages,
+            pip_args=args.pip_args,
+            source=args.source,
+        )
+    except CommandError as exc:
+        print(f"mymps deploy: {exc}", file=sys.stderr)
+        return 2
+    return deploy.run(plan, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":  # `python -m mymps_magic.cli`, where no `mymps` script is on PATH
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""`mymps tunnel`: the SSH tunnel that makes the remote server's port a local one, kept up.
+
+The tunnel is OpenSSH's own ``ssh -L`` run as a child process; mymps adds what a bare forward
+lacks: it fetches the server's token over ssh, checks ``/health`` through the forward, restarts
+ssh with backoff when it exits or stops answering, and stops cleanly on Ctrl-C or SIGTERM.
+
+Why not ``ssh -N``: a forward-only connection leaves Nagle's algorithm on for the ssh
+connection at both ends (OpenSSH turns it off only for sessions with a terminal), and every
+small HTTP answer that the server writes in two pieces then waits for a delayed ACK: about 40 ms
+per ``/health``. So the tunnel asks for a terminal (``RequestTTY=force``) and runs a remote
+command that only waits; ssh and sshd then set ``TCP_NODELAY`` and a call through the tunnel
+costs well under a millisecond more than on loopback (``benchmarks/tunnel_latency.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Iterator, Mapping, Sequence
+
+from mymps_magic import errors
+
+DEFAULT_PORT = 5555
+LOCAL_HOST = "127.0.0.1"
+
+# Every ssh that mymps runs: a config's RemoteCommand or forced terminal must not replace ours,
+# and a host that does not answer must not hang a command for minutes.
+SSH_BASE_OPTIONS = ("-o", "ConnectTimeout=10", "-o", "RemoteCommand=none")
+
+# The tunnel's own ssh. The terminal turns Nagle off (see the module docstring); no shared
+# ControlMaster connection, so that killing this ssh really drops the forward and a new one is
+# really new; keep-alives notice a dead link within 45 s.
+TUNNEL_OPTIONS = (
+    "-o", "RequestTTY=force",
+    "-o", "ExitOnForwardFailure=yes",
+    "-o", "ServerAliveInterval=15",
+    "-o", "ServerAliveCountMax=3",
+    "-o", "ControlMaster=no",
+    "-o", "ControlPath=none",
+)
+# Waits until the connection ends (the terminal's hangup ends it); sleep's argument is the
+# largest that both GNU and BSD sleep take.
+WAIT_FOREVER = "exec sleep 2147483647"
+
+PROBE_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 30.0
+BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
+
+
+class CommandError(Exception):
+    """A problem that stops `mymps tunnel` or `mymps deploy`; the message is the one line to print."""
+
+
+@dataclass(frozen=True)
+class SSH:
+    """How to reach the remote machine with ``ssh``, shared by `mymps tunnel` and `mymps deploy`.
+
+    Attributes:
+        destination: ``user@host`` or ``host``.
+        port: the ssh port, or None for ssh's own default (``~/.ssh/config``, then 22).
+        options: the user's pass-through options, flattened (``-o K=V``, ``-i KEY``, ``-F CONFIG``).
+            They come first on every command line: ssh keeps the first value it sees for an
+            option, so the user's win over mymps's defaults.
+    """
+
+    destination: str
+    port: int | None = None
+    options: tuple[str, ...] = ()
+
+    def args(self, *extra: str) -> list[str]:
+        """ssh's options, without the program name and destination (as ``rsync -e`` wants them)."""
+        port = ["-p", str(self.port)] if self.port else []
+        return [*self.options, *port, *SSH_BASE_OPTIONS, *extra]
+
+    def command(self, *extra: str, remote: str | None = None) -> list[str]:
+        """The full ``ssh`` command line, running ``remote`` (a shell command line) if given."""
+        return ["ssh", *self.args(*extra), self.destination, *([remote] if remote else [])]
+
+    def run(self, remote: str, *, timeout: float) -> subprocess.CompletedProcess[bytes]:
+        """Run one remote command without a terminal, its output captured."""
+        return subprocess.run(self.command("-o", "RequestTTY=no", remote=remote), stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout)
+
+    @classmethod
+    def resolve(
+        cls, destination: str | None, port: int | None, options: Sequence[str], environ: Mapping[str, str]
+    ) -> SSH:
+        """The flags over ``MYMPS_USER``, ``MYMPS_HOST`` and ``MYMPS_SSH_PORT``.
+
+        Raises:
+            CommandError: no host, or ``MYMPS_SSH_PORT`` is not a port number.
+        """
+        if port is None and environ.get("MYMPS_SSH_PORT"):
+            port = parse_port(environ["MYMPS_SSH_PORT"], "MYMPS_SSH_PORT")
+        return cls(ssh_destination(destination, environ), port, tuple(options))
+
+
+def ssh_destination(destination: str | None, environ: Mapping[str, str]) -> str:
+    """``user@host`` from the argument, else ``MYMPS_USER`` and ``MYMPS_HOST``; no host is built in.
+
+    Raises:
+        CommandError: neither the argument nor ``MYMPS_HOST`` names a host.
+    """
+    host = destination or environ.get("MYMPS_HOST")
+    if not host:
+        raise CommandError("no host given; pass user@host, or set MYMPS_HOST (and MYMPS_USER).")
+    user = environ.get("MYMPS_USER")
+    return f"{user}@{host}" if user and "@" not in host else host
+
+
+def parse_port(value: int | str, source: str) -> int:
+    """A port number from ``source`` (a flag or variable name, for the message)."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535:
+        raise CommandError(f"{source} must be a port number from 1 to 65535, not {value!r}.")
+    return port
+
+
+def remote_path(path: str) -> str:
+    """``path`` as a remote shell word: ``~/x`` keeps its tilde meaning, the rest is quoted."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def local_token_file(environ: Mapping[str, str]) -> Path:
+    """Where the client looks for the token: ``MYMPS_TOKEN_FILE``, else ``$MYMPS_HOME/token``
+    (``MYMPS_HOME`` defaulting to ``~/.mymps``), as `mymps_magic.Client` does."""
+    if environ.get("MYMPS_TOKEN_FILE"):
+        return Path(environ["MYMPS_TOKEN_FILE"]).expanduser()
+    home = Path(environ["MYMPS_HOME"]).expanduser() if environ.get("MYMPS_HOME") else Path.home() / ".mymps"
+    return home / "token"
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """What `mymps tunnel` needs, resolved once from its flags over the environment.
+
+    Attributes:
+        ssh: the remote machine.
+        local_port: the local end (``--local-port``, else ``MYMPS_SERVER_PORT``, else
+            ``MYMPS_PORT``, else 5555): where `Client` looks by default.
+        remote_port: the server's port there (``--remote-port``, else ``MYMPS_PORT``, else 5555).
+        remote_home: the server's ``MYMPS_HOME`` there; None means the remote's own
+            ``$MYMPS_HOME``, else ``~/.mymps``.
+        token_file: the local token file the token is copied into.
+    """
+
+    ssh: SSH
+    local_port: int
+    remote_port: int
+    remote_home: str | None
+    token_file: Path
+
+    @classmethod
+    def resolve(
+        cls,
+        destination: str | None,
+        *,
+        ssh_port: int | None = None,
+        ssh_options: Sequence[str] = (),
+        local_port: int | None = None,
+        remote_port: int | None = None,
+        remote_home: str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> TunnelSettings:
+        """Apply the flags over ``MYMPS_USER``/``MYMPS_HOST``/``MYMPS_SSH_PORT``/``MYMPS_PORT``.
+
+        Raises:
+            CommandError: no host, or a port that is not a port number (the message names it).
+        """
+        env = os.environ if environ is None else environ
+        return cls(
+            ssh=SSH.resolve(destination, ssh_port, ssh_options, env),
+            local_port=resolve_local_port(local_port, env),
+            remote_port=_first_port(remote_port, "--remote-port", env, "MYMPS_PORT"),
+            remote_home=remote_home,
+            token_file=local_token_file(env),
+        )
+
+    @property
+    def local_address(self) -> str:
+        return f"{LOCAL_HOST}:{self.local_port}"
+
+    @property
+    def remote_address(self) -> str:
+        return f"{self.ssh.destination}:{self.remote_port}"
+
+    @property
+    def remote_token(self) -> str:
+        """The remote token file as a shell word, for messages and the remote command."""
+        home = remote_path(self.remote_home) if self.remote_home else '"${MYMPS_HOME:-$HOME/.mymps}"'
+        return f"{home}/token"
+
+
+def resolve_local_port(flag: int | None, environ: Mapping[str, str] | None = None) -> int:
+    """The tunnel's local port: ``--local-port``, else ``MYMPS_SERVER_PORT``, else ``MYMPS_PORT``,
+    else 5555 -- the port a `Client` made with no arguments connects to."""
+    env = os.environ if environ is None else environ
+    return _first_port(flag, "--local-port", env, "MYMPS_SERVER_PORT", "MYMPS_PORT")
+
+
+def _first_port(flag: int | None, flag_name: str, env: Mapping[str, str], *names: str) -> int:
+    if flag is not None:
+        return parse_port(flag, flag_name)
+    for name in names:
+        if env.get(name):
+            return parse_port(env[name], name)
+    return DEFAULT_PORT
+
+
+def say(message: str) -> None:
+    """One status line on stdout, flushed at once: the tunnel runs for hours under a log."""
+    print(f"mymps tunnel: {message}", flush=True)
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM: a BaseException so that no ``except Exception`` on the way swallows it."""
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Tunnel:
+    """One kept-up tunnel: the ssh child process, its last words, and the loop that restarts it.
+
+    Args:
+        settings: where the tunnel goes and where the token lands.
+    """
+
+    def __init__(self, settings: TunnelSettings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=5)
+
+    # -- the command -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Fetch the token, open the tunnel and keep it up until Ctrl-C or SIGTERM.
+
+        Returns:
+            0 when stopped by a signal, 1 when the first connection fails (the reason printed).
+        """
+        with _stop_on_signals():
+            try:
+                self._ensure_port_free()
+                self.fetch_token()
+                self._start()
+                self._keep_up(server_up=self._report_up(first=True))
+            except CommandError as exc:
+                print(f"mymps tunnel: {exc}", file=sys.stderr, flush=True)
+                return 1
+            except _Stopped:
+                say("stopped.")
+                return 0
+            finally:
+                self._stop_ssh()
+        return 0  # not reached: _keep_up returns only by a signal
+
+    def fetch_token(self) -> None:
+        """Copy the server's token over ssh into the local token file (mode 0600).
+
+        A remote without a token file (its server not started yet, or run with ``MYMPS_TOKEN``)
+        is reported in one line and the local file is left as it is.
+
+        Raises:
+            CommandError: ssh itself failed (host, user or key wrong).
+        """
+        s = self.settings
+        remote = "sh -c " + shlex.quote(f"cat -- {s.remote_token}")
+        try:
+            done = s.ssh.run(remote, timeout=60)
+        except subprocess.TimeoutExpired:
+            raise CommandError(f"ssh to {s.ssh.destination} did not finish in 60 s; is the host up?") from None
+        if done.returncode == 255:
+            raise CommandError(f"cannot ssh to {s.ssh.destination} ({_last_line(done.stderr)}); "
+                              f"check the host, user, port (-p) and key (-i) with: {shlex.join(s.ssh.command())}")
+        token = done.stdout.decode(errors="replace").strip()
+        if done.returncode != 0 or not token:
+            say(f"no token in {s.ssh.destination}:{s.remote_token} ({_last_line(done.stderr) or 'empty'}); "
+                "start the server there once, or give --remote-home; the local token file is unchanged.")
+            return
+        write_token(s.token_file, token)
+
+    # -- ssh -------------------------------------------------------------------------------------
+
+    def _ensure_port_free(self) -> None:
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOCAL_HOST, self.settings.local_port))
+            except OSError:
+                raise CommandError(f"{self.settings.local_address} is already in use (another `mymps tunnel`?); "
+                                  "stop that one or pick --local-port.") from None
+
+    def _start(self) -> None:
+        """Start ssh and wait until its forward accepts connections.
+
+        Raises:
+            CommandError: ssh exited first, or the forward did not open in time.
+        """
+        s = self.settings
+        forward = f"{LOCAL_HOST}:{s.local_port}:127.0.0.1:{s.remote_port}"
+        self._stderr.clear()
+        self.process = subprocess.Popen(
+            s.ssh.command(*TUNNEL_OPTIONS, "-L", forward, remote=WAIT_FOREVER),
+            stdin=subprocess.DEVNULL,  # never the user's terminal: a forced tty would make it raw
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert self.process.stderr is not None
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not _accepts(s.local_port):
+            if self.process.poll() is not None:
+                raise CommandError(f"ssh to {s.ssh.destination} {_exit_status(self.process.returncode)} "
+                                   f"({self.last_words()}).")
+            if time.monotonic() > deadline:
+                raise CommandError(f"the forward to {s.remote_address} did not open within {READY_TIMEOUT_S:g} s.")
+            time.sleep(0.01)
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in stream:
+            text = line.decode(errors="replace").strip()
+            if text:
+                self._stderr.append(text)
+
+    def last_words(self) -> str:
+        """ssh's last line on stderr, which says why it stopped; or a placeholder."""
+        return self._stderr[-1] if self._stderr else "no message"
+
+    def _stop_ssh(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    # -- keeping it up ---------------------------------------------------------------------------
+
+    def _keep_up(self, *, server_up: bool) -> None:
+        server_down = not server_up
+        while True:
+            assert self.process is not None
+            try:
+                self.process.wait(PROBE_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.process.poll() is not None:
+                self._reconnect(f"ssh {_exit_status(self.process.returncode)} ({self.last_words()})")
+                continue
+            try:
+                self._health()
+            except errors.TimeoutError:
+                self._reconnect(f"no answer through the tunnel within {PROBE_TIMEOUT_S:g} s")
+            except errors.MympsError:
+                if not server_down:
+                    say(f"the tunnel is up but no mymps server answers at {self.settings.remote_address}; "
+                        "start it there (`mymps serve`). Waiting.")
+                server_down = True
+            else:
+                if server_down:
+                    self._report_up(first=False)
+                server_down = False
+
+    def _reconnect(self, reason: str) -> None:
+        """Restart ssh with backoff until the forward is open again, and say so in one line."""
+        self._stop_ssh()
+        lost = time.monotonic()
+        for attempt in itertools.count(1):
+            time.sleep(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
+            try:
+                self._start()
+            except CommandError as exc:
+                self._stop_ssh()
+                if attempt == 1:
+                    say(f"{reason}; reconnecting failed ({exc}); retrying with backoff up to {BACKOFF_S[-1]:g} s.")
+                continue
+            say(f"{reason}; reconnected in {time.monotonic() - lost:.2f} s.")
+            return
+
+    def _health(self) -> dict[str, object]:
+        from mymps_magic.client import Client
+
+        with Client(LOCAL_HOST, self.settings.local_port, timeout=PROBE_TIMEOUT_S) as client:
+            return client.health()
+
+    def _report_up(self, *, first: bool) -> bool:
+        """Say in one line that the tunnel is up, with the server and device; False if no server."""
+        s = self.settings
+        try:
+            health = self._health()
+        except errors.MympsError:
+            say(f"{s.local_address} -> {s.remote_address} is open, but no mymps server answers there yet; "
+                "start it (`mymps serve`). Ctrl-C stops the tunnel.")
+            return False
+        ending = f"; token in {s.token_file}. Ctrl-C stops it." if first else "."
+        say(f"{s.local_address} -> {s.remote_address} up: {describe(health)}{ending}")
+        return True
+
+
+def describe(health: Mapping[str, object]) -> str:
+    """The server and its device in a few words, from a ``/health`` answer."""
+    models = health.get("models") or []
+    count = len(models) if isinstance(models, list) else 0
+    return (f"mymps {health.get('version')} on {health.get('device')} ({health.get('device_name')}), "
+            f"torch {health.get('torch')}, {count} model{'' if count == 1 else 's'} loaded")
+
+
+def check(port: int) -> int:
+    """`mymps tunnel --check`: is a mymps server reachable at the local end, with our token?
+
+    Prints one line. Returns 0 when ``/health`` answers and the token is accepted, else 1.
+    """
+    from mymps_magic.client import Client
+
+    address = f"{LOCAL_HOST}:{port}"
+    try:
+        with Client(LOCAL_HOST, port, timeout=PROBE_TIMEOUT_S) as client:
+            health = client.health()
+            client.models()
+    except errors.AuthError as exc:
+        say(f"up at {address}, but {exc}")
+        return 1
+    except errors.MympsError:
+        say(f"down: nothing answers at {address}; start the tunnel with `mymps tunnel user@host`.")
+        return 1
+    say(f"up at {address}: {describe(health)}.")
+    return 0
+
+
+def write_token(path: Path, token: str) -> None:
+    """Write the token readable by its owner only (0600), atomically, in a 0700 directory if new."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((LOCAL_HOST, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def _last_line(stderr: bytes) -> str:
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
