@@ -14,6 +14,7 @@ import linecache
 import sys
 import threading
 import time
+import tokenize
 import traceback
 from pathlib import Path
 from types import CodeType, TracebackType
@@ -225,14 +226,24 @@ def compile_cell(source: str) -> tuple[CodeType, CodeType | None]:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     tree = ast.parse(source, filename=filename, mode="exec")
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
+    if tree.body and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(source):
         last = ast.Expression(tree.body.pop().value)
     body = compile(tree, filename, "exec")
     return body, (compile(last, filename, "eval") if last is not None else None)
 
 
+def _ends_with_semicolon(source: str) -> bool:
+    """IPython's rule: a cell whose last token is ``;`` shows no value."""
+    significant = [tok for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                   if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER,
+                                       tokenize.DEDENT, tokenize.INDENT)]
+    return bool(significant) and significant[-1].string == ";"
+
+
 def remote_traceback(exc: BaseException) -> list[str]:
     """The traceback the user should see: their frames, without the server's own."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith("<mymps-cell-"):
+        return traceback.format_exception_only(type(exc), exc)  # the cell's line and caret, no parser frames
     tb: TracebackType | None = exc.__traceback__
     while tb is not None and _is_server_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next

@@ -113,7 +113,8 @@ class Registry:
             model = self._models.get(name)
             loaded = ", ".join(self._models) or "none"
         if model is None:
-            raise NotFound(f"model {name!r} is not loaded (loaded: {loaded}); load it with POST /models/load")
+            raise NotFound(f"model {name!r} is not loaded (loaded: {loaded}); load it first: "
+                           "%mymps load NAME, Client.load_model or POST /models/load")
         if kinds is not None and model.kind not in kinds:
             raise BadRequest(f"model {name!r} is a {model.kind} model; this needs a {' or '.join(kinds)} model")
         return model

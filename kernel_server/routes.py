@@ -277,6 +277,9 @@ async def ws_generate(ws: WebSocket) -> None:
             getter.cancel()
             if gone.done() and not done.done():
                 st.jobs.abandon(job, "cancelled: its client disconnected")
+                # Finish the close handshake only once the job has stopped: a client whose
+                # close() returned then never sees its generation still listed in /jobs.
+                await asyncio.wait({done}, timeout=2)
                 return
             while not pieces.empty():
                 await ws.send_json({"type": wire.MSG_TOKEN, "text": pieces.get_nowait()})

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import logging
 import platform
+import sys
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Callable
@@ -185,6 +186,7 @@ class Session:
                     except Exception as exc:
                         self.emit_threadsafe(error_frame(rid, _unpickle_error(exc), "pickle"))
                         return
+                    _see_namespace(fn, self.namespace)
                     with manager.execution.capture(outlet), job.user_code():
                         value = fn(*args, **kwargs)
                     self.emit_threadsafe(_value_frame(rid, value, None))
@@ -249,6 +251,21 @@ class Session:
         self._lane_task.cancel()
         for job in self.jobs.values():
             self.manager.jobs.abandon(job, "cancelled: its session ended")
+
+
+def _see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
+    """Let a function sent by value see the session namespace (``DEVICE``, ``models``, pushed
+    variables...) for the names it does not define itself, as a cell would.
+
+    Only functions whose globals cloudpickle rebuilt are touched; a function pickled by
+    reference (``np.linalg.svd``) keeps its module's globals untouched.
+    """
+    globals_ = getattr(fn, "__globals__", None)
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if globals_ is None or (module is not None and globals_ is vars(module)):
+        return
+    for name, value in namespace.items():
+        globals_.setdefault(name, value)
 
 
 def _unpickle_error(exc: BaseException) -> Exception:

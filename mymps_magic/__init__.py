@@ -38,6 +38,14 @@ def load_ipython_extension(ipython: object) -> None:
     ipython.register_magics(MympsMagics)  # type: ignore[attr-defined]
 
 
+def notebook_client() -> Client:
+    """The `Client` behind ``%mymps`` in this notebook: ``c = notebook_client()`` shares the
+    ``%%mymps`` cells' session and namespace (``c.pull("x")`` sees what a cell defined)."""
+    from mymps_magic.magics import notebook_client as current
+
+    return current()
+
+
 __all__ = [
     "AuthError",
     "BadRequestError",
@@ -58,4 +66,5 @@ __all__ = [
     "VersionMismatchError",
     "__version__",
     "load_ipython_extension",
+    "notebook_client",
 ]

@@ -13,6 +13,7 @@ server never got. Nothing in flight is lost, and the remote namespace survives.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import queue
 import sys
@@ -343,5 +344,13 @@ _ERRORS: dict[str, Callable[[str], errors.MympsError]] = {
 def _remote_error(frame: wire.Frame) -> errors.MympsError:
     code = frame.get("code", "remote")
     if code == "remote":
-        return errors.RemoteError(frame["ename"], frame.get("evalue", ""), frame.get("traceback"))
+        return _remote_class(str(frame["ename"]))(frame["ename"], frame.get("evalue", ""), frame.get("traceback"))
     return _ERRORS.get(code, errors.ServerError)(str(frame.get("evalue") or frame["ename"]))
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_class(ename: str) -> type[errors.RemoteError]:
+    """A `RemoteError` subclass named after the remote type, so a notebook (and nbclient, and
+    papermill) reports ``ZeroDivisionError`` rather than ``RemoteError``."""
+    name = ename if ename.isidentifier() else "RemoteError"
+    return type(name, (errors.RemoteError,), {"__module__": "mymps_magic.remote", "__qualname__": name})

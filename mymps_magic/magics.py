@@ -9,6 +9,7 @@ remote code shows its remote traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import shlex
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Any, Callable
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.display import display
+from IPython.display import Image, display
 
 from mymps_magic._session import CellResult
 from mymps_magic.client import Client
@@ -127,6 +128,22 @@ def _ago(t: float | None) -> str:
     return "" if not t else f"{max(0.0, time.time() - t):.0f}s ago"
 
 
+def notebook_client() -> Client:
+    """The `Client` that ``%mymps`` uses in this notebook (connected on first use), so plain
+    Python can share its session and namespace with the ``%%mymps`` cells.
+
+    Raises:
+        RuntimeError: not in IPython, or ``%load_ext mymps_magic`` was not run.
+    """
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    magics = None if shell is None else shell.magics_manager.registry.get("MympsMagics")
+    if magics is None:
+        raise RuntimeError("run %load_ext mymps_magic first: there is no %mymps client in this session")
+    return magics.connected  # type: ignore[no-any-return]
+
+
 @magics_class
 class MympsMagics(Magics):
     """The magics hold the notebook's one `Client`; every other object comes from it."""
@@ -157,7 +174,11 @@ class MympsMagics(Magics):
             print(self._parser.format_help())
             return None
         handler: Callable[[argparse.Namespace], Any] = getattr(self, f"_{args.command}")
-        return handler(args)
+        try:
+            return handler(args)
+        except KeyboardInterrupt:  # the stop button: the call was stopped (a stream cancels its job)
+            print(f"\n[%mymps {args.command} interrupted]", file=sys.stderr)
+            return None
 
     # -- subcommands -----------------------------------------------------------------------------
 
@@ -177,6 +198,7 @@ class MympsMagics(Magics):
                 raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from None
         new = Client(host, port, token=token)
         health = new.health()
+        new.models()  # /health needs no token: prove this one works before replacing the client
         if self.client is not None:
             self.client.close()
         self.client = new
@@ -253,7 +275,9 @@ class MympsMagics(Magics):
     def _image(self, args: argparse.Namespace) -> None:
         for image in self.connected.image(args.name, args.prompt, args.steps, seed=args.seed,
                                           num_images=args.num_images):
-            display(image)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            display(Image(data=png.getvalue(), format="png"))  # PNG only: IPython adds a JPEG copy to PIL images
 
     def _push(self, args: argparse.Namespace) -> None:
         self.connected.push(**self._local(args.names))

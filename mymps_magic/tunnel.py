@@ -451,7 +451,7 @@ def check(port: int) -> int:
             health = client.health()
             client.models()
     except errors.AuthError as exc:
-        say(f"up at {address}, but {exc}")
+        say(f"up at {address}; {exc}")
         return 1
     except errors.MympsError:
         say(f"down: nothing answers at {address}; start the tunnel with `mymps tunnel user@host`.")

@@ -27,6 +27,7 @@ PUBLIC_API = [
     "VersionMismatchError",
     "__version__",
     "load_ipython_extension",
+    "notebook_client",
 ]
 
 

@@ -411,7 +411,7 @@ def test_jobs_lists_running_work_and_interrupt_stops_it(nb: Kernel) -> None:
         "try:\n    jobs_future.result(timeout=5)\nexcept Exception as exc:\n"
         "    print(type(exc).__name__, exc.ename)\n"
     ))
-    assert outcome.stdout == "RemoteError KeyboardInterrupt\n"
+    assert outcome.stdout == "KeyboardInterrupt KeyboardInterrupt\n"
     after = ok(nb.execute("%mymps jobs")).stdout
     assert not any(session in line and "running" in line for line in after.splitlines()), after
 
