@@ -20,6 +20,17 @@ setup() {
     fi
 }
 
+system_packages() {
+    # The tunnel and deploy tests drive a real sshd on loopback (and rsync through it).
+    if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null || ! command -v rsync >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync >/dev/null
+        else
+            echo "note: openssh-server, openssh-client and rsync are missing; the tunnel and deploy tests will be skipped" >&2
+        fi
+    fi
+}
+
 case "${1:-}" in
     demo)
         setup
@@ -28,6 +39,7 @@ case "${1:-}" in
     test)
         shift
         setup
+        system_packages
         export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;
