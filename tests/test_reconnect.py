@@ -1,0 +1,355 @@
+"""A dropped connection (issue 4, item 6): calls in flight complete, output is neither lost nor
+doubled, and the namespace survives; a session idle past ``--session-idle`` is forgotten.
+
+The client reaches the server through `Proxy`, a loopback TCP proxy in this file whose `sever`
+cuts every connection through it at once, as a dropped SSH tunnel does, and which can refuse
+new connections for a while (the tunnel is still down) before it lets them through again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any, Iterator
+
+import pytest
+
+import mymps_magic._session
+from kit import ServerProcess
+from mymps_magic import Client
+from mymps_magic.display import OutputSink
+from mymps_magic.errors import ConnectionError, RemoteNameError, SessionLostError
+
+PATIENCE_S = 15.0
+
+
+class Proxy:
+    """A loopback TCP proxy to ``127.0.0.1:target_port``.
+
+    Each accepted connection is piped both ways to a new connection to the target by two
+    threads. `sever` closes every current connection and keeps accepting new ones; while
+    `refusing` is set, new connections are accepted and closed at once.
+
+    Attributes:
+        port: where clients connect.
+        accepted: how many connections it has piped so far.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted = 0
+        self.refusing = threading.Event()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_forever, name="proxy-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_forever(self) -> None:
+        while not self._closed:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing.is_set():
+                downstream.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                downstream.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (downstream, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._open += [downstream, upstream]
+                self.accepted += 1
+            for src, dst in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pipe, args=(src, dst), name="proxy-pipe", daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def sever(self) -> None:
+        """Cut every connection through the proxy now; new ones are still accepted."""
+        with self._lock:
+            socks, self._open = self._open, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self.sever()
+
+    def __enter__(self) -> Proxy:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class StreamRecorder(OutputSink):
+    """Our own `OutputSink`: keeps the streamed text instead of printing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[tuple[str, str]] = []
+        self._changed = threading.Condition()
+
+    def stream(self, name: str, text: str) -> None:
+        with self._changed:
+            self.chunks.append((name, text))
+            self._changed.notify_all()
+
+    def text(self, name: str = "stdout") -> str:
+        with self._changed:
+            return "".join(t for n, t in self.chunks if n == name)
+
+    def wait_for(self, needle: str) -> None:
+        deadline = time.monotonic() + PATIENCE_S
+        with self._changed:
+            while needle not in "".join(t for n, t in self.chunks if n == "stdout"):
+                left = deadline - time.monotonic()
+                assert left > 0, f"{needle!r} never arrived"
+                self._changed.wait(left)
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def chatty(n: int) -> int:
+    for i in range(n):
+        print(f"line {i}", flush=True)
+        time.sleep(0.05)
+    return n
+
+
+def mark() -> int:
+    marks.append("ran")  # type: ignore[name-defined]  # noqa: F821
+    return len(marks)  # type: ignore[name-defined]  # noqa: F821
+
+
+def in_background(fn: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.fixture
+def proxy(server: ServerProcess) -> Iterator[Proxy]:
+    with Proxy(server.port) as running:
+        yield running
+
+
+@pytest.fixture
+def recorder() -> StreamRecorder:
+    return StreamRecorder()
+
+
+@pytest.fixture
+def proxied(server: ServerProcess, proxy: Proxy, recorder: StreamRecorder) -> Iterator[Client]:
+    """A client that reaches the shared server through the proxy, its output recorded."""
+    with Client(host="127.0.0.1", port=proxy.port, token=server.token) as client:
+        client.session.sink = recorder
+        yield client
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server that forgets a disconnected session after one second."""
+    with ServerProcess(tmp_path_factory.mktemp("idle-server"), options={"session_idle": 1}) as process:
+        yield process
+
+
+def test_the_proxy_cuts_connections_and_lets_new_ones_through(server: ServerProcess) -> None:
+    """The tool first: a sever ends a connection through the proxy, the next one works."""
+    with Proxy(server.port) as proxy:
+        first = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        first.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert first.recv(12) == b"HTTP/1.1 200"
+        proxy.sever()
+        while first.recv(65536):  # the rest of the answer, if any, then the end: no hang
+            pass
+        first.close()
+        with Client(host="127.0.0.1", port=proxy.port, token=server.token) as client:
+            assert client.health()["status"] == "ok"
+        assert proxy.accepted >= 2
+
+
+def test_a_cell_survives_a_severed_connection(proxied: Client, proxy: Proxy, recorder: StreamRecorder) -> None:
+    proxied.push(marker=41)
+    session = proxied.session.session_id
+    before = proxy.accepted
+    thread, out = in_background(lambda: proxied.run_cell(
+        "import time\nprint('before', flush=True)\ntime.sleep(2)\nprint('after')\nmarker + 1"))
+    recorder.wait_for("before")
+    proxy.sever()
+    thread.join(PATIENCE_S)
+    assert out == [42]
+    assert recorder.text() == "before\nafter\n"  # none lost, none twice
+    assert proxy.accepted > before  # it did reconnect
+    assert proxied.session.session_id == session
+    assert proxied.pull("marker") == 41
+
+
+def test_what_ran_while_disconnected_is_replayed(proxied: Client, proxy: Proxy, recorder: StreamRecorder) -> None:
+    """The link stays down until the cell has finished: its output and value wait for the client."""
+    proxied.push(marker=1)
+    future = proxied.submit(chatty, 10)
+    recorder.wait_for("line 0")
+    proxy.refusing.set()
+    proxy.sever()
+    time.sleep(1.5)  # the rest of the output, and the result, are sent while nobody listens
+    proxy.refusing.clear()
+    assert future.result(timeout=PATIENCE_S) == 10
+    assert recorder.text() == "".join(f"line {i}\n" for i in range(10))
+    assert proxied.pull("marker") == 1
+
+
+def test_output_survives_repeated_severs(proxied: Client, proxy: Proxy, recorder: StreamRecorder) -> None:
+    thread, out = in_background(lambda: proxied.run(chatty, 40))
+    recorder.wait_for("line 0")
+    for _ in range(6):
+        time.sleep(0.25)
+        proxy.sever()
+    thread.join(PATIENCE_S)
+    assert out == [40]
+    assert recorder.text() == "".join(f"line {i}\n" for i in range(40))
+    assert proxy.accepted >= 4
+
+
+def test_requests_sent_while_disconnected_run_once(proxied: Client, proxy: Proxy) -> None:
+    proxied.push(marks=[])
+    proxy.refusing.set()
+    proxy.sever()
+    future = proxied.submit(mark)  # sent into a dead socket: resent on reconnect
+    pushing, pushed = in_background(lambda: proxied.push(later="here"))
+    time.sleep(0.5)
+    assert not future.done()
+    proxy.refusing.clear()
+    assert future.result(timeout=PATIENCE_S) == 1
+    pushing.join(PATIENCE_S)
+    assert pushed == [None]
+    assert proxied.pull("marks", "later") == (["ran"], "here")
+
+
+def test_a_request_cut_off_as_it_is_sent_runs_once(proxied: Client, proxy: Proxy) -> None:
+    proxied.push(marks=[])
+    for _ in range(5):
+        future = proxied.submit(mark)
+        proxy.sever()  # the request may or may not have reached the server
+        future.result(timeout=PATIENCE_S)
+    assert proxied.pull("marks") == ["ran"] * 5
+
+
+def test_the_session_survives_a_sever_while_idle(proxied: Client, proxy: Proxy) -> None:
+    proxied.push(x=[1, 2, 3])
+    session = proxied.session.session_id
+    proxy.sever()
+    assert proxied.pull("x") == [1, 2, 3]
+    assert proxied.run(sleep_then, 0, "ok") == "ok"
+    assert proxied.session.session_id == session
+
+
+def test_a_link_that_never_comes_back_fails_the_calls(
+    proxied: Client, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mymps_magic._session, "RECONNECT_WINDOW", 1.0)
+    future = proxied.submit(sleep_then, 0.5, "never seen")
+    proxy.refusing.set()
+    proxy.sever()
+    error = future.exception(timeout=PATIENCE_S)
+    assert isinstance(error, ConnectionError)
+    assert "reconnect" in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.slow
+def test_an_idle_session_is_forgotten(idle_server: ServerProcess) -> None:
+    with Proxy(idle_server.port) as proxy, Client(host="127.0.0.1", port=proxy.port, token=idle_server.token) as client:
+        client.session.sink = StreamRecorder()
+        client.push(v=1)
+        session = client.session.session_id
+        future = client.submit(sleep_then, 0.3, "lost")
+        proxy.refusing.set()
+        proxy.sever()
+        time.sleep(3.0)  # well past --session-idle 1, and the call has ended meanwhile
+        proxy.refusing.clear()
+        error = future.exception(timeout=PATIENCE_S)
+        assert isinstance(error, SessionLostError)
+        assert "\n" not in str(error)
+        # The client goes on with a fresh session and namespace.
+        with pytest.raises(RemoteNameError):
+            client.pull("v")
+        assert client.session.session_id != session
+        assert client.run_cell("2 + 2") == 4
+
+
+@pytest.mark.slow
+def test_a_disconnected_session_with_work_running_is_kept(idle_server: ServerProcess) -> None:
+    with Proxy(idle_server.port) as proxy, Client(host="127.0.0.1", port=proxy.port, token=idle_server.token) as client:
+        client.session.sink = StreamRecorder()
+        client.push(v=1)
+        session = client.session.session_id
+        future = client.submit(sleep_then, 5.0, "kept")
+        deadline = time.monotonic() + PATIENCE_S
+        while not future.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proxy.refusing.set()
+        proxy.sever()
+        # Past --session-idle 1 while the call still runs; the client's backoff brings it back
+        # within about 4 s of the sever, before the call ends.
+        time.sleep(2.0)
+        proxy.refusing.clear()
+        assert future.result(timeout=PATIENCE_S) == "kept"
+        assert client.session.session_id == session
+        assert client.pull("v") == 1
+
+
+@pytest.mark.slow
+def test_a_restarted_server_loses_the_session(make_server: Any) -> None:
+    restarted = make_server()
+    with Proxy(restarted.port) as proxy, Client(host="127.0.0.1", port=proxy.port, token=restarted.token) as client:
+        client.session.sink = StreamRecorder()
+        client.push(v=1)
+        restarted.stop()
+        future = client.submit(sleep_then, 0, "lost")  # sent while the server is down
+        restarted.start()
+        error = future.exception(timeout=PATIENCE_S)
+        assert isinstance(error, SessionLostError)
+        with pytest.raises(RemoteNameError):
+            client.pull("v")
+        assert client.run_cell("'fresh'") == "fresh"
