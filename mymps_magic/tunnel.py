@@ -4,12 +4,15 @@ The tunnel is OpenSSH's own ``ssh -L`` run as a child process; mymps adds what a
 lacks: it fetches the server's token over ssh, checks ``/health`` through the forward, restarts
 ssh with backoff when it exits or stops answering, and stops cleanly on Ctrl-C or SIGTERM.
 
-Why not ``ssh -N``: a forward-only connection leaves Nagle's algorithm on for the ssh
-connection at both ends (OpenSSH turns it off only for sessions with a terminal), and every
-small HTTP answer that the server writes in two pieces then waits for a delayed ACK: about 40 ms
-per ``/health``. So the tunnel asks for a terminal (``RequestTTY=force``) and runs a remote
-command that only waits; ssh and sshd then set ``TCP_NODELAY`` and a call through the tunnel
-costs well under a millisecond more than on loopback (``benchmarks/tunnel_latency.py``).
+Why not ``ssh -N``: sshd sets ``TCP_NODELAY`` on its connection only when a session starts, and
+``-N`` starts none, so Nagle's algorithm holds back every answer the server writes in two pieces
+until the client's delayed ACK: about 40 ms per small HTTP call. So the tunnel runs a remote
+command that only waits, in a terminal (``RequestTTY=force``): any session turns Nagle off, and a
+terminal makes it an interactive one at both ends, which also marks the packets with OpenSSH's
+interactive IPQoS class rather than the bulk one (CS1 from OpenSSH 7.8 to 9.x, which Wi-Fi
+queues as background traffic). A call then costs a fraction of a millisecond more than on
+loopback (``benchmarks/tunnel_latency.py``). The terminal's hangup ends the remote command when
+the connection ends.
 """
 
 from __future__ import annotations
@@ -50,8 +53,8 @@ TUNNEL_OPTIONS = (
     "-o", "ControlMaster=no",
     "-o", "ControlPath=none",
 )
-# Waits until the connection ends (the terminal's hangup ends it); sleep's argument is the
-# largest that both GNU and BSD sleep take.
+# Waits until the connection ends (the terminal's hangup ends it); any large number of seconds
+# that GNU and BSD sleep both take will do.
 WAIT_FOREVER = "exec sleep 2147483647"
 
 PROBE_INTERVAL_S = 5.0
@@ -233,7 +236,8 @@ def say(message: str) -> None:
 
 
 class _Stopped(BaseException):
-    """Ctrl-C or SIGTERM: a BaseException so that no ``except Exception`` on the way swallows it."""
+    """Ctrl-C, SIGTERM or a closed terminal (SIGHUP): a BaseException, so that no
+    ``except Exception`` on the way swallows it."""
 
 
 @contextmanager
@@ -241,7 +245,7 @@ def _stop_on_signals() -> Iterator[None]:
     def stop(signum: int, frame: FrameType | None) -> None:
         raise _Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -340,8 +344,8 @@ class Tunnel:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not _accepts(s.local_port):
             if self.process.poll() is not None:
-                raise CommandError(f"ssh to {s.ssh.destination} {_exit_status(self.process.returncode)} "
-                                   f"({self.last_words()}).")
+                raise CommandError(f"ssh to {s.ssh.destination} {_exit_status(self.process.returncode)}"
+                                   f"{self.last_words()}.")
             if time.monotonic() > deadline:
                 raise CommandError(f"the forward to {s.remote_address} did not open within {READY_TIMEOUT_S:g} s.")
             time.sleep(0.01)
@@ -353,8 +357,8 @@ class Tunnel:
                 self._stderr.append(text)
 
     def last_words(self) -> str:
-        """ssh's last line on stderr, which says why it stopped; or a placeholder."""
-        return self._stderr[-1] if self._stderr else "no message"
+        """`` (ssh's last line on stderr)``, which says why it stopped; ``""`` when it said nothing."""
+        return f" ({self._stderr[-1]})" if self._stderr else ""
 
     def _stop_ssh(self) -> None:
         process, self.process = self.process, None
@@ -378,7 +382,7 @@ class Tunnel:
             except subprocess.TimeoutExpired:
                 pass
             if self.process.poll() is not None:
-                self._reconnect(f"ssh {_exit_status(self.process.returncode)} ({self.last_words()})")
+                self._reconnect(f"ssh {_exit_status(self.process.returncode)}{self.last_words()}")
                 continue
             try:
                 self._health()
