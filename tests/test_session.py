@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 import torch
@@ -365,7 +365,7 @@ def test_reset_clears_the_namespace_and_keeps_the_models(c: Client, model: str) 
 # numpy arrays and torch tensors
 
 
-ARRAYS = {
+ARRAYS: dict[str, np.ndarray] = {
     "float32": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
     "float64": np.linspace(-1, 1, 9).reshape(3, 3),
     "float16": np.array([0.5, -2.25, 65504], dtype=np.float16),
@@ -406,7 +406,7 @@ def test_large_arrays_cross_in_chunks(c: Client) -> None:
     np.testing.assert_array_equal(doubled, big * 2.0)
 
 
-TENSORS = {
+TENSORS: dict[str, torch.Tensor] = {
     "float32": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
     "float16": torch.tensor([0.5, -2.25, 65504.0], dtype=torch.float16),
     "bfloat16": torch.tensor([[1.5, -3.0], [1e30, -7.25]], dtype=torch.bfloat16),
@@ -570,7 +570,7 @@ def test_progress_and_tqdm_bars_report_their_progress(c: Client, sink: Recording
 
 def test_progress_in_a_submitted_function(c: Client, sink: RecordingSink) -> None:
     def loop(n: int) -> int:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
 
         for _ in tqdm(range(n), mininterval=0):
             time.sleep(0.01)
@@ -908,9 +908,10 @@ def test_cancelling_the_job_stops_running_session_code(c: Client) -> None:
     c.push(keep=5)
     future = c.submit(time.sleep, 60)
     wait_running(future)
-    assert future.job_id in {job["id"] for job in c.jobs()}
+    job_id = future.job_id
+    assert job_id is not None and job_id in {job["id"] for job in c.jobs()}
     asked = time.monotonic()
-    c.cancel(future.job_id)
+    c.cancel(job_id)
     assert isinstance(future.exception(timeout=PATIENCE_S), CancelledError)
     assert time.monotonic() - asked < INTERRUPT_BUDGET_S
     assert c.pull("keep") == 5

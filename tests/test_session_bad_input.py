@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -36,7 +36,7 @@ def auth(token: str) -> dict[str, str]:
 
 def raw_header(header: dict[str, Any]) -> bytes:
     """A frame's first message from a header of our choosing (no buffers)."""
-    packed = msgpack.packb(header, use_bin_type=True)
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
     return struct.pack(">I", len(packed)) + packed
 
 
@@ -64,7 +64,8 @@ class RawSession:
 
     def receive(self, timeout: float = ANSWER_TIMEOUT_S) -> wire.Frame:
         while True:
-            frame = self.decoder.feed(self.ws.recv(timeout=timeout))
+            message = self.ws.recv(timeout=timeout)
+            frame = self.decoder.feed(message.encode() if isinstance(message, str) else message)
             if frame is not None:
                 return frame
 
@@ -101,6 +102,7 @@ class RawSession:
         with pytest.raises(ConnectionClosed) as closed:
             for _ in range(100):
                 self.receive()
+        assert isinstance(closed.value, ConnectionClosed)
         received = closed.value.rcvd
         return (received.code, received.reason) if received is not None else (None, "")
 
@@ -150,6 +152,7 @@ def test_a_session_without_the_token_is_refused_at_the_handshake(server: ServerP
         assert refused.value.response.status_code in (401, 403)
         assert server.token.encode() not in refused.value.response.body
     else:
+        assert isinstance(refused.value, ConnectionClosed)
         assert refused.value.rcvd is not None and refused.value.rcvd.code == 1008
     assert_session_works(server)
 
