@@ -124,7 +124,7 @@ class DeployPlan:
             # the remote shell expand a ~ in its arguments.
             relative = self.remote_dir[2:] if self.remote_dir.startswith("~/") else self.remote_dir
             return [[
-                "rsync", "-a", "--delete", "--out-format=%n",
+                "rsync", "-a", "--delete", "--out-format=%i %n",
                 "--filter=:- .gitignore", *(f"--exclude={pattern}" for pattern in EXCLUDES),
                 "-e", shlex.join(["ssh", *self.ssh.args("-o", "RequestTTY=no")]),
                 f"--rsync-path={self._prepare} && rsync",
@@ -216,8 +216,13 @@ def _copy(plan: DeployPlan) -> str | None:
         if done.returncode != 0:
             print(f"mymps deploy: rsync to {plan.target} failed (status {done.returncode}; see above).", file=sys.stderr)
             return None
-        files = [line for line in done.stdout.decode(errors="replace").splitlines() if line and not line.endswith("/")]
-        return f"{len(files)} changed file{'' if len(files) == 1 else 's'} sent" if files else "nothing changed, nothing sent"
+        # --out-format=%i: "<f..." for a file sent to the remote, "*deleting" for one removed there.
+        lines = done.stdout.decode(errors="replace").splitlines()
+        sent = sum(line.startswith("<f") for line in lines)
+        deleted = sum(line.startswith("*deleting") for line in lines)
+        if not sent and not deleted:
+            return "nothing changed, nothing sent"
+        return f"{sent} changed file{'' if sent == 1 else 's'} sent, {deleted} deleted there"
     tar = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert tar.stdout is not None
     done = subprocess.run(commands[1], stdin=tar.stdout)

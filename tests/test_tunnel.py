@@ -204,3 +204,10 @@ def test_a_bad_port_variable_is_named(tmp_path: Path) -> None:
     done = mymps("tunnel", "somehost", env={**_environment(tmp_path), "MYMPS_SSH_PORT": "twenty-two"})
     assert done.returncode == 2
     assert "MYMPS_SSH_PORT must be a port number" in done.stderr
+
+
+def test_scripts_tunnel_sh_is_the_same_command(tmp_path: Path) -> None:
+    done = subprocess.run([str(REPO_ROOT / "scripts" / "tunnel.sh")], env=_environment(tmp_path),
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert done.stderr == "mymps tunnel: no host given; pass user@host, or set MYMPS_HOST (and MYMPS_USER).\n"
