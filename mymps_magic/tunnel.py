@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Iterator, Mapping, Sequence
+from typing import IO, Iterator, Mapping, NoReturn, Sequence
 
 from mymps_magic import errors
 
@@ -209,7 +209,7 @@ class TunnelSettings:
 
     @property
     def remote_token(self) -> str:
-        """The remote token file as a shell word, for messages and the remote command."""
+        """The remote token file as a shell word: the remote's ``$MYMPS_HOME`` unless given."""
         home = remote_path(self.remote_home) if self.remote_home else '"${MYMPS_HOME:-$HOME/.mymps}"'
         return f"{home}/token"
 
@@ -287,7 +287,6 @@ class Tunnel:
                 return 0
             finally:
                 self._stop_ssh()
-        return 0  # not reached: _keep_up returns only by a signal
 
     def fetch_token(self) -> None:
         """Copy the server's token over ssh into the local token file (mode 0600).
@@ -309,8 +308,9 @@ class Tunnel:
                               f"check the host, user, port (-p) and key (-i) with: {shlex.join(s.ssh.command())}")
         token = done.stdout.decode(errors="replace").strip()
         if done.returncode != 0 or not token:
-            say(f"no token in {s.ssh.destination}:{s.remote_token} ({_last_line(done.stderr) or 'empty'}); "
-                "start the server there once, or give --remote-home; the local token file is unchanged.")
+            where = f"{s.remote_home}/token" if s.remote_home else "~/.mymps/token (or $MYMPS_HOME/token)"
+            say(f"no token at {s.ssh.destination}:{where} ({_last_line(done.stderr) or 'empty'}); start the server "
+                "there once, or give --remote-home; the local token file is unchanged.")
             return
         write_token(s.token_file, token)
 
@@ -360,11 +360,15 @@ class Tunnel:
         """`` (ssh's last line on stderr)``, which says why it stopped; ``""`` when it said nothing."""
         return f" ({self._stderr[-1]})" if self._stderr else ""
 
-    def _stop_ssh(self) -> None:
+    def _stop_ssh(self, *, hung: bool = False) -> None:
+        """End ssh: SIGTERM lets it close the connection; a hung one is killed at once."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
-        process.terminate()
+        if hung:
+            process.kill()
+        else:
+            process.terminate()
         try:
             process.wait(5)
         except subprocess.TimeoutExpired:
@@ -373,7 +377,8 @@ class Tunnel:
 
     # -- keeping it up ---------------------------------------------------------------------------
 
-    def _keep_up(self, *, server_up: bool) -> None:
+    def _keep_up(self, *, server_up: bool) -> NoReturn:
+        """Watch ssh and probe ``/health`` every few seconds, until a signal ends the command."""
         server_down = not server_up
         while True:
             assert self.process is not None
@@ -387,6 +392,7 @@ class Tunnel:
             try:
                 self._health()
             except errors.TimeoutError:
+                self._stop_ssh(hung=True)
                 self._reconnect(f"no answer through the tunnel within {PROBE_TIMEOUT_S:g} s")
             except errors.MympsError:
                 if not server_down:

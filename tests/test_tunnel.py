@@ -43,13 +43,14 @@ def mymps(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Co
 class TunnelProcess:
     """``mymps tunnel`` running as a subprocess, its stdout lines collected as they come."""
 
-    def __init__(self, sshd: SSHServer, server: ServerProcess, local_home: Path) -> None:
+    def __init__(self, sshd: SSHServer, server: ServerProcess, local_home: Path, *,
+                 remote_home: Path | None = None) -> None:
         self.local_port = free_port()
         self.env = _environment(local_home)
         self.token_file = local_home / "token"
         command = [sys.executable, "-m", "mymps_magic.cli", "tunnel", sshd.destination, *sshd.mymps_options,
                    "--local-port", str(self.local_port), "--remote-port", str(server.port),
-                   "--remote-home", str(server.home)]
+                   "--remote-home", str(remote_home or server.home)]
         self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -147,6 +148,38 @@ def test_a_killed_ssh_comes_back_by_itself(tunnel: TunnelProcess) -> None:
         assert client.models() == []
         assert client.run(lambda: 42) == 42
     print(f"\ntunnel back {back_s * 1e3:.0f} ms after its ssh was killed; it said: {line.strip()}")
+
+
+@pytest.mark.slow
+def test_a_hung_ssh_is_replaced(tunnel: TunnelProcess) -> None:
+    # A stopped ssh still holds its port (the kernel accepts into the backlog), but nothing
+    # answers: the next /health probe times out and the tunnel replaces it.
+    hung = tunnel.ssh_child()
+    hung.suspend()
+    try:
+        line = tunnel.wait_for("reconnected in", timeout=40)
+    finally:
+        if hung.is_running():
+            hung.resume()
+    assert "no answer through the tunnel" in line
+    assert not hung.is_running() or hung.status() == psutil.STATUS_ZOMBIE
+    with tunnel.client() as client:
+        assert client.models() == []
+
+
+@pytest.mark.slow
+def test_a_remote_without_a_token_still_gets_a_tunnel(
+        sshd: SSHServer, remote_server: ServerProcess, tmp_path: Path) -> None:  # noqa: F811
+    empty_home = tmp_path / "no-server-here"
+    empty_home.mkdir()
+    tunnel = TunnelProcess(sshd, remote_server, tmp_path / "local-home", remote_home=empty_home)
+    try:
+        warning = tunnel.wait_for("no token at")
+        tunnel.wait_for(" up: ")
+    finally:
+        assert tunnel.stop() == 0
+    assert f"{empty_home}/token" in warning and "local token file is unchanged" in warning
+    assert not tunnel.token_file.exists()
 
 
 @pytest.mark.slow
