@@ -143,7 +143,7 @@ class DeployPlan:
             "set -e",
             f"cd {remote_path(self.remote_dir)}",
             f"if [ ! -x {VENV}/bin/python ]; then",
-            f"    echo 'mymps deploy: making {VENV} with {self.python}'",
+            f"    echo {shlex.quote(f'mymps deploy: making {VENV} with {self.python}')}",
             f"    {shlex.quote(self.python)} -m venv{venv_flags} {VENV}",
             "fi",
             f'if [ "$(cat {STAMP} 2>/dev/null)" = {stamp} ]; then',
