@@ -95,6 +95,8 @@ class Session:
         self.disconnected_at: float | None = time.time()
         self._live: Mailbox | None = None
         self._lane: asyncio.Queue[wire.Frame] = asyncio.Queue()
+        self._in_lane: set[int] = set()  # request ids the lane has not handled yet
+        self._dropped: set[int] = set()  # of those, the ones cancelled meanwhile
         self._lane_task = asyncio.ensure_future(self._run_lane())
         self._loop = asyncio.get_running_loop()
 
@@ -146,6 +148,7 @@ class Session:
         elif frame.type == "cancel":
             self._cancel(frame.id, int(frame.get("target", 0)))
         elif frame.type in ("run", "cell", "push", "pull", "reset"):
+            self._in_lane.add(frame.id)
             self._lane.put_nowait(frame)
         else:
             self.emit(error_frame(frame.id, ValueError(f"unknown request type {frame.type!r}"), "bad_request"))
@@ -153,6 +156,10 @@ class Session:
     async def _run_lane(self) -> None:
         while True:
             frame = await self._lane.get()
+            if frame.id in self._dropped:  # cancelled while it waited in the lane
+                self._dropped.discard(frame.id)
+                self._in_lane.discard(frame.id)
+                continue
             try:
                 if frame.type in ("run", "cell"):
                     self._submit(frame)
@@ -162,6 +169,8 @@ class Session:
             except Exception as exc:  # one bad request must not stop the lane
                 log.exception("session %s: request %s failed", self.id[:8], frame.id)
                 self.emit(error_frame(frame.id, exc, "bad_request"))
+            finally:
+                self._in_lane.discard(frame.id)
 
     async def _after_my_jobs(self) -> None:
         pending = [asyncio.wrap_future(job) for job in self.jobs.values()]
@@ -218,9 +227,14 @@ class Session:
 
     def _cancel(self, rid: int, target: int) -> None:
         job = self.jobs.get(target)
-        cancelled = job is not None and self.manager.jobs.drop(job)
-        if cancelled:
-            self.jobs.pop(target, None)
+        if job is not None:
+            cancelled = self.manager.jobs.drop(job)
+            if cancelled:
+                self.jobs.pop(target, None)
+        else:  # still in this session's lane, behind a push or pull: it will be skipped
+            cancelled = target in self._in_lane and target not in self._dropped
+            if cancelled:
+                self._dropped.add(target)
         self.emit(wire.Frame("result", rid, {"fields": {"cancelled": bool(cancelled)}}))
 
     async def _push(self, frame: wire.Frame) -> None:

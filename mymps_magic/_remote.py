@@ -7,8 +7,10 @@ namespace lives on the server and survives reconnects; ``reset`` clears it, neve
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
@@ -34,12 +36,18 @@ class RemoteExecution:
     _connection: Connection
     _channel: SessionChannel | None = None
 
+    _channel_lock = threading.Lock()
+
     @property
     def session(self) -> SessionChannel:
-        """The session channel, connected on first use."""
-        if self._channel is None:
-            self._channel = SessionChannel(self._connection, OutputSink())
-        return self._channel
+        """The session channel, connected on first use (once, however many threads ask)."""
+        channel = self._channel
+        if channel is None:
+            with self._channel_lock:
+                if self._channel is None:
+                    self._channel = SessionChannel(self._connection, OutputSink())
+                channel = self._channel
+        return channel
 
     def _close_session(self) -> None:
         if self._channel is not None:
@@ -98,6 +106,7 @@ class RemoteExecution:
         Raises:
             PicklingError: a value cannot be pickled.
         """
+        _send_local_modules_by_value(*values.values())
         try:
             buffers = wire.dumps(values)
         except Exception as exc:
@@ -167,6 +176,18 @@ def _is_local(module: ModuleType | None) -> bool:
     return not str(Path(file).resolve()).startswith(_INSTALLED)
 
 
+_SCAN_LIMIT = 1000
+"""Items of a container looked at for local classes: enough for real data, bounded for huge lists."""
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 def _send_local_modules_by_value(*objs: Any) -> None:
     """Register the user's own modules that these objects (and the functions they call) come from
     with cloudpickle's pickle-by-value, so the server needs no copy of them."""
@@ -192,3 +213,8 @@ def _send_local_modules_by_value(*objs: Any) -> None:
         if isinstance(obj, FunctionType):
             names = obj.__code__.co_names
             todo.extend(obj.__globals__[n] for n in names if n in obj.__globals__)
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(itertools.islice(obj, _SCAN_LIMIT))  # instances of local classes inside
+        elif isinstance(obj, dict):
+            todo.extend(itertools.islice(obj.values(), _SCAN_LIMIT))

@@ -75,6 +75,7 @@ class SessionChannel:
         self._last_seq = 0
         self._acked = 0
         self._ws: Any = None
+        self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
         self._closed = False
         self._connected = threading.Event()
         self._connect()
@@ -95,13 +96,15 @@ class SessionChannel:
                 open_timeout=5,
                 proxy=None,
                 compression=None,
+                legacy=True,  # a long-lived connection, closed by close(), not a with-block
             )
             hello = wire.Frame("hello", 0, {
                 "session": self.session_id, "last_seq": self._last_seq, "python": wire.PYTHON_VERSION,
                 "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION,
             })
-            for message in wire.encode_frame(hello):
-                ws.send(message)
+            with self._send_lock:
+                for message in wire.encode_frame(hello):
+                    ws.send(message)
             welcome = wire.FrameDecoder().feed(ws.recv())
         if welcome is None or welcome.type != "welcome":
             ws.close()
@@ -114,12 +117,14 @@ class SessionChannel:
             self._last_seq = 0
         if self.welcome is None and welcome.get("mismatch"):
             print(f"mymps: {welcome['mismatch']}", file=sys.stderr)
-        self.welcome, self.session_id, self._ws = welcome, welcome["session"], ws
+        self.welcome, self.session_id = welcome, welcome["session"]
         self._acked = self._last_seq
-        with self._lock:
-            resend = [r for rid, r in sorted(self._pending.items()) if rid > int(welcome.get("last_request") or 0)]
-        for request in resend:
-            self._send(request.frame)
+        with self._send_lock:  # no new request slips in before the resent ones: ids stay in order
+            self._ws = ws
+            with self._lock:
+                resend = [r for rid, r in sorted(self._pending.items()) if rid > int(welcome.get("last_request") or 0)]
+            for request in resend:
+                self._send_locked(request.frame)
         self._connected.set()
 
     def _reconnect(self) -> bool:
@@ -151,16 +156,23 @@ class SessionChannel:
 
     def request(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
                 *, waiter: bool = True) -> _Request:
-        rid = next(self._ids)
-        frame = wire.Frame(kind, rid, fields or {}, buffers or [])
-        request = _Request(frame, RemoteFuture(self, rid), waiter)
-        with self._lock:
-            self._pending[rid] = request
-        self._send(frame)
+        # Ids are taken and frames sent under one lock: the server relies on ids arriving in
+        # order to tell a resent request (after a reconnect) from a new one.
+        with self._send_lock:
+            rid = next(self._ids)
+            frame = wire.Frame(kind, rid, fields or {}, buffers or [])
+            request = _Request(frame, RemoteFuture(self, rid), waiter)
+            with self._lock:
+                self._pending[rid] = request
+            self._send_locked(frame)
         return request
 
     def _send(self, frame: wire.Frame) -> None:
-        """Send now if connected; otherwise the reconnect resends it."""
+        with self._send_lock:
+            self._send_locked(frame)
+
+    def _send_locked(self, frame: wire.Frame) -> None:
+        """Send now if connected (the caller holds the send lock); otherwise the reconnect resends it."""
         ws = self._ws
         if ws is None:
             return

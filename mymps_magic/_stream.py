@@ -74,6 +74,7 @@ class TokenStream:
                         additional_headers=self._connection.headers,
                         open_timeout=self._connection.timeout,
                         proxy=None,  # a tunnel endpoint, not the internet (see _connection.py)
+                        legacy=True,  # closed by close(), not by a with-block
                     )
                     self._sync.send(json.dumps(self._request))
                 while not self._finished:
