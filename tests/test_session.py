@@ -1007,6 +1007,34 @@ def test_one_client_used_from_several_threads_at_first_use(server: ServerProcess
         assert shared.pull(*[f"v{i}" for i in range(6)]) == tuple(range(6))
 
 
+def test_a_request_overtaken_by_another_threads_request_still_runs(
+    c: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A takes a request id, thread B takes the next one and sends first (a big frame
+    to encode, or just the scheduler, makes A late): A's request must still be answered."""
+    encode = wire.encode_frame
+    late = threading.local()
+
+    def slow_encode(frame: wire.Frame) -> list[bytes | memoryview]:
+        if getattr(late, "on", False):
+            time.sleep(0.3)  # this thread is slow to put its frame on the wire
+        return encode(frame)
+
+    monkeypatch.setattr(wire, "encode_frame", slow_encode)
+
+    def late_push() -> None:
+        late.on = True
+        c.push(first=1)
+
+    pusher = threading.Thread(target=late_push, daemon=True)
+    pusher.start()
+    time.sleep(0.1)  # its id is taken, its frame not sent yet
+    c.push(second=2)  # a later id, on the wire first
+    pusher.join(PATIENCE_S)
+    assert not pusher.is_alive(), "the overtaken request was never answered"
+    assert c.pull("first", "second") == (1, 2)
+
+
 def test_one_session_used_from_several_threads_at_once(c: Client) -> None:
     """Large and small requests from several threads: none is lost, none is mixed up."""
     big = np.random.default_rng(1).standard_normal(wire.CHUNK // 8 - 4096)  # one large message
@@ -1036,8 +1064,9 @@ def test_one_session_used_from_several_threads_at_once(c: Client) -> None:
     threads = [threading.Thread(target=push_large, daemon=True), threading.Thread(target=push_small, daemon=True)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 20
     for thread in threads:
-        thread.join(20)
+        thread.join(max(0.0, deadline - time.monotonic()))
     hung = [t for t in threads if t.is_alive()]
     assert not hung, "a request never got its answer"
     assert not failures, failures

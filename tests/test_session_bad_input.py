@@ -8,6 +8,7 @@ abrupt drop), and the server and the session still work afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import sys
 import textwrap
@@ -44,11 +45,12 @@ class RawSession:
     """A ``/ws/session`` connection that sends exactly what it is told to."""
 
     def __init__(self, server: ServerProcess, headers: dict[str, str] | None = None) -> None:
-        self.ws: ClientConnection = connect(
+        self._stack = contextlib.ExitStack()
+        self.ws: ClientConnection = self._stack.enter_context(connect(
             f"ws://{server.host}:{server.port}/ws/session",
             additional_headers=auth(server.token) if headers is None else headers,
             proxy=None, open_timeout=10, max_size=None,
-        )
+        ))
         self.decoder = wire.FrameDecoder()
         self.next_id = 1
 
@@ -56,7 +58,7 @@ class RawSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.ws.close()
+        self._stack.close()
 
     def send(self, frame: wire.Frame) -> None:
         for message in wire.encode_frame(frame):
