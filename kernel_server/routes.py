@@ -323,28 +323,35 @@ async def ws_session(ws: WebSocket) -> None:
     """The notebook channel (SPEC 4): requests with ids in, output and results out."""
     st = _state(ws)
     await ws.accept()
-    decoder = wire.FrameDecoder()
+    decoder = wire.FrameDecoder(max_size=st.settings.max_body)
     try:
         hello = await _next_frame(ws, decoder)
         if hello.type != "hello":
             raise wire.WireFormatError("the first frame must be 'hello'")
+        session_id, last_seq = hello.get("session"), hello.get("last_seq") or 0
+        if not isinstance(session_id, (str, type(None))) or not isinstance(last_seq, int):
+            raise wire.WireFormatError("hello's session must be a string or null and last_seq a number")
     except wire.WireFormatError as exc:
-        await ws.close(1003, str(exc)[:120])
+        await ws.close(_close_code(exc), str(exc)[:120])
         return
     except WebSocketDisconnect:
         return
-    session, resumed = st.sessions.open(hello.get("session"))
+    session, resumed = st.sessions.open(session_id)
     for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
         await ws.send_bytes(bytes(message))
-    live = session.attach(int(hello.get("last_seq") or 0) if resumed else 0)
+    live = session.attach(last_seq if resumed else 0)
     sender = asyncio.ensure_future(_send_frames(ws, live))
     try:
         while True:
             session.receive(await _next_frame(ws, decoder))
     except wire.WireFormatError as exc:
-        await ws.close(1003, str(exc)[:120])
+        await ws.close(_close_code(exc), str(exc)[:120])
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         session.detach(live)
         sender.cancel()
+
+
+def _close_code(exc: wire.WireFormatError) -> int:
+    return 1009 if isinstance(exc, wire.FrameTooLarge) else 1003  # message too big / unsupported data

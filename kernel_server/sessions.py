@@ -135,7 +135,13 @@ class Session:
     # -- requests --------------------------------------------------------------------------------
 
     def receive(self, frame: wire.Frame) -> None:
-        """Take one request frame from the socket."""
+        """Take one request frame from the socket; a malformed one is a ``bad_request`` error."""
+        try:
+            self._receive(frame)
+        except (TypeError, ValueError) as exc:
+            self.emit(error_frame(frame.id, ValueError(f"malformed {frame.type!r} request: {exc}"), "bad_request"))
+
+    def _receive(self, frame: wire.Frame) -> None:
         if frame.type == "ack":
             self.ack(int(frame.get("seq", 0)))
             return
@@ -180,6 +186,9 @@ class Session:
     def _submit(self, frame: wire.Frame) -> None:
         if frame.type == "run" and self.mismatch:
             self.emit(error_frame(frame.id, RuntimeError(self.mismatch), "version"))
+            return
+        if frame.type == "cell" and not isinstance(frame.get("source"), str):
+            self.emit(error_frame(frame.id, ValueError("a cell request needs its source as a string"), "bad_request"))
             return
         rid = frame.id
         manager = self.manager

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 RECONNECT_WINDOW = 60.0
 """Seconds the client keeps trying to reconnect before the calls in flight fail."""
 
+_WAIT_STEP_S = 0.2
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _OUTPUT = frozenset({"stream", "display", "progress"})
 
@@ -194,12 +195,16 @@ class SessionChannel:
         interrupted = False
         while True:
             try:
-                wait_s = None if deadline is None or interrupted else max(0.0, deadline - time.monotonic())
+                # Short steps, never one long block: a Ctrl-C that lands just before a blocking
+                # get would otherwise wait for the next event to be noticed.
+                step = _WAIT_STEP_S if deadline is None or interrupted else min(
+                    _WAIT_STEP_S, max(0.0, deadline - time.monotonic()))
                 try:
-                    event = request.events.get(timeout=wait_s)
+                    event = request.events.get(timeout=step)
                 except queue.Empty:
-                    self.interrupt(request.frame.id)
-                    interrupted = True
+                    if deadline is not None and not interrupted and time.monotonic() >= deadline:
+                        self.interrupt(request.frame.id)
+                        interrupted = True
                     continue
                 if event is None:
                     break

@@ -82,15 +82,20 @@ class Settings:
             return cls(resolved_host, resolved_port, token, "argument")
         if env.get("MYMPS_TOKEN"):
             return cls(resolved_host, resolved_port, env["MYMPS_TOKEN"], "MYMPS_TOKEN")
-        if env.get("MYMPS_TOKEN_FILE"):
-            token_file = Path(env["MYMPS_TOKEN_FILE"]).expanduser()
-        else:
-            home = Path(env["MYMPS_HOME"]).expanduser() if env.get("MYMPS_HOME") else Path.home() / ".mymps"
-            token_file = home / "token"
-        file_token = _read_token_file(token_file)
+        path = token_file(env)
+        file_token = _read_token_file(path)
         if file_token is None:
             return cls(resolved_host, resolved_port, None, "none")
-        return cls(resolved_host, resolved_port, file_token, str(token_file))
+        return cls(resolved_host, resolved_port, file_token, str(path))
+
+
+def token_file(environ: Mapping[str, str]) -> Path:
+    """Where the client's token lives: ``MYMPS_TOKEN_FILE``, else ``$MYMPS_HOME/token``
+    (``MYMPS_HOME`` defaulting to ``~/.mymps``); `mymps tunnel` writes it there."""
+    if environ.get("MYMPS_TOKEN_FILE"):
+        return Path(environ["MYMPS_TOKEN_FILE"]).expanduser()
+    home = Path(environ["MYMPS_HOME"]).expanduser() if environ.get("MYMPS_HOME") else Path.home() / ".mymps"
+    return home / "token"
 
 
 def _parse_port(value: int | str, source: str) -> int:

@@ -137,6 +137,7 @@ def _demo() -> int:
 
 def _tunnel(args: argparse.Namespace) -> int:
     from mymps_magic import tunnel
+    from mymps_magic._ssh import CommandError
 
     try:
         if args.check:
@@ -149,7 +150,7 @@ def _tunnel(args: argparse.Namespace) -> int:
             remote_port=args.remote_port,
             remote_home=args.remote_home,
         )
-    except tunnel.CommandError as exc:
+    except CommandError as exc:
         print(f"mymps tunnel: {exc}", file=sys.stderr)
         return 2
     return tunnel.Tunnel(settings).run()
@@ -157,7 +158,7 @@ def _tunnel(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from mymps_magic import deploy
-    from mymps_magic.tunnel import CommandError
+    from mymps_magic._ssh import CommandError
 
     try:
         plan = deploy.DeployPlan.resolve(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mymps_magic.tunnel import SSH, CommandError, remote_path
+from mymps_magic._ssh import SSH, CommandError, remote_path
 
 DEFAULT_REMOTE_DIR = "~/mymps"
 DEFAULT_PYTHON = "python3"

@@ -96,6 +96,10 @@ class WireFormatError(ValueError):
     """A payload does not follow the wire format; the message says which part is wrong."""
 
 
+class FrameTooLarge(WireFormatError):
+    """A session frame declares more bytes than the receiver accepts."""
+
+
 def pack_tensors(tensors: Mapping[str, Any]) -> bytes:
     """Pack ``name -> array`` as the original's msgpack tensor map.
 
@@ -217,7 +221,9 @@ def encode_frame(frame: Frame) -> list[bytes | memoryview]:
 class FrameDecoder:
     """Turns WebSocket messages back into frames; feed messages in the order they arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int | None = None) -> None:
+        """``max_size`` bounds a frame's buffers, checked before anything is allocated for them."""
+        self.max_size = max_size
         self._pending: Frame | None = None
         self._sizes: list[int] = []
         self._index = 0
@@ -246,8 +252,15 @@ class FrameDecoder:
                 f"protocol version {header.get('v')} on the other end, {PROTOCOL_VERSION} here: "
                 "install the same mymps version on both machines"
             )
-        sizes = [int(n) for n in header.pop("bufs", [])]
-        frame = Frame(str(header.pop("t")), int(header.pop("id", 0)), header)
+        try:
+            sizes = [int(n) for n in header.pop("bufs", [])]
+            frame = Frame(str(header.pop("t")), int(header.pop("id", 0)), header)
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"the frame header has a bad id or buffer size ({exc})") from None
+        if any(n < 0 for n in sizes):
+            raise WireFormatError("a buffer size in the frame header is negative")
+        if self.max_size is not None and sum(sizes) > self.max_size:
+            raise FrameTooLarge(f"a frame of {sum(sizes)} bytes is over the limit of {self.max_size} bytes (--max-body)")
         header.pop("v", None)
         if header.pop("chunked", False):
             frame.buffers = [bytearray(n) for n in sizes]
