@@ -13,7 +13,6 @@ import itertools
 import linecache
 import sys
 import threading
-import time
 import tokenize
 import traceback
 from pathlib import Path
@@ -268,8 +267,3 @@ def error_frame(request_id: int, exc: BaseException, code: str = "remote") -> wi
         "traceback": remote_traceback(exc) if code == "remote" else [],
         "code": code,
     })
-
-
-def timed() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start

@@ -78,7 +78,6 @@ class SessionChannel:
         self._ws: Any = None
         self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
         self._closed = False
-        self._connected = threading.Event()
         self._connect()
         self._reader = threading.Thread(target=self._read_forever, name="mymps-session", daemon=True)
         self._reader.start()
@@ -126,10 +125,8 @@ class SessionChannel:
                 resend = [r for rid, r in sorted(self._pending.items()) if rid > int(welcome.get("last_request") or 0)]
             for request in resend:
                 self._send_locked(request.frame)
-        self._connected.set()
 
     def _reconnect(self) -> bool:
-        self._connected.clear()
         deadline = time.monotonic() + RECONNECT_WINDOW
         for attempt in itertools.count():
             if self._closed:

@@ -128,8 +128,11 @@ class SSHServer:
             "PrintMotd": "no",
             "PrintLastLog": "no",
         }
-        if self.set_env:
-            options["SetEnv"] = " ".join(f"{name}={value}" for name, value in self.set_env.items())
+        # SHLVL=2 keeps bash from sourcing ~/.bashrc for ssh commands (Debian's bash does so only
+        # at shell level 1): a developer's rc file (pyenv's rehash, with its lock file) must not
+        # slow or hang the tests' remote commands.
+        session_env = {"SHLVL": "2", **self.set_env}
+        options["SetEnv"] = " ".join(f"{name}={value}" for name, value in session_env.items())
         args = [str(SSHD), "-D", "-e", "-f", "/dev/null", "-p", str(self.port)]
         for name, value in options.items():
             args += ["-o", f"{name}={value}"]
