@@ -145,6 +145,8 @@ class Session:
         if frame.type == "ack":
             self.ack(int(frame.get("seq", 0)))
             return
+        if "ack" in frame.fields:  # requests carry the client's ack
+            self.ack(int(frame.fields["ack"]))
         if frame.id <= self.last_request and frame.type not in ("interrupt", "cancel"):
             return  # a resent request that had arrived before the connection dropped
         self.last_request = max(self.last_request, frame.id)

@@ -31,6 +31,9 @@ RECONNECT_WINDOW = 60.0
 """Seconds the client keeps trying to reconnect before the calls in flight fail."""
 
 _WAIT_STEP_S = 0.2
+_ACK_EVERY = 256
+"""Frames received without a request to carry their ack, before an ack frame of its own (it
+bounds what the server keeps for a replay)."""
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _OUTPUT = frozenset({"stream", "display", "progress"})
 
@@ -158,7 +161,10 @@ class SessionChannel:
         # order to tell a resent request (after a reconnect) from a new one.
         with self._send_lock:
             rid = next(self._ids)
-            frame = wire.Frame(kind, rid, fields or {}, buffers or [])
+            # Every request tells the server what has arrived, so it can forget it: no ack frame
+            # of its own on the way of a quick call.
+            self._acked = self._last_seq
+            frame = wire.Frame(kind, rid, {**(fields or {}), "ack": self._acked}, buffers or [])
             request = _Request(frame, RemoteFuture(self, rid), waiter)
             with self._lock:
                 self._pending[rid] = request
@@ -275,7 +281,7 @@ class SessionChannel:
         _settle(request.future, frame)
         if request.events is not None:
             request.events.put(None)
-        if self._last_seq - self._acked >= 1:
+        if self._last_seq - self._acked >= _ACK_EVERY:  # else the next request carries the ack
             self._acked = self._last_seq
             self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
 

@@ -27,7 +27,8 @@ stream, the rest are the raw memory of numpy arrays and tensors. Torch tensors a
 through numpy (their own reducer would copy the storage in-band) and come back as torch tensors
 where torch is importable, else as numpy arrays.
 
-Client -> server (``id`` is the client's request number, increasing within a session):
+Client -> server (``id`` is the client's request number, increasing within a session; every
+request carries ``ack``, the last server frame the client has, so the server can forget it):
 
 =============  ==========================================================================
 ``hello``      first frame: ``session`` (id to resume, or None), ``last_seq`` (last server
@@ -41,7 +42,7 @@ Client -> server (``id`` is the client's request number, increasing within a ses
                id, or 0 for whatever of this session runs)
 ``cancel``     ``target``: drop that queued request; ``result`` ``{cancelled: bool}``
 ``reset``      clear the namespace (the models stay loaded)
-``ack``        ``seq``: the client has everything up to ``seq``; the server may forget it
+``ack``        ``seq``: as a request's ``ack``, when many frames arrived without a request
 =============  ==========================================================================
 
 Server -> client (each has ``seq``, increasing within a session, so a client that reconnects
