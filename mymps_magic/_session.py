@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 RECONNECT_WINDOW = 60.0
 """Seconds the client keeps trying to reconnect before the calls in flight fail."""
 
+RECV_BUFSIZE = 1 << 20
+"""Bytes read from the socket at once: websockets' 64 KiB costs a third of a large pull's speed."""
+
 _WAIT_STEP_S = 0.2
 _ACK_EVERY = 256
 """Frames received without a request to carry their ack, before an ack frame of its own (it
@@ -101,6 +104,7 @@ class SessionChannel:
                 compression=None,
                 legacy=True,  # a long-lived connection, closed by close(), not a with-block
             )
+            ws.recv_bufsize = RECV_BUFSIZE
             hello = wire.Frame("hello", 0, {
                 "session": self.session_id, "last_seq": self._last_seq, "python": wire.PYTHON_VERSION,
                 "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION,

@@ -264,7 +264,8 @@ class FrameDecoder:
             raise FrameTooLarge(f"a frame of {sum(sizes)} bytes is over the limit of {self.max_size} bytes (--max-body)")
         header.pop("v", None)
         if header.pop("chunked", False):
-            frame.buffers = [bytearray(n) for n in sizes]
+            # np.empty, not bytearray(n): zero-filling 256 MiB would cost ~100 ms for nothing.
+            frame.buffers = [np.empty(n, dtype=np.uint8) for n in sizes]
             self._pending, self._sizes, self._index, self._offset = frame, sizes, 0, 0
             return self._skip_empty()
         offset = 4 + length
@@ -293,7 +294,7 @@ class FrameDecoder:
         end = self._offset + view.nbytes
         if end > self._sizes[self._index]:
             raise WireFormatError("a chunk runs past the end of its buffer")
-        target[self._offset:end] = view
+        memoryview(target)[self._offset:end] = view
         self._offset = end
         return self._skip_empty()
 
