@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import itertools
 import signal
 import threading
 import time
@@ -41,9 +42,9 @@ SHUTDOWN_REASON = "cancelled: the server is shutting down"
 class Job(concurrent.futures.Future):  # type: ignore[type-arg]
     """One unit of device work and its outcome."""
 
-    def __init__(self, fn: Callable[[Job], Any], kind: str, model: str | None, session: str | None) -> None:
+    def __init__(self, job_id: str, fn: Callable[[Job], Any], kind: str, model: str | None, session: str | None) -> None:
         super().__init__()
-        self.id = uuid.uuid4().hex[:12]
+        self.id = job_id
         self.fn = fn
         self.kind = kind
         self.model = model
@@ -103,6 +104,8 @@ class JobQueue:
         back. With ``own_thread=False`` the caller runs :meth:`work` on the thread of its choice
         (the main thread, for interrupts that break a sleep)."""
         self._queue: collections.deque[Job] = collections.deque()
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:6]  # ids of two server runs never meet
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._closed = False
@@ -120,7 +123,7 @@ class JobQueue:
     def submit(
         self, fn: Callable[[Job], Any], kind: str, *, model: str | None = None, session: str | None = None
     ) -> Job:
-        job = Job(fn, kind, model, session)
+        job = Job(f"{self._prefix}{next(self._ids):x}", fn, kind, model, session)
         with self._cond:
             if self._closed:
                 raise Cancelled("the server is shutting down")

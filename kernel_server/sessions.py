@@ -155,6 +155,8 @@ class Session:
             self.emit(wire.Frame("result", frame.id, {"fields": {}}))
         elif frame.type == "cancel":
             self._cancel(frame.id, int(frame.get("target", 0)))
+        elif frame.type in ("run", "cell") and not self._in_lane:
+            self._submit(frame)  # nothing of this session waits in its lane: queue the job now
         elif frame.type in ("run", "cell", "push", "pull", "reset"):
             self._in_lane.add(frame.id)
             self._lane.put_nowait(frame)
@@ -198,38 +200,44 @@ class Session:
         def work(job: Job) -> None:
             if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
                 self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
-            outlet = Outlet(self.emit_threadsafe, rid)
-            try:
-                if frame.type == "run":
-                    try:
-                        fn, args, kwargs = wire.loads(frame.buffers)
-                    except Exception as exc:
-                        self.emit_threadsafe(error_frame(rid, _unpickle_error(exc), "pickle"))
-                        return
-                    _see_namespace(fn, self.namespace)
-                    with manager.execution.capture(outlet), job.user_code():
-                        value = fn(*args, **kwargs)
-                    self.emit_threadsafe(_value_frame(rid, value, None))
-                else:
-                    body, last = compile_cell(str(frame["source"]))
-                    with manager.execution.capture(outlet), job.user_code():
-                        exec(body, self.namespace)
-                        value = eval(last, self.namespace) if last is not None else None
-                    if value is not None:
-                        self.namespace["_"] = value
-                    self.emit_threadsafe(_value_frame(rid, value, outlet))
-            except BaseException as exc:
-                if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
-                    exc = RuntimeError(f"the call was {job.cancel_reason}")
-                    self.emit_threadsafe(error_frame(rid, exc, "cancelled"))
-                    return
-                self.emit_threadsafe(error_frame(rid, exc))
-                if is_out_of_memory(exc):
-                    manager.device.free_memory()
+            self._loop.call_soon_threadsafe(self._finish, rid, self._execute(job, frame))
 
         job = manager.jobs.submit(work, frame.type, session=self.id)
         self.jobs[rid] = job
-        job.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self.jobs.pop, rid, None))
+        job.add_done_callback(lambda done: done.cancelled() and self._loop.call_soon_threadsafe(self.jobs.pop, rid, None))
+
+    def _execute(self, job: Job, frame: wire.Frame) -> wire.Frame:
+        """Run a ``run`` or ``cell`` request on the device worker; returns its final frame."""
+        rid, manager = frame.id, self.manager
+        outlet = Outlet(self.emit_threadsafe, rid)
+        try:
+            if frame.type == "run":
+                try:
+                    fn, args, kwargs = wire.loads(frame.buffers)
+                except Exception as exc:
+                    return error_frame(rid, _unpickle_error(exc), "pickle")
+                _see_namespace(fn, self.namespace)
+                with manager.execution.capture(outlet), job.user_code():
+                    value = fn(*args, **kwargs)
+                return _value_frame(rid, value, None)
+            body, last = compile_cell(str(frame["source"]))
+            with manager.execution.capture(outlet), job.user_code():
+                exec(body, self.namespace)
+                value = eval(last, self.namespace) if last is not None else None
+            if value is not None:
+                self.namespace["_"] = value
+            return _value_frame(rid, value, outlet)
+        except BaseException as exc:
+            if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
+                return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), "cancelled")
+            if is_out_of_memory(exc):
+                manager.device.free_memory()
+            return error_frame(rid, exc)
+
+    def _finish(self, rid: int, frame: wire.Frame) -> None:
+        """The request's last frame; its job leaves the session's list in the same loop turn."""
+        self.jobs.pop(rid, None)
+        self.emit(frame)
 
     def _interrupt(self, target: int) -> None:
         for rid, job in list(self.jobs.items()):
