@@ -6,6 +6,7 @@ A test sees what a notebook would: the iopub messages (``stream``, ``display_dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -14,9 +15,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from kit import QUIET_ENV, REPO_ROOT, TESTS_DIR
+from kit import QUIET_ENV, REPO_ROOT, TESTS_DIR, ServerProcess
 
 
 @dataclass
@@ -120,3 +121,20 @@ class Kernel:
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=True)
         shutil.rmtree(self._sockets, ignore_errors=True)
+
+
+def ok(run: CellRun) -> CellRun:
+    """The run of a cell that must have succeeded."""
+    assert run.status == "ok", (run.error, run.stderr)
+    return run
+
+
+@contextlib.contextmanager
+def notebook(directory: Path, server: ServerProcess) -> Iterator[Kernel]:
+    """A kernel with ``%load_ext mymps_magic`` done, whose ``%mymps`` reaches ``server`` by default."""
+    kernel = Kernel(directory, env={"MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token})
+    try:
+        ok(kernel.execute("%load_ext mymps_magic"))
+        yield kernel
+    finally:
+        kernel.close()

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from kernels import CellRun, Kernel
+from kernels import CellRun, Kernel, notebook, ok
 from kit import ServerProcess, TinyModels, free_port
 
 LLAMA = "errors-llama"
@@ -27,11 +27,6 @@ CLIENT_FRAMES = ("mymps_magic", "_session.py", "_stream.py", "magics.py", "clien
                  "websockets", "kernel_server", "Traceback (most recent call last)")
 SERVER_FRAMES = ("kernel_server", "site-packages", "/lib/python3")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def ok(run: CellRun) -> CellRun:
-    assert run.status == "ok", (run.error, run.stderr)
-    return run
 
 
 def traceback_lines(run: CellRun) -> list[str]:
@@ -54,13 +49,8 @@ def one_line(run: CellRun, ename: str) -> str:
 
 @pytest.fixture(scope="module")
 def nb(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    kernel = Kernel(tmp_path_factory.mktemp("errors-kernel"),
-                    env={"MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token})
-    try:
-        ok(kernel.execute("%load_ext mymps_magic"))
+    with notebook(tmp_path_factory.mktemp("errors-kernel"), server) as kernel:
         yield kernel
-    finally:
-        kernel.close()
 
 
 @pytest.fixture(scope="module")

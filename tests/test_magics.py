@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from PIL import Image
 
-from kernels import CellRun, Kernel
+from kernels import CellRun, Kernel, notebook, ok
 from kit import MakeServer, ServerProcess, TinyModels
 
 LLAMA = "magics-llama"
@@ -39,11 +39,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def ok(run: CellRun) -> CellRun:
-    assert run.status == "ok", (run.error, run.stderr)
-    return run
 
 
 def plain(text: str) -> str:
@@ -105,13 +100,8 @@ def progress_updates(run: CellRun, total: int) -> list[tuple[float, float]]:
 @pytest.fixture(scope="module")
 def nb(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
     """The module's notebook: a real kernel with the extension loaded, on the shared server."""
-    kernel = Kernel(tmp_path_factory.mktemp("magics-kernel"),
-                    env={"MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token})
-    try:
-        ok(kernel.execute("%load_ext mymps_magic"))
+    with notebook(tmp_path_factory.mktemp("magics-kernel"), server) as kernel:
         yield kernel
-    finally:
-        kernel.close()
 
 
 @pytest.fixture(scope="module")
