@@ -34,6 +34,7 @@ RECV_BUFSIZE = 1 << 20
 """Bytes read from the socket at once: websockets' 64 KiB costs a third of a large pull's speed."""
 
 _WAIT_STEP_S = 0.2
+_ACK_LARGE = 1 << 20
 _ACK_EVERY = 256
 """Frames received without a request to carry their ack, before an ack frame of its own (it
 bounds what the server keeps for a replay)."""
@@ -285,7 +286,10 @@ class SessionChannel:
         _settle(request.future, frame)
         if request.events is not None:
             request.events.put(None)
-        if self._last_seq - self._acked >= _ACK_EVERY:  # else the next request carries the ack
+        large = sum(memoryview(b).nbytes for b in frame.buffers) >= _ACK_LARGE
+        # Acked at once: after many frames, or a large value the server should not keep for a
+        # replay; otherwise the next request carries the ack.
+        if large or self._last_seq - self._acked >= _ACK_EVERY:
             self._acked = self._last_seq
             self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
 
