@@ -20,21 +20,20 @@ import platform
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from mymps_magic import wire
 
 from .errors import is_out_of_memory
 from .execution import Execution, Outlet, compile_cell, error_frame, new_namespace
 from .jobs import Job, JobQueue
+from .richrepr import mimebundle
 
 if TYPE_CHECKING:
     from .device import Device
     from .registry import Registry
 
 log = logging.getLogger("kernel_server.sessions")
-
-Sender = Callable[[wire.Frame], None]
 
 
 def versions_mismatch(python: str, cloudpickle: str) -> str | None:
@@ -323,8 +322,6 @@ def _value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] |
     """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
     fields: dict[str, Any] = {}
     if outlet is not None and value is not None:
-        from .richrepr import mimebundle
-
         fields["mime"] = mimebundle(value)[0]
     try:
         buffers = wire.dumps(value)
