@@ -142,18 +142,22 @@ class Connection:
         """
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+        from mymps_magic._websocket import Closed, HandshakeError
+
         address = self.settings.address
         try:
             yield
         except errors.MympsError:
             raise  # already translated (and ConnectionError is an OSError: keep it from below)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
+        except (InvalidStatus, HandshakeError) as exc:
+            status, body = (exc.status, exc.body) if isinstance(exc, HandshakeError) else (
+                exc.response.status_code, exc.response.body)
             if status in (401, 403):
                 raise self.auth_error() from None
-            raise errors.error_for_status(status, _error_message(exc.response.body, status)) from None
-        except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == WS_CLOSE_POLICY:
+            raise errors.error_for_status(status, _error_message(body or b"", status)) from None
+        except (ConnectionClosed, Closed) as exc:
+            code = exc.code if isinstance(exc, Closed) else exc.rcvd.code if exc.rcvd is not None else None
+            if code == WS_CLOSE_POLICY:
                 raise self.auth_error() from None
             raise errors.ConnectionError(f"Lost the connection to {address} before the stream ended. {FIX_LINK}") from None
         except (InvalidHandshake, OSError):  # OSError covers refused connections and open timeouts

@@ -1,9 +1,11 @@
 """The client end of ``/ws/session``: one WebSocket, many requests in flight, and reconnection.
 
-A reader thread receives every frame and hands it to the request it belongs to. A blocking call
-(``run``, ``run_cell``, ``push``, ``pull``) waits on its own thread and renders its request's
-output there, so in a Jupyter kernel the output lands in the cell that asked for it; output of
-``submit``ted calls is rendered by the reader thread.
+Who reads the socket: the thread that waits for an answer. A blocking call (``run``,
+``run_cell``, ``push``, ``pull``) takes the socket's reader role and reads until its request
+ends, rendering its own output as it comes, so in a Jupyter kernel the output lands in the cell
+that asked for it and a quick call crosses no thread at all. Frames of other requests are handed
+to their own waiting threads. A background thread reads only when nobody else does and something
+is expected (the futures of ``submit``), and every few seconds to answer the server's pings.
 
 When the connection breaks, the reader reconnects with the session id and the last sequence
 number it saw: the server replays what was missed and the client resends the requests the
@@ -12,16 +14,18 @@ server never got. Nothing in flight is lost, and the remote namespace survives.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import itertools
-import queue
+import socket
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from mymps_magic import errors, wire
+from mymps_magic._websocket import ClientWebSocket, Closed
 from mymps_magic.display import OutputSink, RemoteValue
 
 if TYPE_CHECKING:
@@ -30,8 +34,9 @@ if TYPE_CHECKING:
 RECONNECT_WINDOW = 60.0
 """Seconds the client keeps trying to reconnect before the calls in flight fail."""
 
-RECV_BUFSIZE = 1 << 20
-"""Bytes read from the socket at once: websockets' 64 KiB costs a third of a large pull's speed."""
+CONNECT_TIMEOUT = 5.0
+KEEPALIVE_S = 5.0
+"""Longest the socket goes unread while idle: the server's pings (every 20 s) want an answer."""
 
 _WAIT_STEP_S = 0.2
 _ACK_LARGE = 1 << 20
@@ -65,8 +70,8 @@ class _Request:
     def __init__(self, frame: wire.Frame, future: RemoteFuture, waiter: bool) -> None:
         self.frame = frame
         self.future = future
-        # A blocking caller renders its own output; None means the reader thread renders it.
-        self.events: queue.SimpleQueue[wire.Frame | None] | None = queue.SimpleQueue() if waiter else None
+        # A blocking caller renders its own output; None means whoever reads renders it.
+        self.events: collections.deque[wire.Frame] | None = collections.deque() if waiter else None
 
 
 class SessionChannel:
@@ -79,41 +84,47 @@ class SessionChannel:
         self.welcome: wire.Frame | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
-        self._lock = threading.Lock()
         self._last_seq = 0
         self._acked = 0
-        self._ws: Any = None
+        self._ws: ClientWebSocket | None = None
+        self._decoder = wire.FrameDecoder()
         self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
+        # One lock for the pending requests and the reader role: who reads the socket now
+        # (`_reader`, a thread id), how many callers wait for it or for their events
+        # (`_callers`), and how many pending requests nobody waits on (`_unwatched`).
+        self._lock = threading.Lock()
+        self._role = threading.Condition(self._lock)
+        self._reader: int | None = None
+        self._callers = 0
+        self._unwatched = 0
         self._closed = False
+        self._wake_r, self._wake_w = socket.socketpair()  # pokes the background reader out of its wait
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._connect()
-        self._reader = threading.Thread(target=self._read_forever, name="mymps-session", daemon=True)
-        self._reader.start()
+        self._background = threading.Thread(target=self._read_in_background, name="mymps-session", daemon=True)
+        self._background.start()
 
     # -- connecting ------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         """Open the socket and say hello; resend what the server did not get."""
-        from websockets.sync.client import connect
-
+        settings = self.connection.settings
+        hello = wire.Frame("hello", 0, {
+            "session": self.session_id, "last_seq": self._last_seq, "python": wire.PYTHON_VERSION,
+            "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION,
+        })
         with self.connection.ws_errors():
-            ws = connect(
-                self.connection.ws_url("/ws/session"),
-                additional_headers=self.connection.headers,
-                max_size=None,
-                open_timeout=5,
-                proxy=None,
-                compression=None,
-                legacy=True,  # a long-lived connection, closed by close(), not a with-block
-            )
-            ws.recv_bufsize = RECV_BUFSIZE
-            hello = wire.Frame("hello", 0, {
-                "session": self.session_id, "last_seq": self._last_seq, "python": wire.PYTHON_VERSION,
-                "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION,
-            })
-            with self._send_lock:
+            ws = ClientWebSocket.connect(settings.host, settings.port, "/ws/session", self.connection.headers,
+                                         timeout=CONNECT_TIMEOUT)
+            try:
                 for message in wire.encode_frame(hello):
                     ws.send(message)
-            welcome = wire.FrameDecoder().feed(ws.recv())
+                welcome = wire.FrameDecoder().feed(ws.recv()[0])
+                ws.sock.settimeout(None)
+            except BaseException:
+                ws.close()
+                raise
         if welcome is None or welcome.type != "welcome":
             ws.close()
             raise errors.ServerError("The server did not answer the session hello; is it a mymps server of the same version?")
@@ -127,6 +138,7 @@ class SessionChannel:
             print(f"mymps: {welcome['mismatch']}", file=sys.stderr)
         self.welcome, self.session_id = welcome, welcome["session"]
         self._acked = self._last_seq
+        self._decoder = wire.FrameDecoder()
         with self._send_lock:  # no new request slips in before the resent ones: ids stay in order
             self._ws = ws
             with self._lock:
@@ -135,6 +147,8 @@ class SessionChannel:
                 self._send_locked(request.frame)
 
     def _reconnect(self) -> bool:
+        """Reopen the session (the reader role's holder does this); False once it gave up."""
+        self._drop(self._ws)
         deadline = time.monotonic() + RECONNECT_WINDOW
         for attempt in itertools.count():
             if self._closed:
@@ -153,6 +167,15 @@ class SessionChannel:
             f"Lost the session with {self.connection.settings.address} and could not reconnect within "
             f"{RECONNECT_WINDOW:g} s. Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"))
         return False
+
+    def _drop(self, ws: ClientWebSocket | None) -> None:
+        """Forget a socket that broke (or whose stream a Ctrl-C cut in the middle of a message)."""
+        if ws is None:
+            return
+        with self._send_lock:
+            if self._ws is ws:
+                self._ws = None
+        ws.close()
 
     @property
     def mismatch(self) -> str | None:
@@ -173,6 +196,9 @@ class SessionChannel:
             request = _Request(frame, RemoteFuture(self, rid), waiter)
             with self._lock:
                 self._pending[rid] = request
+                if not waiter:
+                    self._unwatched += 1
+                    self._role.notify_all()  # the background reader has something to wait for
             self._send_locked(frame)
         return request
 
@@ -188,7 +214,7 @@ class SessionChannel:
         try:
             for message in wire.encode_frame(frame):
                 ws.send(message)
-        except Exception:  # the reader sees the broken socket too, and reconnects
+        except OSError:  # whoever reads next sees the broken socket too, and reconnects
             pass
 
     def wait(self, request: _Request, timeout: float | None = None) -> Any:
@@ -201,27 +227,27 @@ class SessionChannel:
         assert request.events is not None
         deadline = None if timeout is None else time.monotonic() + timeout
         interrupted = False
-        while True:
-            try:
-                # Short steps, never one long block: a Ctrl-C that lands just before a blocking
-                # get would otherwise wait for the next event to be noticed.
-                step = _WAIT_STEP_S if deadline is None or interrupted else min(
-                    _WAIT_STEP_S, max(0.0, deadline - time.monotonic()))
+        me = threading.get_ident()
+        try:
+            while True:
                 try:
-                    event = request.events.get(timeout=step)
-                except queue.Empty:
+                    if self._render_events(request):
+                        break
+                    # Short steps, never one long block: a timeout must be noticed in time.
+                    step = _WAIT_STEP_S if deadline is None or interrupted else min(
+                        _WAIT_STEP_S, max(0.0, deadline - time.monotonic()))
+                    if self._take_role(me, request, step):
+                        self._read_one(step)
                     if deadline is not None and not interrupted and time.monotonic() >= deadline:
                         self.interrupt(request.frame.id)
                         interrupted = True
-                    continue
-                if event is None:
-                    break
-                self._render(request.frame.id, event)
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                self.interrupt(request.frame.id)
-                interrupted = True
+                except KeyboardInterrupt:
+                    if interrupted:
+                        raise
+                    self.interrupt(request.frame.id)
+                    interrupted = True
+        finally:
+            self._release_role(me, request)
         self.sink.finish(request.frame.id)
         return request.future.result()
 
@@ -244,54 +270,177 @@ class SessionChannel:
     def forget(self, rid: int) -> None:
         with self._lock:
             request = self._pending.pop(rid, None)
-        if request is not None and request.events is not None:
-            request.events.put(None)
+            if request is not None and request.events is None:
+                self._unwatched -= 1
+            self._role.notify_all()
+
+    # -- the reader role -------------------------------------------------------------------------
+
+    def _take_role(self, me: int, request: _Request, timeout: float) -> bool:
+        """Become the socket's reader; or, while another thread reads, wait (up to ``timeout``)
+        for it to hand over or to pass this request an event. True when this thread may read."""
+        with self._role:
+            if self._reader is None or self._reader == me:
+                self._reader = me
+                return True
+            if request.events or request.future.done():
+                return False
+            if self._reader == self._background.ident:
+                _poke(self._wake_w)
+            self._callers += 1
+            try:
+                self._role.wait(timeout)
+            finally:
+                self._callers -= 1
+            if self._reader is None and not request.events:
+                self._reader = me
+                return True
+            return False
+
+    def _release_role(self, me: int, request: _Request | None = None) -> None:
+        with self._role:
+            if request is not None and not request.future.done() and request.events is not None:
+                request.events = None  # the caller stopped waiting (a second Ctrl-C): whoever reads renders it
+                self._unwatched += 1
+            if self._reader == me:
+                self._reader = None
+                if self._callers or self._unwatched:
+                    self._role.notify_all()
+
+    def _read_one(self, timeout: float | None) -> bool:
+        """Read and dispatch one message if one comes within ``timeout`` (the role's holder only).
+
+        Returns False only when the session is closed or could not be reopened.
+        """
+        ws = self._ws
+        if ws is None or ws.closed:
+            return self._reconnect()
+        try:
+            if not ws.wait_readable(timeout):  # a Ctrl-C while waiting here loses nothing
+                return True
+        except (OSError, ValueError):  # ValueError: the socket was closed meanwhile
+            return self._reconnect()
+        try:
+            message, in_place = ws.recv(self._decoder.chunk_target)
+            if in_place:
+                frame = self._decoder.chunk_filled(memoryview(message).nbytes)
+            else:
+                frame = self._decoder.feed(message)
+        except (Closed, OSError, wire.WireFormatError):
+            return self._reconnect()
+        except BaseException:
+            # Stopped halfway through a message (Ctrl-C): the stream may be out of step. Start
+            # over on a fresh socket; the server replays whatever was not dispatched.
+            self._drop(ws)
+            raise
+        if frame is not None:
+            self._dispatch(frame)
+        return True
+
+    def _read_in_background(self) -> None:
+        me = threading.get_ident()
+        try:
+            while self._await_turn(me):
+                try:
+                    self._read_while_needed()
+                finally:
+                    self._release_role(me)
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _await_turn(self, me: int) -> bool:
+        """Wait until the socket is free and something is expected, or the keepalive is due;
+        then take the reader role. False once the channel is closed."""
+        with self._role:
+            deadline = time.monotonic() + KEEPALIVE_S
+            while not self._closed:
+                free = self._reader is None and not self._callers
+                left = deadline - time.monotonic()
+                if free and (self._unwatched or left <= 0):
+                    self._reader = me
+                    return True
+                self._role.wait(left if left > 0 else KEEPALIVE_S)
+            return False
+
+    def _read_while_needed(self) -> None:
+        """Read until a caller wants the socket and nothing unwatched is pending, or nothing
+        more is there to read."""
+        while not self._closed:
+            ws = self._ws
+            if ws is None or ws.closed:
+                if not self._reconnect():
+                    return
+                continue
+            try:
+                ready = ws.wait_readable(None if self._unwatched else 0, self._wake_r.fileno())
+            except (OSError, ValueError):
+                if not self._reconnect():
+                    return
+                continue
+            if self._wake_r.fileno() in ready:
+                _drain(self._wake_r)
+                return  # a caller wants the socket
+            if not ready:
+                return
+            if not self._read_one(0):
+                return
 
     # -- receiving -------------------------------------------------------------------------------
-
-    def _read_forever(self) -> None:
-        decoder = wire.FrameDecoder()
-        while not self._closed:
-            try:
-                frame = decoder.feed(self._ws.recv())
-            except Exception:
-                if self._closed or not self._reconnect():
-                    return
-                decoder = wire.FrameDecoder()
-                continue
-            if frame is not None:
-                self._dispatch(frame)
 
     def _dispatch(self, frame: wire.Frame) -> None:
         seq = int(frame.get("seq") or 0)
         if seq and seq <= self._last_seq:
             return  # already seen before the connection dropped
+        self._route(frame)
         self._last_seq = max(self._last_seq, seq)
+        if frame.type in ("result", "error"):
+            large = sum(memoryview(b).nbytes for b in frame.buffers) >= _ACK_LARGE
+            # Acked at once: after many frames, or a large value the server should not keep for
+            # a replay; otherwise the next request carries the ack.
+            if large or self._last_seq - self._acked >= _ACK_EVERY:
+                self._acked = self._last_seq
+                self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
+
+    def _route(self, frame: wire.Frame) -> None:
+        final = frame.type not in _OUTPUT and frame.type != "started"
         with self._lock:
             request = self._pending.get(frame.id)
-        if request is None:
-            return
+            if request is None:
+                return
+            if final:
+                del self._pending[frame.id]
+                if request.events is None:
+                    self._unwatched -= 1
         if frame.type in _OUTPUT:
-            if request.events is not None:
-                request.events.put(frame)
-            else:
+            events = request.events
+            if events is None:
                 self._render(frame.id, frame)
+            else:
+                events.append(frame)
+                self._notify_callers()
             return
         if frame.type == "started":
             request.future.job_id = frame.get("job")
             request.future.set_running_or_notify_cancel()
             return
-        with self._lock:
-            self._pending.pop(frame.id, None)
         _settle(request.future, frame)
         if request.events is not None:
-            request.events.put(None)
-        large = sum(memoryview(b).nbytes for b in frame.buffers) >= _ACK_LARGE
-        # Acked at once: after many frames, or a large value the server should not keep for a
-        # replay; otherwise the next request carries the ack.
-        if large or self._last_seq - self._acked >= _ACK_EVERY:
-            self._acked = self._last_seq
-            self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
+            self._notify_callers()
+
+    def _notify_callers(self) -> None:
+        with self._role:
+            if self._callers:
+                self._role.notify_all()
+
+    def _render_events(self, request: _Request) -> bool:
+        """Render what arrived for a waiting request; True once it has ended. (Whether it ended
+        is read first: its events all arrive before its end.)"""
+        done = request.future.done()
+        events = request.events
+        while events:
+            self._render(request.frame.id, events.popleft())
+        return done
 
     def _render(self, rid: int, frame: wire.Frame) -> None:
         if frame.type == "stream":
@@ -302,22 +451,39 @@ class SessionChannel:
             self.sink.progress(rid, frame.fields)
 
     def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
+        with self._role:
             pending, self._pending = self._pending, {}
+            self._unwatched = 0
         for request in pending.values():
             if not request.future.done():
                 if not request.future.running():
                     request.future.set_running_or_notify_cancel()
                 request.future.set_exception(exc)
-            if request.events is not None:
-                request.events.put(None)
+        with self._role:
+            self._role.notify_all()
 
     def close(self) -> None:
         self._closed = True
         ws = self._ws
         if ws is not None:
             ws.close()
+        _poke(self._wake_w)
         self._fail_all(errors.ConnectionError("The client was closed."))
+
+
+def _poke(sock: socket.socket) -> None:
+    try:
+        sock.send(b"!")
+    except OSError:  # its buffer is full (it is poked already) or it is closed
+        pass
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _settle(future: RemoteFuture, frame: wire.Frame) -> None:

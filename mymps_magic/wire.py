@@ -279,6 +279,20 @@ class FrameDecoder:
             raise WireFormatError("the frame's buffers do not match the sizes in its header")
         return frame
 
+    def chunk_target(self, n: int) -> memoryview | None:
+        """Where the next ``n``-byte message of a chunked frame belongs, so the transport can
+        read it straight there (then call :meth:`chunk_filled`); None when no chunked frame is
+        waiting for data or the message would not fit."""
+        if self._pending is None or self._offset + n > self._sizes[self._index]:
+            return None
+        return memoryview(self._pending.buffers[self._index])[self._offset:self._offset + n]
+
+    def chunk_filled(self, n: int) -> Frame | None:
+        """Count ``n`` bytes written in place at :meth:`chunk_target`; returns the frame they
+        complete, or None."""
+        self._offset += n
+        return self._skip_empty()
+
     def _skip_empty(self) -> Frame | None:
         while self._pending is not None and self._index < len(self._sizes) and self._offset == self._sizes[self._index]:
             self._index += 1
