@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import itertools
+import queue
 import signal
 import threading
 import time
@@ -106,7 +107,10 @@ class JobQueue:
         self._queue: collections.deque[Job] = collections.deque()
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:6]  # ids of two server runs never meet
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # One token per submit (and one for close): the worker blocks in C on it, so it holds
+        # the GIL for as short a time as possible around a job (a Condition's wait is Python).
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._running: Job | None = None
         self._closed = False
         self._on_failure = on_failure
@@ -124,11 +128,11 @@ class JobQueue:
         self, fn: Callable[[Job], Any], kind: str, *, model: str | None = None, session: str | None = None
     ) -> Job:
         job = Job(f"{self._prefix}{next(self._ids):x}", fn, kind, model, session)
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise Cancelled("the server is shutting down")
             self._queue.append(job)
-            self._cond.notify()
+        self._wakeups.put(None)
         return job
 
     async def run(
@@ -145,12 +149,12 @@ class JobQueue:
             raise
 
     def list(self) -> list[dict[str, Any]]:
-        with self._cond:
+        with self._lock:
             jobs = ([self._running] if self._running else []) + list(self._queue)
         return [job.describe() for job in jobs]
 
     def counts(self) -> dict[str, int]:
-        with self._cond:
+        with self._lock:
             return {"running": int(self._running is not None), "queued": len(self._queue)}
 
     def cancel(self, job_id: str, reason: str = "cancelled") -> Job:
@@ -159,7 +163,7 @@ class JobQueue:
         Raises:
             NotFound: no running or queued job has this id.
         """
-        with self._cond:
+        with self._lock:
             for job in self._queue:
                 if job.id == job_id:
                     self._queue.remove(job)
@@ -175,7 +179,7 @@ class JobQueue:
 
     def drop(self, job: Job) -> bool:
         """Remove ``job`` if it is still queued (``Future.cancel`` semantics: never a running one)."""
-        with self._cond:
+        with self._lock:
             if job not in self._queue:
                 return False
             self._queue.remove(job)
@@ -191,12 +195,12 @@ class JobQueue:
 
     def close(self, reason: str = SHUTDOWN_REASON) -> None:
         """Cancel everything and stop the worker; waits briefly for the running job to stop."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
             running = self._running
-            self._cond.notify_all()
+        self._wakeups.put(None)
         for job in pending:
             job.cancel_reason = reason
             job.cancel()
@@ -236,11 +240,13 @@ class JobQueue:
         """Run jobs until :meth:`close`; the device worker's loop."""
         self._worker = threading.get_ident()
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+            self._wakeups.get()
+            with self._lock:
                 if self._closed and not self._queue:
+                    self._wakeups.put(None)  # for a second worker loop, if any
                     return
+                if not self._queue:  # its job was dropped or cancelled meanwhile
+                    continue
                 job = self._queue.popleft()
                 if not job.set_running_or_notify_cancel():
                     continue
@@ -252,8 +258,9 @@ class JobQueue:
             except BaseException as exc:  # a failing job must never stop the worker
                 failure = exc
             # Off the list before the answer goes out: a client that got its answer and then
-            # asks /jobs must not see the job still running.
-            with self._cond:
+            # asks /jobs must not see the job still running. The answer goes out from the
+            # job's done callbacks, the last thing before the worker waits again.
+            with self._lock:
                 self._running = None
             if failure is None:
                 job.set_result(result)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import platform
 import sys
@@ -194,16 +195,25 @@ class Session:
             self.emit(error_frame(frame.id, ValueError("a cell request needs its source as a string"), "bad_request"))
             return
         rid = frame.id
-        manager = self.manager
 
-        def work(job: Job) -> None:
+        def work(job: Job) -> wire.Frame:
             if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
                 self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
-            self._loop.call_soon_threadsafe(self._finish, rid, self._execute(job, frame))
+            return self._execute(job, frame)
 
-        job = manager.jobs.submit(work, frame.type, session=self.id)
+        job = self.manager.jobs.submit(work, frame.type, session=self.id)
         self.jobs[rid] = job
-        job.add_done_callback(lambda done: done.cancelled() and self._loop.call_soon_threadsafe(self.jobs.pop, rid, None))
+        # The answer goes out from the done callback: the worker's last step before it waits
+        # again, so the event loop it wakes does not then wait for the GIL.
+        job.add_done_callback(functools.partial(self._job_done, rid))
+
+    def _job_done(self, rid: int, job: Job) -> None:
+        if job.cancelled():
+            self._loop.call_soon_threadsafe(self.jobs.pop, rid, None)
+            return
+        exc = job.exception()
+        frame = job.result() if exc is None else error_frame(rid, exc)
+        self._loop.call_soon_threadsafe(self._finish, rid, frame)
 
     def _execute(self, job: Job, frame: wire.Frame) -> wire.Frame:
         """Run a ``run`` or ``cell`` request on the device worker; returns its final frame."""
