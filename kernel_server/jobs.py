@@ -53,7 +53,7 @@ class Job(concurrent.futures.Future):  # type: ignore[type-arg]
         self.submitted = time.time()
         self.started: float | None = None
         self.progress: float | None = None
-        self._cancel_event = threading.Event()
+        self._cancel_requested = False  # set by another thread, only ever read: no Event needed
         self.cancel_reason = "cancelled"
         self.in_user_code = False
         self.interrupt_pending = False
@@ -71,16 +71,16 @@ class Job(concurrent.futures.Future):  # type: ignore[type-arg]
     @property
     def cancelled_flag(self) -> bool:
         """True once someone asked a running job to stop; long jobs poll it between steps."""
-        return self._cancel_event.is_set()
+        return self._cancel_requested
 
     def check_cancelled(self) -> None:
         """Raise :class:`Cancelled` if the job was asked to stop."""
-        if self._cancel_event.is_set():
+        if self._cancel_requested:
             raise Cancelled(f"job {self.id} was {self.cancel_reason}")
 
     def request_cancel(self, reason: str = "cancelled") -> None:
         self.cancel_reason = reason
-        self._cancel_event.set()
+        self._cancel_requested = True
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -222,7 +222,11 @@ class Session:
         try:
             if frame.type == "run":
                 try:
-                    fn, args, kwargs = wire.loads(frame.buffers)
+                    if "fn" in frame.fields:  # the function's own stream, apart from its arguments
+                        fn = wire.loads([frame["fn"]])
+                        args, kwargs = wire.loads(frame.buffers)
+                    else:
+                        fn, args, kwargs = wire.loads(frame.buffers)
                 except Exception as exc:
                     return error_frame(rid, _unpickle_error(exc), "pickle")
                 _see_namespace(fn, self.namespace)

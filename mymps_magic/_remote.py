@@ -16,6 +16,7 @@ from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from mymps_magic import errors, wire
+from mymps_magic._functions import PickledFunctions
 from mymps_magic._session import CellResult, RemoteFuture, SessionChannel
 from mymps_magic.display import OutputSink
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from mymps_magic._connection import Connection
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_FUNCTIONS = PickledFunctions()
 
 _INSTALLED = tuple(
     str(Path(p).resolve()) for key in ("stdlib", "platstdlib", "purelib", "platlib")
@@ -54,13 +57,24 @@ class RemoteExecution:
             self._channel.close()
             self._channel = None
 
-    def _pickled_call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    def _pickled_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        """The fields and buffers of a ``run`` request: the function's own pickle stream, reused
+        while valid, and the arguments' buffers; or, for a function that cannot be kept, all
+        three pickled together."""
         channel = self.session
         if channel.mismatch:
             raise errors.VersionMismatchError(channel.mismatch)
-        _send_local_modules_by_value(fn, *args, *kwargs.values())
         try:
-            return wire.dumps((fn, args, kwargs))
+            pickled = _FUNCTIONS.lookup(fn)
+            if pickled is None:
+                _send_local_modules_by_value(fn)
+                pickled = _FUNCTIONS.fill(fn)
+            if args or kwargs:
+                _send_local_modules_by_value(*args, *kwargs.values())
+            if pickled is not None:
+                return {"fn": pickled}, wire.dumps((args, kwargs))
+            return {}, wire.dumps((fn, args, kwargs))
         except Exception as exc:
             raise errors.PicklingError(
                 f"Cannot send {getattr(fn, '__name__', fn)!r} or its arguments: {type(exc).__name__}: {exc}. "
@@ -78,7 +92,8 @@ class RemoteExecution:
             PicklingError: ``fn``, an argument or the return value cannot be pickled.
             VersionMismatchError: the two ends run different Python or cloudpickle versions.
         """
-        return self.session.call("run", buffers=self._pickled_call(fn, args, kwargs))
+        fields, buffers = self._pickled_call(fn, args, kwargs)
+        return self.session.call("run", fields, buffers)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RemoteFuture:
         """Queue ``fn(*args, **kwargs)`` on the server and return at once.
@@ -88,8 +103,8 @@ class RemoteExecution:
             (True only while it is still queued; a running call is stopped with `interrupt`).
             Its ``job_id`` is the id ``/jobs`` shows once it runs.
         """
-        buffers = self._pickled_call(fn, args, kwargs)
-        return self.session.request("run", {"notify_start": True}, buffers, waiter=False).future
+        fields, buffers = self._pickled_call(fn, args, kwargs)
+        return self.session.request("run", {**fields, "notify_start": True}, buffers, waiter=False).future
 
     def remote(self, fn: F) -> F:
         """Decorator: calling the function runs it on the server (``run``), with the same args."""

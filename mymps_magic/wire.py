@@ -33,7 +33,9 @@ request carries ``ack``, the last server frame the client has, so the server can
 =============  ==========================================================================
 ``hello``      first frame: ``session`` (id to resume, or None), ``last_seq`` (last server
                frame seen), ``python`` ("3.11"), ``cloudpickle`` (version), ``protocol``
-``run``        buffers: pickled ``(fn, args, kwargs)``; the value comes back in ``result``
+``run``        ``fn``: the function's own pickle stream, buffers: pickled ``(args, kwargs)``;
+               or, without ``fn`` (a function whose pickle has out-of-band buffers), buffers:
+               pickled ``(fn, args, kwargs)``. The value comes back in ``result``
 ``cell``       ``source``: Python source run in the namespace; ``result`` carries the value of
                the last expression (pickled, when it pickles) and its ``mime`` bundle
 ``push``       buffers: a pickled ``dict`` merged into the namespace

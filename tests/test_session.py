@@ -248,6 +248,52 @@ def test_run_returns_the_value_of_the_call_made_on_the_server(c: Client) -> None
     assert c.run(dict, a=[1, 2], b={"c": None}) == {"a": [1, 2], "b": {"c": None}}
 
 
+SCALE = 2
+SHARED: list[int] = []
+
+
+def scaled(x: int) -> int:
+    return x * SCALE
+
+
+def shared_items() -> list[int]:
+    return SHARED
+
+
+def test_each_call_sees_the_current_globals_closures_and_defaults(c: Client) -> None:
+    """A function is sent again (not from the client's cache of pickled functions) whenever
+    something it captured changed: a rebound global, a list changed in place, a closure cell,
+    new defaults."""
+    global SCALE
+    assert c.run(scaled, 5) == 10
+    SCALE = 3
+    try:
+        assert c.run(scaled, 5) == 15
+    finally:
+        SCALE = 2
+    SHARED.append(1)
+    assert c.run(shared_items) == [1]
+    SHARED.append(2)
+    assert c.run(shared_items) == [1, 2]
+    step = 1
+
+    def counter() -> int:
+        return step
+
+    assert c.run(counter) == 1
+    step = 5
+    assert c.run(counter) == 5
+
+    def with_default(x: int = 1) -> int:
+        return x
+
+    assert c.run(with_default) == 1
+    with_default.__defaults__ = (7,)
+    assert c.run(with_default) == 7
+    with_default.__code__ = scaled.__code__  # another body altogether
+    assert c.run(with_default, 4) == 4 * SCALE
+
+
 def test_submit_returns_a_future_with_the_value(c: Client) -> None:
     future = c.submit(sleep_then, 0.2, "slept")
     assert isinstance(future, concurrent.futures.Future)

@@ -1,0 +1,135 @@
+"""Pickled functions, kept while nothing they captured can have changed.
+
+cloudpickle rebuilds a notebook function from scratch on every call, and on a quick call that is
+a good part of the client's time. A function whose pickle depends only on things that cannot
+change in place (its code, defaults and name; globals and closure cells holding numbers,
+strings, modules, or importable classes and functions) is pickled once and reused for as long
+as each of those is still the very same object. Anything else (a global list, an array, another
+notebook function) is pickled afresh every time, so a call always sees the current values.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import BuiltinFunctionType, FunctionType, ModuleType
+from typing import Any
+
+from mymps_magic import wire
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_MAX_ENTRIES = 256
+_MISSING = object()
+
+
+class _Entry:
+    __slots__ = ("names", "state", "pickled")
+
+    def __init__(self, names: tuple[str, ...], state: list[Any], pickled: bytes) -> None:
+        self.names = names
+        self.state = state
+        self.pickled = pickled
+
+
+class PickledFunctions:
+    """The pickle stream of each cacheable function seen, checked against it on every use."""
+
+    def __init__(self) -> None:
+        self._entries: dict[FunctionType, _Entry] = {}
+
+    def lookup(self, fn: Any) -> bytes | None:
+        """``fn``'s pickle stream if it was made before and is still valid."""
+        entry = self._entries.get(fn) if type(fn) is FunctionType else None
+        if entry is None:
+            return None
+        state = _state(fn, entry.names)
+        if state is not None and len(state) == len(entry.state) and all(a is b for a, b in zip(state, entry.state)):
+            return entry.pickled
+        return None
+
+    def fill(self, fn: Any) -> bytes | None:
+        """Pickle ``fn`` and keep the stream, or None when it cannot be reused: then the caller
+        pickles it along with its arguments, as always. Register the modules to pickle by
+        value first: that changes the stream."""
+        if type(fn) is not FunctionType:
+            return None
+        names = tuple(_global_names(fn.__code__))
+        state = _state(fn, names)
+        if state is None or not all(_stable(value) for value in state[_FIXED:]):
+            self._entries.pop(fn, None)
+            return None
+        buffers = wire.dumps(fn)
+        if len(buffers) != 1:  # array memory out of band: not a plain stream
+            return None
+        if len(self._entries) >= _MAX_ENTRIES:
+            self._entries.clear()
+        pickled = bytes(buffers[0])
+        self._entries[fn] = _Entry(names, state, pickled)
+        return pickled
+
+
+_FIXED = 8
+"""Items of `_state` that are the function's own attributes; the rest are captured values."""
+
+
+def _state(fn: FunctionType, names: tuple[str, ...]) -> list[Any] | None:
+    """Everything ``fn``'s pickle depends on, as objects compared by identity; None when a
+    closure cell is empty or the function carries attributes of its own."""
+    if fn.__dict__ or fn.__kwdefaults__:
+        return None
+    by_value = _by_value_modules()
+    globals_ = fn.__globals__
+    state: list[Any] = [fn.__code__, fn.__defaults__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
+                        _Count(len(sys.modules)), _Count(len(by_value))]
+    state += [globals_.get(name, _MISSING) for name in names]
+    for cell in fn.__closure__ or ():
+        try:
+            state.append(cell.cell_contents)
+        except ValueError:
+            return None
+    state += fn.__defaults__ or ()
+    return state
+
+
+class _Count(int):
+    """A count compared by value (`_state` compares the rest by identity): importing a module,
+    or registering one for pickling by value, changes how a function pickles."""
+
+    __slots__ = ()
+    _interned: dict[int, _Count] = {}
+
+    def __new__(cls, n: int) -> _Count:  # the same object for the same count, so `is` works
+        known = cls._interned.get(n)
+        if known is None:
+            known = cls._interned[n] = super().__new__(cls, n)
+        return known
+
+
+def _global_names(code: Any) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _global_names(const)
+    return names
+
+
+def _by_value_modules() -> Any:
+    import cloudpickle
+
+    return getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+
+
+def _stable(value: Any) -> bool:
+    """True for what cannot change without becoming another object (then the identity check
+    notices): numbers, strings, modules, and classes and functions pickled by reference."""
+    if value is _MISSING or isinstance(value, (_SCALARS, ModuleType)):
+        return True
+    if isinstance(value, BuiltinFunctionType):  # `len`, `math.sqrt`; not `some_list.append`
+        return value.__self__ is None or isinstance(value.__self__, ModuleType)
+    if type(value) in (tuple, frozenset):
+        return all(_stable(item) for item in value)
+    if isinstance(value, (type, FunctionType)):
+        import cloudpickle
+
+        by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+        return by_reference is not None and bool(by_reference(value))
+    return False
