@@ -6,14 +6,16 @@ client's peak memory while it moves the array.
   buffer; down is the other end's ``sendall`` into our ``recv_into`` of a preallocated buffer.
 * mymps: ``push(x=array)`` and ``pull("x")`` against the real server (``ServerProcess``).
 
-Each is timed ``--repeat`` times; the figures are MB/s (10^6 bytes per second), best and median.
+Each is timed ``--repeat`` times, mymps's after ``--warmup`` full-size rounds (printed apart: in a
+VM, memory touched for the first time costs more than the transfer); the figures are MB/s (10^6
+bytes per second), best and median, and the targets are judged on the medians.
 
 Peak client memory is measured in a fresh subprocess per direction: the peak resident size
 (``VmHWM``, reset just before the call) minus the resident size just before the array existed,
 as a multiple of the array's size. The array itself counts (the pushed one, or the pulled
 result), so 1.0x is the floor and anything above it is copies.
 
-Run: ``.venv/bin/python benchmarks/push_pull.py [--mib 256] [--repeat 3]``.
+Run: ``.venv/bin/python benchmarks/push_pull.py [--mib 256] [--repeat 5] [--warmup 3]``.
 """
 
 from __future__ import annotations
@@ -106,11 +108,24 @@ def raw_socket(array, repeat: int) -> tuple[list[float], list[float]]:  # type: 
 
 # -- mymps ----------------------------------------------------------------------------------------
 
-def mymps_push_pull(client, array, repeat: int) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+def mymps_push_pull(client, array, repeat: int, warmup: int):  # type: ignore[no-untyped-def]
+    """Times of ``repeat`` pushes and pulls, after ``warmup`` of each (timed apart).
+
+    Why warm up with the full size: each push and pull allocates a fresh array. In a VM, memory
+    the guest never touched costs a host page fault per page the first time, several times the
+    transfer itself; the raw socket baseline reuses one buffer and never pays it.
+    """
     import numpy as np
 
-    client.push(x=array[:1024])  # warm-up: imports, session open
+    client.push(x=array[:1024])  # imports, session open
     client.pull("x")
+    first: list[float] = []
+    for _ in range(warmup):
+        start = time.perf_counter()
+        client.push(x=array)
+        back = client.pull("x")
+        first.append(time.perf_counter() - start)
+        del back
     up, down = [], []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -125,7 +140,7 @@ def mymps_push_pull(client, array, repeat: int) -> tuple[list[float], list[float
         back = client.pull("x")
         down.append(time.perf_counter() - start)
         del back
-    return up, down
+    return up, down, first
 
 
 def _status_kib(field: str) -> int:
@@ -189,7 +204,8 @@ def mbps(nbytes: int, seconds: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="array size in MiB (float32)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3, help="full-size push+pull rounds before timing")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", choices=["push", "pull"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -209,7 +225,7 @@ def main() -> None:
     raw_up, raw_down = raw_socket(array, args.repeat)
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "home") as server:
         with Client("127.0.0.1", server.port, token=server.token) as client:
-            push, pull = mymps_push_pull(client, array, args.repeat)
+            push, pull, first = mymps_push_pull(client, array, args.repeat, args.warmup)
             client.reset()
         del array
         peak_push = peak_memory("push", server, nbytes)
@@ -222,12 +238,15 @@ def main() -> None:
     for name, seconds in rows:
         best, med = mbps(nbytes, seconds)
         print(f"  {name:38} {best:8.0f} {med:8.0f}")
+    if first:
+        rates = ", ".join(f"{2 * nbytes / t / 1e6:.0f}" for t in first)
+        print(f"  warm-up rounds, push + pull each (fresh memory): {rates} MB/s")
     ok = {True: "met", False: "NOT met"}
-    print("targets:")
+    print("targets (on the medians):")
     for name, mine, raw in (("push", push, raw_up), ("pull", pull, raw_down)):
         (best, med), (raw_best, raw_med) = mbps(nbytes, mine), mbps(nbytes, raw)
-        ratio = best / raw_best
-        print(f"  {name} >= {TARGET_RATIO:.0%} of raw socket: best {ratio:.0%} (median {med / raw_med:.0%}), "
+        ratio = med / raw_med
+        print(f"  {name} >= {TARGET_RATIO:.0%} of raw socket: median {ratio:.0%} (best {best / raw_best:.0%}), "
               f"{ok[ratio >= TARGET_RATIO]}")
     for name, peak in (("push", peak_push), ("pull", peak_pull)):
         print(f"  peak client memory during {name} < {TARGET_PEAK}x the array: {peak:.2f}x, {ok[peak < TARGET_PEAK]}")

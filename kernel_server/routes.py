@@ -14,14 +14,15 @@ from typing import Any, AsyncIterator, Callable
 import psutil
 import torch
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 from pydantic import ValidationError
 
 from mymps_magic import wire
 
 from . import generation, inference
 from .app import ServerState, server_version
-from .errors import BadRequest, Cancelled, ServerError, Unprocessable, as_server_error
+from .errors import BadRequest, Cancelled, NotFound, ServerError, Unprocessable, as_server_error
 from .jobs import SHUTDOWN_REASON, Job
 from .registry import LoadRequest
 from .sessions import Mailbox
@@ -296,6 +297,30 @@ async def ws_generate(ws: WebSocket) -> None:
         st.jobs.abandon(job, "cancelled: its client disconnected")
     finally:
         gone.cancel()
+
+
+@router.put("/session/{session_id}/upload")
+async def session_upload(session_id: str, request: Request) -> Response:
+    """The buffers of a large session request as a plain HTTP body: read straight into the
+    buffers they fill, where WebSocket messages are masked and copied several times on the
+    way. The request itself follows on ``/ws/session`` and names the upload."""
+    st = _state(request)
+    session = st.sessions.sessions.get(session_id)
+    if session is None:
+        raise NotFound(f"no session {session_id!r} on this server (it restarted, or the session idled out)")
+    decoder = wire.FrameDecoder(max_size=st.settings.max_body)
+    frame = None
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                frame = decoder.feed_stream(chunk)
+    except wire.WireFormatError as exc:
+        raise BadRequest(f"bad upload: {exc}") from None
+    except ClientDisconnect:  # nobody is left to answer; nothing was kept
+        return Response(status_code=400)
+    if frame is None:
+        raise BadRequest("the upload ended before all of its buffers arrived")
+    return JSONResponse({"upload": session.add_upload(frame.buffers)})
 
 
 async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:

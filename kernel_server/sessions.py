@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
 import platform
 import sys
@@ -99,6 +100,10 @@ class Session:
         self._dropped: set[int] = set()  # of those, the ones cancelled meanwhile
         self._lane_task = asyncio.ensure_future(self._run_lane())
         self._loop = asyncio.get_running_loop()
+        # Buffers of large requests, sent as HTTP bodies (`PUT /session/{id}/upload`), until
+        # the request that names them arrives.
+        self.uploads: dict[str, list[Any]] = {}
+        self._upload_ids = itertools.count(1)
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -132,6 +137,11 @@ class Session:
         while self.outbox and self.outbox[0][0] <= seq:
             self.outbox.popleft()
 
+    def add_upload(self, buffers: list[Any]) -> str:
+        upload_id = str(next(self._upload_ids))
+        self.uploads[upload_id] = buffers
+        return upload_id
+
     # -- requests --------------------------------------------------------------------------------
 
     def receive(self, frame: wire.Frame) -> None:
@@ -150,6 +160,14 @@ class Session:
         if frame.id <= self.last_request and frame.type not in ("interrupt", "cancel"):
             return  # a resent request that had arrived before the connection dropped
         self.last_request = max(self.last_request, frame.id)
+        if "upload" in frame.fields:  # its buffers came as an HTTP body
+            buffers = self.uploads.pop(str(frame.fields["upload"]), None)
+            if buffers is None:
+                self.emit(error_frame(frame.id, ValueError(
+                    f"upload {frame.fields['upload']!r} is not on the server (used already, or sent to another "
+                    "session); send the request again"), "bad_request"))
+                return
+            frame.buffers = buffers
         if frame.type == "interrupt":
             self._interrupt(int(frame.get("target", 0)))
             self.emit(wire.Frame("result", frame.id, {"fields": {}}))
@@ -295,6 +313,7 @@ class Session:
 
     def close(self) -> None:
         self._lane_task.cancel()
+        self.uploads.clear()
         for job in self.jobs.values():
             self.manager.jobs.abandon(job, "cancelled: its session ended")
 

@@ -23,6 +23,8 @@ CONNECT_TIMEOUT = 5.0
 FIX_LINK = "Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"
 FIX_TOKEN = "Set MYMPS_TOKEN or copy the server's ~/.mymps/token (`mymps tunnel` fetches it)."
 
+_SEND_STEP = 16 << 20
+
 # WebSocket close code the server uses for a missing or wrong token (policy violation).
 WS_CLOSE_POLICY = 1008
 
@@ -112,6 +114,46 @@ class Connection:
                 if isinstance(obj, dict) and "error" in obj and "event" not in obj:
                     raise self.error_frame(obj)
                 yield obj
+
+    def put_stream(self, path: str, parts: list[bytes | memoryview]) -> dict[str, Any]:
+        """PUT a large body straight from ``parts``, and return the JSON object of the answer.
+
+        http.client, not httpx: httpx would join each part into a new bytes object, and these
+        parts are an array's own memory.
+
+        Raises:
+            MympsError: the matching subclass, for transport failures and error answers.
+        """
+        import http.client
+
+        length = sum(memoryview(part).nbytes for part in parts)
+        conn = http.client.HTTPConnection(self.settings.host, self.settings.port, timeout=max(self.timeout, 30.0))
+        try:
+            with self.ws_errors():
+                conn.putrequest("PUT", path, skip_accept_encoding=True)
+                for name, value in {**self.headers, "Content-Type": "application/octet-stream",
+                                    "Content-Length": str(length)}.items():
+                    conn.putheader(name, value)
+                conn.endheaders()
+                for part in parts:
+                    view = memoryview(part).cast("B")
+                    for start in range(0, view.nbytes, _SEND_STEP):  # each step gets the whole timeout
+                        conn.send(view[start:start + _SEND_STEP])
+                response = conn.getresponse()
+                body = response.read()
+        finally:
+            conn.close()
+        if response.status == 401:
+            raise self.auth_error()
+        if response.status >= 400:
+            raise errors.error_for_status(response.status, _error_message(body, response.status))
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise self._not_mymps(response.status) from None
+        if not isinstance(obj, dict):
+            raise self._not_mymps(response.status)
+        return obj
 
     def _timeout(self, wait: bool) -> httpx.Timeout | float:
         if wait:

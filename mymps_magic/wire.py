@@ -47,6 +47,11 @@ request carries ``ack``, the last server frame the client has, so the server can
 ``ack``        ``seq``: as a request's ``ack``, when many frames arrived without a request
 =============  ==========================================================================
 
+Any request may carry ``upload`` instead of buffers: the id ``PUT /session/{id}/upload``
+answered for a body written by :func:`encode_stream`. The client does this when a request's
+buffers pass ``CHUNK``: an HTTP body is read straight into the buffers it fills, where
+WebSocket messages from a client are masked and then copied several times on the way.
+
 Server -> client (each has ``seq``, increasing within a session, so a client that reconnects
 gets exactly what it missed):
 
@@ -205,20 +210,34 @@ def cloudpickle_version() -> str:
 
 def encode_frame(frame: Frame) -> list[bytes | memoryview]:
     """The WebSocket messages that carry ``frame``, without copying large buffers."""
-    views = [memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B") for b in frame.buffers]
-    sizes = [v.nbytes for v in views]
-    total = sum(sizes)
-    header = {**frame.fields, "v": PROTOCOL_VERSION, "t": frame.type, "id": frame.id, "bufs": sizes}
-    if total <= CHUNK:
-        packed = msgpack.packb(header, use_bin_type=True)
+    views = _views(frame.buffers)
+    if sum(v.nbytes for v in views) <= CHUNK:
+        packed = _header(frame, views, chunked=False)
         return [b"".join([_HEADER_LEN.pack(len(packed)), packed, *views])]
-    header["chunked"] = True
-    packed = msgpack.packb(header, use_bin_type=True)
-    messages: list[bytes | memoryview] = [_HEADER_LEN.pack(len(packed)) + packed]
+    messages = encode_stream(frame)[:1]
     for view in views:
         for start in range(0, view.nbytes, CHUNK):
             messages.append(view[start:start + CHUNK])
     return messages
+
+
+def encode_stream(frame: Frame) -> list[bytes | memoryview]:
+    """``frame`` as one byte stream (an upload's HTTP body): the header of a chunked frame,
+    then the buffers back to back, uncopied. :meth:`FrameDecoder.feed_stream` reads it."""
+    views = _views(frame.buffers)
+    packed = _header(frame, views, chunked=True)
+    return [_HEADER_LEN.pack(len(packed)) + packed, *views]
+
+
+def _views(buffers: Sequence[Any]) -> list[memoryview]:
+    return [memoryview(b).cast("B") if not isinstance(b, memoryview) else b.cast("B") for b in buffers]
+
+
+def _header(frame: Frame, views: list[memoryview], *, chunked: bool) -> bytes:
+    header = {**frame.fields, "v": PROTOCOL_VERSION, "t": frame.type, "id": frame.id, "bufs": [v.nbytes for v in views]}
+    if chunked:
+        header["chunked"] = True
+    return msgpack.packb(header, use_bin_type=True)
 
 
 class FrameDecoder:
@@ -231,6 +250,7 @@ class FrameDecoder:
         self._sizes: list[int] = []
         self._index = 0
         self._offset = 0
+        self._head: bytearray | None = bytearray()  # a stream's header bytes, until complete
 
     def feed(self, message: bytes | bytearray | memoryview) -> Frame | None:
         """Return the frame this message completes, or None while a chunked frame is incomplete.
@@ -294,6 +314,47 @@ class FrameDecoder:
         complete, or None."""
         self._offset += n
         return self._skip_empty()
+
+    def feed_stream(self, data: bytes | bytearray | memoryview) -> Frame | None:
+        """Take the next bytes of a stream written by :func:`encode_stream`, split anywhere;
+        returns the frame once its last byte arrived.
+
+        Raises:
+            WireFormatError: the stream is not such a frame, or runs past its buffers.
+        """
+        view = memoryview(data).cast("B")
+        if self._pending is None and self._head is not None:
+            self._head += view
+            if len(self._head) < _HEADER_LEN.size:
+                return None
+            end = _HEADER_LEN.size + _HEADER_LEN.unpack_from(self._head)[0]
+            if len(self._head) < end:
+                return None
+            head, rest = bytes(self._head[:end]), bytes(self._head[end:])
+            self._head = None
+            try:
+                header = msgpack.unpackb(head[_HEADER_LEN.size:], raw=False)
+            except Exception as exc:
+                raise WireFormatError(f"the frame header is not valid msgpack ({exc})") from None
+            if not isinstance(header, dict) or not header.get("chunked"):
+                raise WireFormatError("a streamed frame must start with the header of a chunked frame")
+            frame = self.feed(head)
+            if frame is not None:
+                if rest:
+                    raise WireFormatError("the stream runs past the end of the frame's buffers")
+                return frame
+            view = memoryview(rest)
+        frame = None
+        while view.nbytes:
+            if self._pending is None:
+                raise WireFormatError("the stream runs past the end of the frame's buffers")
+            n = min(view.nbytes, self._sizes[self._index] - self._offset)
+            target = self.chunk_target(n)
+            assert target is not None
+            target[:] = view[:n]
+            frame = self.chunk_filled(n)
+            view = view[n:]
+        return frame
 
     def _skip_empty(self) -> Frame | None:
         while self._pending is not None and self._index < len(self._sizes) and self._offset == self._sizes[self._index]:

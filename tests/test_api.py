@@ -718,6 +718,7 @@ def test_openapi_lists_every_http_path(http: httpx.Client) -> None:
         "/health": {"get"}, "/stats": {"get"}, "/models": {"get"}, "/models/load": {"post"},
         "/models/{}": {"delete"}, "/models/{}/info": {"get"}, "/jobs": {"get"},
         "/jobs/{}": {"delete"}, "/infer": {"post"}, "/generate": {"post"}, "/image": {"post"},
+        "/session/{}/upload": {"put"},
     }
     for path, methods in expected.items():
         assert path in paths, f"{path} missing from /openapi.json"

@@ -14,11 +14,12 @@ import time
 from types import TracebackType
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 import mymps_magic._session
 from kit import ServerProcess
-from mymps_magic import Client
+from mymps_magic import Client, wire
 from mymps_magic.display import OutputSink
 from mymps_magic.errors import ConnectionError, RemoteNameError, SessionLostError
 
@@ -273,6 +274,20 @@ def test_a_request_cut_off_as_it_is_sent_runs_once(proxied: Client, proxy: Proxy
         proxy.sever()  # the request may or may not have reached the server
         future.result(timeout=PATIENCE_S)
     assert proxied.pull("marks") == ["ran"] * 5
+
+
+def test_a_large_push_survives_a_link_that_is_down_when_it_starts(proxied: Client, proxy: Proxy) -> None:
+    """A large value goes as an HTTP upload before its request: that is retried too."""
+    big = np.arange(3 * wire.CHUNK // 4, dtype=np.float32)  # over CHUNK: sent as an upload
+    proxy.refusing.set()
+    proxy.sever()
+    pushing, pushed = in_background(lambda: proxied.push(big=big))
+    time.sleep(0.5)
+    assert pushing.is_alive()
+    proxy.refusing.clear()
+    pushing.join(PATIENCE_S)
+    assert pushed == [None]
+    np.testing.assert_array_equal(proxied.pull("big"), big)
 
 
 def test_the_session_survives_a_sever_while_idle(proxied: Client, proxy: Proxy) -> None:

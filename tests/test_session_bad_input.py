@@ -387,3 +387,77 @@ def test_a_frame_declared_larger_than_max_body_is_refused(small_server: ServerPr
         else:
             assert answer.type == "error", f"a frame of {declared} bytes was taken past --max-body 1MiB"
     assert_session_works(small_server, session_id)
+
+
+# --- uploads (the buffers of large requests, sent as HTTP bodies) --------------------------------
+
+
+def put_upload(server: ServerProcess, session_id: str, body: bytes, token: str | None = None) -> httpx.Response:
+    return httpx.put(f"{server.url}/session/{session_id}/upload", content=body, trust_env=False, timeout=20,
+                     headers=auth(server.token if token is None else token))
+
+
+def upload_body(**values: Any) -> bytes:
+    return b"".join(bytes(part) for part in wire.encode_stream(wire.Frame("upload", 0, {}, wire.dumps(values))))
+
+
+def test_an_upload_without_the_token_is_refused(server: ServerProcess, session: tuple[RawSession, str]) -> None:
+    _, session_id = session
+    answer = put_upload(server, session_id, upload_body(x=1), token="wrong-token")
+    assert answer.status_code == 401
+    assert_session_works(server, session_id, kept="still here")
+
+
+def test_an_upload_to_an_unknown_session_is_a_404_that_says_so(server: ServerProcess) -> None:
+    answer = put_upload(server, uuid.uuid4().hex, upload_body(x=1))
+    assert answer.status_code == 404
+    assert "no session" in answer.json()["error"]
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize("body", [
+    b"",  # nothing at all
+    b"\x00\x00",  # half a header length
+    b"\x00\x00\x00\x05abc",  # a header cut short
+    raw_header({"v": wire.PROTOCOL_VERSION, "t": "upload", "id": 0, "bufs": [4]}) + b"abcd",  # not chunked
+    raw_header({"v": wire.PROTOCOL_VERSION, "t": "upload", "id": 0, "bufs": [8], "chunked": True}) + b"abcd",  # short
+    raw_header({"v": wire.PROTOCOL_VERSION, "t": "upload", "id": 0, "bufs": [2], "chunked": True}) + b"abcd",  # long
+    b"\x00\x00\x00\x02\xc1\xc1",  # a header that is not msgpack
+], ids=["empty", "half-length", "short-header", "not-chunked", "short-body", "long-body", "not-msgpack"])
+def test_a_malformed_upload_is_a_400_and_the_session_goes_on(
+        server: ServerProcess, session: tuple[RawSession, str], body: bytes) -> None:
+    raw, session_id = session
+    answer = put_upload(server, session_id, body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"].startswith(("bad upload", "the upload ended"))
+    assert raw.value("pull", {"names": ["kept"]}) == ("still here",)
+    assert_healthy(server)
+
+
+def test_a_request_naming_an_upload_the_server_lacks_gets_an_error(session: tuple[RawSession, str]) -> None:
+    raw, _ = session
+    answer = raw.call("push", {"upload": "no-such-upload"})
+    assert answer.type == "error" and answer["code"] == "bad_request"
+    assert "is not on the server" in answer["evalue"]
+    assert raw.value("pull", {"names": ["kept"]}) == ("still here",)
+
+
+def test_an_upload_is_used_once(server: ServerProcess, session: tuple[RawSession, str]) -> None:
+    raw, session_id = session
+    upload = put_upload(server, session_id, upload_body(fresh=[1, 2])).json()["upload"]
+    assert raw.call("push", {"upload": upload}).type == "result"
+    assert raw.value("pull", {"names": ["fresh"]}) == ([1, 2],)
+    again = raw.call("push", {"upload": upload})
+    assert again.type == "error" and "is not on the server" in again["evalue"]
+
+
+def test_an_upload_larger_than_max_body_is_refused(small_server: ServerProcess) -> None:
+    with RawSession(small_server) as raw:
+        session_id = raw.hello()["session"]
+        answer = put_upload(small_server, session_id, upload_body(big=b"\x00" * (2 * 1024 * 1024)))
+        assert answer.status_code == 413
+        declared = raw_header({"v": wire.PROTOCOL_VERSION, "t": "upload", "id": 0, "bufs": [2**40], "chunked": True})
+        answer = put_upload(small_server, session_id, declared)  # a small body that declares 1 TiB
+        assert answer.status_code == 400 and "over the limit" in answer.json()["error"]
+        assert raw.value("cell", {"source": "1 + 1"}) == 2
+    assert_healthy(small_server)
