@@ -334,13 +334,15 @@ def _see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
             globals_[name] = namespace[name]
 
 
-def _global_names(code: Any) -> set[str]:
-    """The names a code object (and the functions and classes defined in it) may look up."""
+@functools.lru_cache(maxsize=512)
+def _global_names(code: Any) -> frozenset[str]:
+    """The names a code object (and the functions and classes defined in it) may look up;
+    kept per code object, which a function sent again (unchanged) shares."""
     names = set(code.co_names)
     for const in code.co_consts:
         if hasattr(const, "co_names"):
             names |= _global_names(const)
-    return names
+    return frozenset(names)
 
 
 def _unpickle_error(exc: BaseException) -> Exception:

@@ -255,7 +255,8 @@ class SessionChannel:
                     step = _WAIT_STEP_S if deadline is None or interrupted else min(
                         _WAIT_STEP_S, max(0.0, deadline - time.monotonic()))
                     if self._take_role(me, request, step):
-                        self._read_one(step)
+                        # Without a deadline, block in the read itself: no wait for readiness first.
+                        self._read_one(None if deadline is None and not interrupted else step)
                     if deadline is not None and not interrupted and time.monotonic() >= deadline:
                         self.interrupt(request.frame.id)
                         interrupted = True
@@ -298,11 +299,13 @@ class SessionChannel:
         """Become the socket's reader; or, while another thread reads, wait (up to ``timeout``)
         for it to hand over or to pass this request an event. True when this thread may read."""
         with self._role:
+            # Whoever read before may have ended this request already (it settles the future
+            # before it hands the role back): then there is nothing left to read for it.
+            if request.events or request.future.done():
+                return False
             if self._reader is None or self._reader == me:
                 self._reader = me
                 return True
-            if request.events or request.future.done():
-                return False
             if self._reader == self._background.ident:
                 _poke(self._wake_w)
             self._callers += 1
@@ -310,7 +313,7 @@ class SessionChannel:
                 self._role.wait(timeout)
             finally:
                 self._callers -= 1
-            if self._reader is None and not request.events:
+            if self._reader is None and not request.events and not request.future.done():
                 self._reader = me
                 return True
             return False
