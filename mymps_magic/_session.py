@@ -341,21 +341,25 @@ class SessionChannel:
                 return True
         except (OSError, ValueError):  # ValueError: the socket was closed meanwhile
             return self._reconnect()
+        before = ws.consumed
+        frame = None
         try:
             message, in_place = ws.recv(self._decoder.chunk_target)
             if in_place:
                 frame = self._decoder.chunk_filled(memoryview(message).nbytes)
             else:
                 frame = self._decoder.feed(message)
+            if frame is not None:
+                self._dispatch(frame)
         except (Closed, OSError, wire.WireFormatError):
             return self._reconnect()
         except BaseException:
-            # Stopped halfway through a message (Ctrl-C): the stream may be out of step. Start
-            # over on a fresh socket; the server replays whatever was not dispatched.
-            self._drop(ws)
+            # A Ctrl-C. While still waiting for a message it cost nothing; after part of one
+            # was taken, the stream is out of step: start over on a fresh socket, and the
+            # server replays whatever was not dispatched.
+            if ws.consumed != before:
+                self._drop(ws)
             raise
-        if frame is not None:
-            self._dispatch(frame)
         return True
 
     def _read_in_background(self) -> None:
@@ -435,8 +439,11 @@ class SessionChannel:
                     self._unwatched -= 1
         if frame.type in _OUTPUT:
             events = request.events
-            if events is None:
-                self._render(frame.id, frame)
+            if events is None:  # nobody waits for it: shown from whichever thread reads
+                try:
+                    self._render(frame.id, frame)
+                except Exception as exc:  # never the reader's problem, whoever it is
+                    print(f"mymps: could not show the output of request {frame.id}: {exc}", file=sys.stderr)
             else:
                 events.append(frame)
                 self._notify_callers()

@@ -61,6 +61,9 @@ class ClientWebSocket:
         self._chunk = bytearray(_READ_SIZE)  # read into, then appended: no fresh 1 MiB object per read
         self._send_lock = threading.Lock()
         self._fragments: list[bytes] = []
+        self.consumed = 0
+        """Bytes of the stream taken so far: a read stopped (Ctrl-C) before it took any left the
+        stream intact; one stopped after, in the middle of a message, did not."""
         self.closed = False
 
     @classmethod
@@ -191,6 +194,7 @@ class ClientWebSocket:
             self._fill(n)
         start = self._pos
         self._pos += n
+        self.consumed += n
         return memoryview(self._buf)[start:start + n]
 
     def _take_into(self, target: memoryview) -> None:
@@ -198,6 +202,7 @@ class ClientWebSocket:
         have = min(n, len(self._buf) - self._pos)
         target[:have] = memoryview(self._buf)[self._pos:self._pos + have]
         self._pos += have
+        self.consumed += n  # counted at once: stopped half way, the stream is out of step anyway
         while have < n:
             got = self.sock.recv_into(target[have:], n - have)
             if not got:

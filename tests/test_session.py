@@ -879,8 +879,12 @@ def test_run_cell_timeout_interrupts_the_cell(c: Client) -> None:
     assert time.monotonic() - started < 0.5 + INTERRUPT_BUDGET_S + 0.5
 
 
-def test_ctrl_c_while_waiting_interrupts_the_remote_code(c: Client, sink: RecordingSink) -> None:
-    """The notebook's stop button is a SIGINT in the thread that waits for the cell."""
+@pytest.mark.parametrize("timeout", [20, None], ids=["with-timeout", "without"])
+def test_ctrl_c_while_waiting_interrupts_the_remote_code(c: Client, sink: RecordingSink, timeout: float | None) -> None:
+    """The notebook's stop button is a SIGINT in the thread that waits for the cell (which reads
+    the socket itself: a Ctrl-C that lands while it waits for a message keeps the connection)."""
+    c.run_cell("1")
+    socket_before = c.session._ws
     main = threading.get_ident()
     pressed: list[float] = []
 
@@ -895,12 +899,13 @@ def test_ctrl_c_while_waiting_interrupts_the_remote_code(c: Client, sink: Record
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     presser.start()
     with pytest.raises(RemoteError) as info:
-        c.run_cell("import time\nprint('spinning', flush=True)\ntime.sleep(60)", timeout=20)
+        c.run_cell("import time\nprint('spinning', flush=True)\ntime.sleep(60)", timeout=timeout)
     stopped = time.monotonic()
     presser.join(PATIENCE_S)
     assert info.value.ename == "KeyboardInterrupt"
     assert pressed and stopped - pressed[0] < INTERRUPT_BUDGET_S
     assert c.run_cell("'alive'") == "alive"
+    assert c.session._ws is socket_before
 
 
 def test_cancel_of_a_queued_call_returns_true_and_it_never_runs(c: Client, tmp_path: Path) -> None:
