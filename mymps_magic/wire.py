@@ -423,8 +423,26 @@ def _pickler() -> type:
     return cls
 
 
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def _plain(value: Any, depth: int = 2) -> bool:
+    """Small plain data (None, numbers, strings, and short tuples, lists and dicts of them),
+    which the C pickler writes exactly as cloudpickle would, in a tenth of the time."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return True
+    if not depth or kind not in (tuple, list, dict) or len(value) > 16:
+        return False
+    if kind is dict:
+        return all(type(k) is str and _plain(v, depth - 1) for k, v in value.items())
+    return all(_plain(item, depth - 1) for item in value)
+
+
 def dumps(value: Any) -> list[Any]:
     """Pickle ``value`` into buffers: the pickle stream first, then out-of-band array memory."""
+    if _plain(value):
+        return [pickle.dumps(value, protocol=5)]
     buffers: list[Any] = []
     stream = io.BytesIO()
     _pickler()(stream, protocol=5, buffer_callback=buffers.append).dump(value)
