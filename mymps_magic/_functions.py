@@ -1,4 +1,5 @@
-"""Pickled functions, kept while nothing they captured can have changed.
+"""Functions sent by value: their pickles, kept while nothing they captured can have changed,
+and their source lines, put back into remote tracebacks.
 
 cloudpickle rebuilds a notebook function from scratch on every call, and on a quick call that is
 a good part of the client's time. A function whose pickle depends only on things that cannot
@@ -10,6 +11,8 @@ notebook function) is pickled afresh every time, so a call always sees the curre
 
 from __future__ import annotations
 
+import linecache
+import re
 import sys
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any
@@ -133,3 +136,69 @@ def _stable(value: Any) -> bool:
         by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
         return by_reference is not None and bool(by_reference(value))
     return False
+
+
+# -- tracebacks ---------------------------------------------------------------------------------
+
+_DYNAMIC_FRAME = re.compile(r'^  File "<dynamic-code>", line (\d+), in (.+)\n$')
+_WALK_LIMIT = 500
+
+
+def fill_sources(traceback: list[str], fn: Any) -> list[str]:
+    """``traceback`` with the frames of code sent by value given their file and source line.
+
+    cloudpickle sends code without its file (the server shows ``"<dynamic-code>"`` and no
+    source), but this side has both: the frame is matched by function name and line against
+    ``fn`` and the functions and classes it reaches through its globals and closure.
+    """
+    codes: dict[str, list[Any]] = {}
+    for code in _codes_reached(fn):
+        codes.setdefault(code.co_name, []).append(code)
+    out = []
+    for chunk in traceback:
+        match = _DYNAMIC_FRAME.match(chunk)
+        candidates = codes.get(match.group(2), []) if match else []
+        line = int(match.group(1)) if match else 0
+        before = [code for code in candidates if code.co_firstlineno <= line]
+        if not before:
+            out.append(chunk)
+            continue
+        code = max(before, key=lambda c: c.co_firstlineno)
+        source = linecache.getline(code.co_filename, line).strip()
+        out.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n' + (f"    {source}\n" if source else ""))
+    return out
+
+
+def _codes_reached(fn: Any) -> list[Any]:
+    """Code objects of ``fn``, of what it defines, and of the functions and classes it reaches."""
+    codes: list[Any] = []
+    seen: set[int] = set()
+    todo = [fn]
+    while todo and len(seen) < _WALK_LIMIT:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, FunctionType):
+            todo.append(obj.__code__)
+            todo.extend(obj.__globals__[n] for n in _global_names(obj.__code__) if n in obj.__globals__)
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+        elif isinstance(obj, type):  # a class's methods
+            todo.extend(value for value in vars(obj).values()
+                        if isinstance(value, (FunctionType, staticmethod, classmethod, property)))
+        elif isinstance(obj, (staticmethod, classmethod)):
+            todo.append(obj.__func__)
+        elif isinstance(obj, property):
+            todo.extend(f for f in (obj.fget, obj.fset, obj.fdel) if f is not None)
+        elif hasattr(obj, "co_consts"):
+            codes.append(obj)
+            todo.extend(const for const in obj.co_consts if hasattr(const, "co_consts"))
+    return codes
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True

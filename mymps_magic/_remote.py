@@ -93,7 +93,7 @@ class RemoteExecution:
             VersionMismatchError: the two ends run different Python or cloudpickle versions.
         """
         fields, buffers = self._pickled_call(fn, args, kwargs)
-        return self.session.call("run", fields, buffers)
+        return self.session.wait(self.session.request("run", fields, buffers, source=fn))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RemoteFuture:
         """Queue ``fn(*args, **kwargs)`` on the server and return at once.
@@ -104,7 +104,7 @@ class RemoteExecution:
             Its ``job_id`` is the id ``/jobs`` shows once it runs.
         """
         fields, buffers = self._pickled_call(fn, args, kwargs)
-        return self.session.request("run", {**fields, "notify_start": True}, buffers, waiter=False).future
+        return self.session.request("run", {**fields, "notify_start": True}, buffers, waiter=False, source=fn).future
 
     def remote(self, fn: F) -> F:
         """Decorator: calling the function runs it on the server (``run``), with the same args."""

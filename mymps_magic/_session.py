@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from mymps_magic import errors, wire
+from mymps_magic._functions import fill_sources
 from mymps_magic._websocket import ClientWebSocket, Closed
 from mymps_magic.display import OutputSink, RemoteValue
 
@@ -67,9 +68,10 @@ class RemoteFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
 
 class _Request:
-    def __init__(self, frame: wire.Frame, future: RemoteFuture, waiter: bool) -> None:
+    def __init__(self, frame: wire.Frame, future: RemoteFuture, waiter: bool, source: Any = None) -> None:
         self.frame = frame
         self.future = future
+        self.source = source  # the function a `run` sends, whose source lines its traceback lacks
         # A blocking caller renders its own output; None means whoever reads renders it.
         self.events: collections.deque[wire.Frame] | None = collections.deque() if waiter else None
 
@@ -184,7 +186,7 @@ class SessionChannel:
     # -- requests --------------------------------------------------------------------------------
 
     def request(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
-                *, waiter: bool = True) -> _Request:
+                *, waiter: bool = True, source: Any = None) -> _Request:
         if buffers and sum(memoryview(b).nbytes for b in buffers) > wire.CHUNK:
             # Large buffers go ahead as an HTTP body (several times faster than WebSocket
             # messages); the request names them.
@@ -197,7 +199,7 @@ class SessionChannel:
             # of its own on the way of a quick call.
             self._acked = self._last_seq
             frame = wire.Frame(kind, rid, {**(fields or {}), "ack": self._acked}, buffers or [])
-            request = _Request(frame, RemoteFuture(self, rid), waiter)
+            request = _Request(frame, RemoteFuture(self, rid), waiter, source)
             with self._lock:
                 self._pending[rid] = request
                 if not waiter:
@@ -452,7 +454,7 @@ class SessionChannel:
             request.future.job_id = frame.get("job")
             request.future.set_running_or_notify_cancel()
             return
-        _settle(request.future, frame)
+        _settle(request.future, frame, request.source)
         if request.events is not None:
             self._notify_callers()
 
@@ -514,7 +516,7 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _settle(future: RemoteFuture, frame: wire.Frame) -> None:
+def _settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
     """Complete the future from a ``result`` or ``error`` frame."""
     if future.cancelled():
         return
@@ -522,7 +524,10 @@ def _settle(future: RemoteFuture, frame: wire.Frame) -> None:
         if not future.set_running_or_notify_cancel():
             return
     if frame.type == "error":
-        future.set_exception(_remote_error(frame))
+        error = _remote_error(frame)
+        if source is not None and isinstance(error, errors.RemoteError):
+            error.traceback = fill_sources(error.traceback, source)
+        future.set_exception(error)
         return
     try:
         future.set_result(_result_value(frame))
