@@ -52,3 +52,14 @@ def test_demo_runs_end_to_end() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tokens/s" in out.stdout
     assert out.stdout.rstrip().endswith("Stopped the server.")
+
+
+def test_serve_help_and_bad_options_answer_without_loading_torch() -> None:
+    """`mymps serve --help` (and a bad option) must not wait for torch and FastAPI to import."""
+    probe = ("import sys\nfrom mymps_magic.cli import main\n"
+             "try:\n    main(['serve', '--port', 'not-a-port'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'fastapi', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **QUIET_ENV}, cwd=REPO_ROOT)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    assert "not-a-port" in out.stderr
