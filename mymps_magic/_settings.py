@@ -70,11 +70,11 @@ class Settings:
         env = os.environ if environ is None else environ
         resolved_host = host or env.get("MYMPS_SERVER_HOST") or DEFAULT_HOST
         if port is not None:
-            resolved_port = _parse_port(port, "port")
+            resolved_port = parse_port(port, "port")
         elif env.get("MYMPS_SERVER_PORT"):
-            resolved_port = _parse_port(env["MYMPS_SERVER_PORT"], "MYMPS_SERVER_PORT")
+            resolved_port = parse_port(env["MYMPS_SERVER_PORT"], "MYMPS_SERVER_PORT")
         elif env.get("MYMPS_PORT"):
-            resolved_port = _parse_port(env["MYMPS_PORT"], "MYMPS_PORT")
+            resolved_port = parse_port(env["MYMPS_PORT"], "MYMPS_PORT")
         else:
             resolved_port = DEFAULT_PORT
 
@@ -98,13 +98,15 @@ def token_file(environ: Mapping[str, str]) -> Path:
     return home / "token"
 
 
-def _parse_port(value: int | str, source: str) -> int:
+def parse_port(value: int | str, source: str, error: type[Exception] = BadRequestError) -> int:
+    """A port number from ``source`` (a flag or variable name, for the message); ``error`` is
+    the type raised otherwise (the CLI raises its own)."""
     try:
         port = int(value)
     except (TypeError, ValueError):
         port = 0
     if not 1 <= port <= 65535:
-        raise BadRequestError(f"{source} must be a port number from 1 to 65535, not {value!r}.")
+        raise error(f"{source} must be a port number from 1 to 65535, not {value!r}.")
     return port
 
 

@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from mymps_magic import _settings
+
 # Every ssh that mymps runs: a config's RemoteCommand or forced terminal must not replace ours,
 # and a host that does not answer must not hang a command for minutes.
 SSH_BASE_OPTIONS = ("-o", "ConnectTimeout=10", "-o", "RemoteCommand=none")
@@ -75,13 +77,7 @@ def ssh_destination(destination: str | None, environ: Mapping[str, str]) -> str:
 
 def parse_port(value: int | str, source: str) -> int:
     """A port number from ``source`` (a flag or variable name, for the message)."""
-    try:
-        port = int(value)
-    except (TypeError, ValueError):
-        port = 0
-    if not 1 <= port <= 65535:
-        raise CommandError(f"{source} must be a port number from 1 to 65535, not {value!r}.")
-    return port
+    return _settings.parse_port(value, source, CommandError)
 
 
 def remote_path(path: str) -> str:
