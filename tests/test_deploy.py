@@ -107,7 +107,7 @@ def test_dry_run_prints_the_commands_and_does_nothing(remote: SSHServer, tmp_pat
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.startswith(f"# mymps deploy {remote.destination}:{target} (dry run: nothing was done)\n")
-    assert f"rsync -a --delete" in out and f" {REPO_ROOT}/ {remote.destination}:{target}/" in out
+    assert "rsync -a --delete" in out and f" {REPO_ROOT}/ {remote.destination}:{target}/" in out
     assert f"{BASE_PYTHON} -m venv --system-site-packages .venv" in out
     assert "-m pip install --disable-pip-version-check -q --no-cache-dir -e '.[server]'" in out
     assert not target.parent.exists()
