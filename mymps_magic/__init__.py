@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata as _metadata
 
-from mymps_magic._session import RemoteFuture as RemoteFuture
+from mymps_magic._outcomes import RemoteFuture as RemoteFuture
 from mymps_magic._stream import TokenStream as TokenStream
 from mymps_magic.client import Client as Client
 from mymps_magic.client import MympsClient as MympsClient

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from mymps_magic import errors, wire
 from mymps_magic._functions import PickledFunctions
-from mymps_magic._session import CellResult, RemoteFuture, SessionChannel
+from mymps_magic._outcomes import CellResult, RemoteFuture
+from mymps_magic._session import SessionChannel
 from mymps_magic.display import OutputSink
 
 if TYPE_CHECKING:

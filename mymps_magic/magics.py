@@ -21,7 +21,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Image, display
 
-from mymps_magic._session import CellResult
+from mymps_magic._outcomes import CellResult
 from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
 

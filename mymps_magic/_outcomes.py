@@ -1,0 +1,104 @@
+"""What a session request ends as: a future, a value, a cell's result, or a mymps error.
+
+The session channel (``_session.py``) reads the final ``result`` or ``error`` frame of each
+request; this module turns it into what the caller gets.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import TYPE_CHECKING, Any, Callable
+
+from mymps_magic import errors, wire
+from mymps_magic._functions import fill_sources
+from mymps_magic.display import RemoteValue
+
+if TYPE_CHECKING:
+    from mymps_magic._session import SessionChannel
+
+
+class RemoteFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The outcome of a remote call; ``cancel()`` drops it from the server's queue if it has
+    not started, and returns False once it runs, as ``concurrent.futures`` does."""
+
+    def __init__(self, channel: SessionChannel, request_id: int) -> None:
+        super().__init__()
+        self._channel = channel
+        self.request_id = request_id
+        self.job_id: str | None = None
+
+    def cancel(self) -> bool:
+        if self.done():
+            return self.cancelled()
+        if self.running() or not self._channel.cancel_queued(self.request_id):
+            return False
+        self._channel.forget(self.request_id)
+        return super().cancel()
+
+
+def settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
+    """Complete the future from a ``result`` or ``error`` frame."""
+    if future.cancelled():
+        return
+    if not future.running():
+        if not future.set_running_or_notify_cancel():
+            return
+    if frame.type == "error":
+        error = _remote_error(frame)
+        if source is not None and isinstance(error, errors.RemoteError):
+            error.traceback = fill_sources(error.traceback, source)
+        future.set_exception(error)
+        return
+    try:
+        future.set_result(_result_value(frame))
+    except Exception as exc:
+        future.set_exception(exc)
+
+
+def _result_value(frame: wire.Frame) -> Any:
+    if "fields" in frame.fields:
+        return frame["fields"]
+    if frame.get("unpicklable"):
+        return RemoteValue(frame.get("mime") or {}, frame["unpicklable"])
+    try:
+        value = wire.loads(frame.buffers)
+    except Exception as exc:
+        raise errors.PicklingError(
+            f"The server's answer could not be unpickled here ({type(exc).__name__}: {exc}); "
+            "install the same packages on both sides, or send plain data") from None
+    if frame.get("mime") is not None:
+        return CellResult(value, frame["mime"])
+    return value
+
+
+class CellResult:
+    """A cell's last value and the rich repr the server made of it."""
+
+    def __init__(self, value: Any, mime: dict[str, Any]) -> None:
+        self.value = value
+        self.mime = mime
+
+
+_ERRORS: dict[str, Callable[[str], errors.MympsError]] = {
+    "pickle": errors.PicklingError,
+    "name": errors.RemoteNameError,
+    "version": errors.VersionMismatchError,
+    "cancelled": errors.CancelledError,
+    "bad_request": errors.BadRequestError,
+}
+
+
+def _remote_error(frame: wire.Frame) -> errors.MympsError:
+    code = frame.get("code", "remote")
+    if code == "remote":
+        return _remote_class(str(frame["ename"]))(frame["ename"], frame.get("evalue", ""), frame.get("traceback"))
+    return _ERRORS.get(code, errors.ServerError)(str(frame.get("evalue") or frame["ename"]))
+
+
+@functools.lru_cache(maxsize=256)
+def _remote_class(ename: str) -> type[errors.RemoteError]:
+    """A `RemoteError` subclass named after the remote type, so a notebook (and nbclient, and
+    papermill) reports ``ZeroDivisionError`` rather than ``RemoteError``."""
+    name = ename if ename.isidentifier() else "RemoteError"
+    return type(name, (errors.RemoteError,), {"__module__": "mymps_magic.remote", "__qualname__": name})
