@@ -8,6 +8,7 @@ new connections for a while (the tunnel is still down) before it lets them throu
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -368,3 +369,58 @@ def test_a_restarted_server_loses_the_session(make_server: Any) -> None:
         with pytest.raises(RemoteNameError):
             client.pull("v")
         assert client.run_cell("'fresh'") == "fresh"
+
+
+def echo(value: Any) -> Any:
+    print("echo", value)
+    return value
+
+
+@pytest.mark.slow
+def test_threads_mixing_every_kind_of_call_across_repeated_severs(
+        proxied: Client, proxy: Proxy, recorder: StreamRecorder) -> None:
+    """Four threads share one client for 10 s (run, cells with output, push and pull, futures,
+    large values sent as uploads) while the link is cut every half second or so: every call
+    gets its own answer, and none hangs."""
+    failures: list[str] = []
+    done = threading.Event()
+
+    def work(k: int) -> None:
+        rng = random.Random(k)
+        n = 0
+        try:
+            while not done.is_set():
+                kind = rng.choice(["run", "cell", "push", "submit", "large"])
+                if kind == "run":
+                    assert proxied.run(echo, n) == n
+                elif kind == "cell":
+                    assert proxied.run_cell(f"print('x' * {rng.randint(1, 5000)}); {n}") == n
+                elif kind == "push":
+                    proxied.push(**{f"v{k}": n})
+                    assert proxied.pull(f"v{k}") == n
+                elif kind == "submit":
+                    futures = [proxied.submit(echo, i) for i in range(5)]
+                    assert [f.result(timeout=PATIENCE_S) for f in futures] == list(range(5))
+                elif rng.random() < 0.2:
+                    big = np.full(rng.randint(2, 3) * wire.CHUNK // 4, n, dtype=np.float32)
+                    proxied.push(**{f"big{k}": big})
+                    np.testing.assert_array_equal(proxied.pull(f"big{k}"), big)
+                n += 1
+        except BaseException as exc:  # noqa: BLE001  (reported below, with the thread's number)
+            failures.append(f"thread {k} after {n} calls: {exc!r}")
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    severs = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(random.uniform(0.3, 0.8))
+        proxy.sever()
+        severs += 1
+    done.set()
+    for thread in threads:
+        thread.join(PATIENCE_S * 2)
+    assert not [t for t in threads if t.is_alive()], "a call never got its answer"
+    assert not failures, failures
+    assert severs >= 10 and proxy.accepted > severs  # the link really was cut and reopened
