@@ -7,12 +7,13 @@ import inspect
 import io
 import random
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from .errors import BadRequest, is_out_of_memory
+from .progress import Steps
 from .registry import LoadedModel
 
 
@@ -71,37 +72,6 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-class _Steps:
-    """Stands in for a pipeline's tqdm bar: both ways pipelines use it (iterate, or ``with`` and
-    ``update()``) report progress and stop a cancelled job at the next step."""
-
-    def __init__(self, iterable: Iterable[Any] | None, total: int | None,
-                 check_cancelled: Callable[[], None], on_progress: Callable[[float], None]) -> None:
-        self.items = list(iterable) if iterable is not None else []
-        self.total = max(1, len(self.items) if iterable is not None else (total or 1))
-        self.done = 0
-        self.check_cancelled = check_cancelled
-        self.on_progress = on_progress
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self.items:
-            self.check_cancelled()
-            yield item
-            self.update()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        self.on_progress(min(1.0, self.done / self.total))
-        self.check_cancelled()
-
-    def __enter__(self) -> _Steps:
-        self.check_cancelled()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def image(
     loaded: LoadedModel,
     prompt: str,
@@ -141,8 +111,8 @@ def image(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs["generator"] = generator
 
-    def progress_bar(iterable: Iterable[Any] | None = None, total: int | None = None) -> _Steps:
-        return _Steps(iterable, total, check_cancelled, on_progress)
+    def progress_bar(iterable: Iterable[Any] | None = None, total: int | None = None) -> Steps:
+        return Steps(iterable, total, check_cancelled, on_progress)
 
     start = time.perf_counter()
     pipe.progress_bar = progress_bar

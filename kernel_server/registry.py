@@ -6,6 +6,7 @@ only guards its dict, so listing models never waits behind a job.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import threading
@@ -13,12 +14,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .device import Device
 from .errors import BadRequest, NotFound, OutOfMemory, Unprocessable, is_out_of_memory
+from .progress import Steps
 
 KINDS = ("text", "diffusion", "auto", "torchscript", "checkpoint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -188,6 +190,42 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+@contextlib.contextmanager
+def _weights_progress(progress: Progress, check_cancelled: Callable[[], None],
+                      start: float = 0.2, end: float = 0.8) -> Iterator[None]:
+    """transformers' own "Loading weights" bar (its loop over the tensors) as load progress from
+    ``start`` to ``end``, in steps of at least 1%; each tensor is also a point where a cancelled
+    load stops. Without the hook (an older transformers) the stages alone report progress."""
+    from transformers.utils import logging as transformers_logging
+
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        yield
+        return
+    shown = [start]
+
+    def hook(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        iterable = args[0] if args else kwargs.get("iterable")
+        if iterable is None or not str(kwargs.get("desc", "")).startswith("Loading weights"):
+            return factory(*args, **kwargs)
+        steps: Steps
+
+        def on_progress(fraction: float) -> None:
+            value = start + (end - start) * fraction
+            if value - shown[0] >= 0.01 or fraction >= 1.0:
+                shown[0] = value
+                progress("weights", value, f"loading the weights ({steps.done}/{steps.total} tensors)")
+
+        steps = Steps(iterable, kwargs.get("total"), check_cancelled, on_progress)
+        return steps
+
+    previous = set_hook(hook)
+    try:
+        yield
+    finally:
+        set_hook(previous)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
@@ -238,7 +276,8 @@ def _load_text(req: LoadRequest, dtype: torch.dtype, device: Device, progress: P
     tokenizer = AutoTokenizer.from_pretrained(req.source, trust_remote_code=req.trust_remote_code)
     check_cancelled()
     progress("weights", 0.2, "loading the weights")
-    model = AutoModelForCausalLM.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
+    with _weights_progress(progress, check_cancelled):
+        model = AutoModelForCausalLM.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
     check_cancelled()
     progress("device", 0.8, f"moving to {device.kind}")
     model = model.to(device.torch_device).eval()
@@ -250,7 +289,8 @@ def _load_auto(req: LoadRequest, dtype: torch.dtype, device: Device, progress: P
     from transformers import AutoModel
 
     progress("weights", 0.2, "loading the weights")
-    model = AutoModel.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
+    with _weights_progress(progress, check_cancelled):
+        model = AutoModel.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
     check_cancelled()
     progress("device", 0.8, f"moving to {device.kind}")
     model = model.to(device.torch_device).eval()

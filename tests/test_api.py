@@ -307,6 +307,11 @@ def test_load_streams_ndjson_progress_then_the_final_object(
             assert event["event"] == "progress"
             assert isinstance(event["stage"], str) and isinstance(event["message"], str)
         assert all(0.0 <= f <= 1.0 for f in fractions) and fractions == sorted(fractions)
+        # The weights report tensor by tensor (transformers' own loop), not only as one stage.
+        tensors = [e["message"] for e in events if e["stage"] == "weights" and "tensors)" in e["message"]]
+        assert len(tensors) >= 5, [e["message"] for e in events]
+        done, total = tensors[-1].rsplit("(", 1)[1].split()[0].split("/")
+        assert done == total
         assert final["status"] == "ok" and final["name"] == name
         assert final["already_loaded"] is False and final["dtype"] == "float16"
         assert name in http.get("/health").json()["models"]
