@@ -46,10 +46,16 @@ def load_or_create_token(token_file: Path, token: str | None) -> str:
         if not value:
             raise RuntimeError(f"the token file {token_file} is empty; delete it and start again") from None
         return value
-    value = secrets.token_urlsafe(32)
+    value = new_token()
     with os.fdopen(fd, "w") as fh:
         fh.write(value + "\n")
     return value
+
+
+def new_token() -> str:
+    """256 random bits as hex: a token never starts with ``-``, which a command line (``%mymps
+    connect --token ...``) would take for an option, and needs no quoting in a shell."""
+    return secrets.token_hex(32)
 
 
 class GuardMiddleware:

@@ -160,7 +160,7 @@ def run() -> int:
             print(f"Built a tiny GPT-2 (2 layers, {VOCAB_SIZE}-token vocabulary, random weights) "
                   f"in {time.perf_counter() - started:.1f} s.")
 
-            token = secrets.token_urlsafe(32)
+            token = secrets.token_hex(32)  # as the server makes them: never a leading '-'
             port = _free_port()
             started = time.perf_counter()
             with open(log_path, "wb") as log:

@@ -317,7 +317,7 @@ class ServerProcess:
         self.options = dict(options or {})
         self.extra_env = dict(env or {})
         self.token_file = token_file
-        self.token = "" if token_file else secrets.token_urlsafe(24)
+        self.token = "" if token_file else secrets.token_hex(24)  # as the server makes them: never a leading "-"
         self.log_path = self.home / "server-process.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

@@ -1004,9 +1004,14 @@ def test_jobs_show_the_session_of_each_job(c: Client, make_client: Callable[[], 
     mine = c.submit(sleep_then, 1.5, "mine")
     theirs = other.submit(sleep_then, 1.5, "theirs")
     wait_running(mine)
-    time.sleep(0.1)  # the other session's request reaches the queue
-    jobs = c.jobs()
-    by_session = {job["session"]: job for job in jobs}
+    deadline = time.monotonic() + 1.0  # while mine runs: the other session's request reaches the queue
+    while True:
+        jobs = c.jobs()
+        by_session = {job["session"]: job for job in jobs}
+        if other.session.session_id in by_session or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert {c.session.session_id, other.session.session_id} <= set(by_session), jobs
     assert by_session[c.session.session_id]["id"] == mine.job_id
     assert by_session[c.session.session_id]["state"] == "running"
     assert by_session[other.session.session_id]["state"] == "queued"

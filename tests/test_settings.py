@@ -67,6 +67,13 @@ def test_token_file_is_created_private_and_reused(tmp_path: Path) -> None:
     assert load_or_create_token(path, "from-env") == "from-env"
 
 
+def test_made_tokens_can_follow_a_flag_on_a_command_line(tmp_path: Path) -> None:
+    """`%mymps connect --token T` (argparse) takes a token that starts with "-" for an option."""
+    tokens = [load_or_create_token(tmp_path / f"token-{i}", None) for i in range(300)]
+    assert len(set(tokens)) == len(tokens)
+    assert not [t for t in tokens if t.startswith("-") or not t.isalnum()]
+
+
 def test_server_creates_its_token_file_and_never_logs_the_token(make_server: MakeServer) -> None:
     server = make_server(token_file=True)
     token_file = server.home / "token"
