@@ -260,7 +260,7 @@ class MympsMagics(Magics):
                        seed=args.seed)
         if args.no_stream:
             result = c.generate(args.name, args.prompt, **options)
-            print(result["text"])
+            sys.stdout.write(result["text"] + "\n")  # one write: the kernel may send print's newline apart
             stats = result
         else:
             with c.stream_generate(args.name, args.prompt, **options) as stream:
