@@ -243,7 +243,6 @@ class JobQueue:
             self._wakeups.get()
             with self._lock:
                 if self._closed and not self._queue:
-                    self._wakeups.put(None)  # for a second worker loop, if any
                     return
                 if not self._queue:  # its job was dropped or cancelled meanwhile
                     continue

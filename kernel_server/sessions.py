@@ -329,20 +329,9 @@ def _see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     if globals_ is None or (module is not None and globals_ is vars(module)):
         return
-    for name in _global_names(fn.__code__):  # only what the code can ask for: cheap in a big namespace
+    for name in wire.global_names(fn.__code__):  # only what the code can ask for: cheap in a big namespace
         if name not in globals_ and name in namespace:
             globals_[name] = namespace[name]
-
-
-@functools.lru_cache(maxsize=512)
-def _global_names(code: Any) -> frozenset[str]:
-    """The names a code object (and the functions and classes defined in it) may look up;
-    kept per code object, which a function sent again (unchanged) shares."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _global_names(const)
-    return frozenset(names)
 
 
 def _unpickle_error(exc: BaseException) -> Exception:

@@ -143,17 +143,8 @@ class Connection:
                 body = response.read()
         finally:
             conn.close()
-        if response.status == 401:
-            raise self.auth_error()
-        if response.status >= 400:
-            raise errors.error_for_status(response.status, _error_message(body, response.status))
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            raise self._not_mymps(response.status) from None
-        if not isinstance(obj, dict):
-            raise self._not_mymps(response.status)
-        return obj
+        self._raise_for_status(response.status, body)
+        return self._json_object(response.status, body)
 
     def _timeout(self, wait: bool) -> httpx.Timeout | float:
         if wait:
@@ -207,12 +198,14 @@ class Connection:
 
     def raise_for_answer(self, response: httpx.Response) -> None:
         """Raise the mymps error for an error answer; do nothing for a successful one."""
-        status = response.status_code
+        self._raise_for_status(response.status_code, response.content)
+
+    def _raise_for_status(self, status: int, body: bytes) -> None:
         if status < 400:
             return
         if status == 401:
             raise self.auth_error()
-        raise errors.error_for_status(status, _error_message(response.content, status))
+        raise errors.error_for_status(status, _error_message(body, status))
 
     def error_frame(self, frame: dict[str, Any]) -> errors.MympsError:
         """The error for an ``{"error", "status"?}`` NDJSON line or WebSocket frame."""
@@ -232,12 +225,15 @@ class Connection:
         return errors.AuthError(f"The server refused the token (from {source}). {FIX_TOKEN}", status_code=401)
 
     def _decode(self, response: httpx.Response) -> dict[str, Any]:
+        return self._json_object(response.status_code, response.content)
+
+    def _json_object(self, status: int, body: bytes) -> dict[str, Any]:
         try:
-            obj = response.json()
+            obj = json.loads(body)
         except ValueError:
-            raise self._not_mymps(response.status_code) from None
+            raise self._not_mymps(status) from None
         if not isinstance(obj, dict):
-            raise self._not_mymps(response.status_code)
+            raise self._not_mymps(status)
         return obj
 
     def _not_mymps(self, status: int) -> errors.ServerError:

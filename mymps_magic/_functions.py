@@ -25,11 +25,12 @@ _MISSING = object()
 
 
 class _Entry:
-    __slots__ = ("names", "state", "pickled")
+    __slots__ = ("names", "state", "imports", "pickled")
 
-    def __init__(self, names: tuple[str, ...], state: list[Any], pickled: bytes) -> None:
+    def __init__(self, names: tuple[str, ...], state: list[Any], imports: tuple[int, int], pickled: bytes) -> None:
         self.names = names
         self.state = state
+        self.imports = imports
         self.pickled = pickled
 
 
@@ -45,7 +46,8 @@ class PickledFunctions:
         if entry is None:
             return None
         state = _state(fn, entry.names)
-        if state is not None and len(state) == len(entry.state) and all(a is b for a, b in zip(state, entry.state)):
+        if (state is not None and _imports() == entry.imports and len(state) == len(entry.state)
+                and all(a is b for a, b in zip(state, entry.state))):
             return entry.pickled
         return None
 
@@ -55,7 +57,7 @@ class PickledFunctions:
         value first: that changes the stream."""
         if type(fn) is not FunctionType:
             return None
-        names = tuple(_global_names(fn.__code__))
+        names = tuple(wire.global_names(fn.__code__))
         state = _state(fn, names)
         if state is None or not all(_stable(value) for value in state[_FIXED:]):
             self._entries.pop(fn, None)
@@ -66,11 +68,11 @@ class PickledFunctions:
         if len(self._entries) >= _MAX_ENTRIES:
             self._entries.clear()
         pickled = bytes(buffers[0])
-        self._entries[fn] = _Entry(names, state, pickled)
+        self._entries[fn] = _Entry(names, state, _imports(), pickled)
         return pickled
 
 
-_FIXED = 8
+_FIXED = 6
 """Items of `_state` that are the function's own attributes; the rest are captured values."""
 
 
@@ -79,10 +81,8 @@ def _state(fn: FunctionType, names: tuple[str, ...]) -> list[Any] | None:
     closure cell is empty or the function carries attributes of its own."""
     if fn.__dict__ or fn.__kwdefaults__:
         return None
-    by_value = _by_value_modules()
     globals_ = fn.__globals__
-    state: list[Any] = [fn.__code__, fn.__defaults__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__,
-                        _Count(len(sys.modules)), _Count(len(by_value))]
+    state: list[Any] = [fn.__code__, fn.__defaults__, fn.__name__, fn.__qualname__, fn.__module__, fn.__doc__]
     state += [globals_.get(name, _MISSING) for name in names]
     for cell in fn.__closure__ or ():
         try:
@@ -93,26 +93,10 @@ def _state(fn: FunctionType, names: tuple[str, ...]) -> list[Any] | None:
     return state
 
 
-class _Count(int):
-    """A count compared by value (`_state` compares the rest by identity): importing a module,
-    or registering one for pickling by value, changes how a function pickles."""
-
-    __slots__ = ()
-    _interned: dict[int, _Count] = {}
-
-    def __new__(cls, n: int) -> _Count:  # the same object for the same count, so `is` works
-        known = cls._interned.get(n)
-        if known is None:
-            known = cls._interned[n] = super().__new__(cls, n)
-        return known
-
-
-def _global_names(code: Any) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if hasattr(const, "co_names"):
-            names |= _global_names(const)
-    return names
+def _imports() -> tuple[int, int]:
+    """Modules imported, and modules registered for pickling by value: when either count moves,
+    a function may pickle differently (its submodules, or by value instead of by reference)."""
+    return len(sys.modules), len(_by_value_modules())
 
 
 def _by_value_modules() -> Any:
@@ -181,8 +165,8 @@ def _codes_reached(fn: Any) -> list[Any]:
         seen.add(id(obj))
         if isinstance(obj, FunctionType):
             todo.append(obj.__code__)
-            todo.extend(obj.__globals__[n] for n in _global_names(obj.__code__) if n in obj.__globals__)
-            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+            todo.extend(obj.__globals__[n] for n in wire.global_names(obj.__code__) if n in obj.__globals__)
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if filled(cell))
         elif isinstance(obj, type):  # a class's methods
             todo.extend(value for value in vars(obj).values()
                         if isinstance(value, (FunctionType, staticmethod, classmethod, property)))
@@ -196,7 +180,8 @@ def _codes_reached(fn: Any) -> list[Any]:
     return codes
 
 
-def _filled(cell: Any) -> bool:
+def filled(cell: Any) -> bool:
+    """Whether a closure cell holds a value yet."""
     try:
         cell.cell_contents
     except ValueError:

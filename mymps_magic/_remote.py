@@ -16,7 +16,7 @@ from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from mymps_magic import errors, wire
-from mymps_magic._functions import PickledFunctions
+from mymps_magic._functions import PickledFunctions, filled
 from mymps_magic._outcomes import CellResult, RemoteFuture
 from mymps_magic._session import SessionChannel
 from mymps_magic.display import OutputSink
@@ -94,7 +94,7 @@ class RemoteExecution:
             VersionMismatchError: the two ends run different Python or cloudpickle versions.
         """
         fields, buffers = self._pickled_call(fn, args, kwargs)
-        return self.session.wait(self.session.request("run", fields, buffers, source=fn))
+        return self.session.call("run", fields, buffers, source=fn)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RemoteFuture:
         """Queue ``fn(*args, **kwargs)`` on the server and return at once.
@@ -196,14 +196,6 @@ _SCAN_LIMIT = 1000
 """Items of a container looked at for local classes: enough for real data, bounded for huge lists."""
 
 
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
 def _send_local_modules_by_value(*objs: Any) -> None:
     """Register the user's own modules that these objects (and the functions they call) come from
     with cloudpickle's pickle-by-value, so the server needs no copy of them."""
@@ -229,7 +221,7 @@ def _send_local_modules_by_value(*objs: Any) -> None:
         if isinstance(obj, FunctionType):
             names = obj.__code__.co_names
             todo.extend(obj.__globals__[n] for n in names if n in obj.__globals__)
-            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if filled(cell))
         elif isinstance(obj, (list, tuple, set, frozenset)):
             todo.extend(itertools.islice(obj, _SCAN_LIMIT))  # instances of local classes inside
         elif isinstance(obj, dict):

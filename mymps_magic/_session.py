@@ -253,8 +253,8 @@ class SessionChannel:
         return request.future.result()
 
     def call(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
-             timeout: float | None = None) -> Any:
-        return self.wait(self.request(kind, fields, buffers), timeout)
+             timeout: float | None = None, source: Any = None) -> Any:
+        return self.wait(self.request(kind, fields, buffers, source=source), timeout)
 
     def interrupt(self, target: int = 0) -> None:
         self.request("interrupt", {"target": target}, waiter=False)

@@ -74,6 +74,7 @@ gets exactly what it missed):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -332,14 +333,8 @@ class FrameDecoder:
                 return None
             head, rest = bytes(self._head[:end]), bytes(self._head[end:])
             self._head = None
-            try:
-                header = msgpack.unpackb(head[_HEADER_LEN.size:], raw=False)
-            except Exception as exc:
-                raise WireFormatError(f"the frame header is not valid msgpack ({exc})") from None
-            if not isinstance(header, dict) or not header.get("chunked"):
-                raise WireFormatError("a streamed frame must start with the header of a chunked frame")
-            frame = self.feed(head)
-            if frame is not None:
+            frame = self.feed(head)  # a header without "chunked" and with data is refused here
+            if frame is not None:  # no bytes to come
                 if rest:
                     raise WireFormatError("the stream runs past the end of the frame's buffers")
                 return frame
@@ -421,6 +416,18 @@ def _pickler() -> type:
             table = collections.ChainMap({torch.Tensor: _tensor_reduce, torch.nn.Parameter: _tensor_reduce}, table)
         cls = _PICKLERS[torch is not None] = type("Pickler", (cloudpickle.Pickler,), {"dispatch_table": table})
     return cls
+
+
+@functools.lru_cache(maxsize=512)
+def global_names(code: Any) -> frozenset[str]:
+    """The global names a code object (and the functions and classes defined in it) may look
+    up: what a function sent by value can need from the namespace it lands in. Kept per code
+    object (code objects compare by value, so a function sent again shares the entry)."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= global_names(const)
+    return frozenset(names)
 
 
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import httpx
 import pytest
 
 from kernels import Kernel
-from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, build_tiny_models
+from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, auth, build_tiny_models
 
 if TYPE_CHECKING:
     from mymps_magic import Client
@@ -74,6 +75,13 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
     yield make
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    """An authenticated httpx client on the shared server (no proxy from the environment)."""
+    with httpx.Client(base_url=server.url, headers=auth(server.token), timeout=60.0, trust_env=False) as client:
+        yield client
 
 
 @pytest.fixture

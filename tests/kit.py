@@ -280,6 +280,11 @@ class ServerStartError(RuntimeError):
         self.log = log
 
 
+def auth(token: str) -> dict[str, str]:
+    """The header that carries ``token``, as every client sends it."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 class ServerProcess:
     """The real ``python -m kernel_server`` on a loopback port, as tests and benchmarks use it.
 
@@ -326,6 +331,10 @@ class ServerProcess:
     def url(self) -> str:
         """``http://127.0.0.1:PORT``, without a trailing slash."""
         return f"http://{self.host}:{self.port}"
+
+    def ws_url(self, path: str = "/ws/generate") -> str:
+        """The ``ws://`` address of one of its WebSocket endpoints."""
+        return f"ws://{self.host}:{self.port}{path}"
 
     @property
     def command(self) -> list[str]:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from kit import ServerProcess, TinyModels
+from kit import ServerProcess, TinyModels, auth
 from mymps_magic import wire
 
 GPT2 = "api-gpt2"
@@ -47,21 +47,6 @@ SHORT_TOKENS = 24
 STOP_REASONS = {"length", "eos", "stop", "cancelled"}
 # SPEC 3 says "within milliseconds"; a loaded CI runner gets a generous margin.
 METADATA_BUDGET_S = 0.5
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def ws_url(server: ServerProcess, path: str = "/ws/generate") -> str:
-    return f"ws://{server.host}:{server.port}{path}"
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    """An authenticated httpx client on the shared server (no proxy from the environment)."""
-    with httpx.Client(base_url=server.url, headers=auth(server.token), timeout=60.0, trust_env=False) as client:
-        yield client
 
 
 def _load_specs(tiny: TinyModels) -> dict[str, dict[str, Any]]:
@@ -186,7 +171,7 @@ def generate(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 def ws_generate(server: ServerProcess, **body: Any) -> list[dict[str, Any]]:
     """Every frame of one /ws/generate exchange, until the server closes."""
-    with connect(ws_url(server), additional_headers=auth(server.token), proxy=None, open_timeout=10) as ws:
+    with connect(server.ws_url(), additional_headers=auth(server.token), proxy=None, open_timeout=10) as ws:
         ws.send(json.dumps(body))
         return [json.loads(message) for message in ws]
 
@@ -597,7 +582,7 @@ def test_ws_generate_stops_when_its_client_disconnects(
     server: ServerProcess, http: httpx.Client, loaded: dict[str, dict[str, Any]]
 ) -> None:
     body = {"model": LLAMA, "prompt": LONG_PROMPT, "max_new_tokens": LONG_TOKENS, "temperature": 0}
-    with connect(ws_url(server), additional_headers=auth(server.token), proxy=None) as ws:
+    with connect(server.ws_url(), additional_headers=auth(server.token), proxy=None) as ws:
         ws.send(json.dumps(body))
         for _ in range(5):
             assert json.loads(ws.recv(timeout=10))["type"] == "token"

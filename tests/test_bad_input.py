@@ -22,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from kit import ServerProcess, TinyModels, free_port
+from kit import ServerProcess, TinyModels, auth, free_port
 from mymps_magic import wire
 
 LLAMA = "bad-llama"
@@ -33,20 +33,6 @@ UNKNOWN = "no-such-model"
 
 # The process must refuse a non-loopback bind before it loads anything heavy.
 REFUSE_BUDGET_S = 15.0
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def ws_url(server: ServerProcess, path: str = "/ws/generate") -> str:
-    return f"ws://{server.host}:{server.port}{path}"
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, headers=auth(server.token), timeout=60.0, trust_env=False) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +103,7 @@ def raw_exchange(server: ServerProcess, request: bytes, timeout: float = 5.0) ->
 def ws_frames(server: ServerProcess, first: str | bytes, token: str | None = None) -> list[dict[str, Any]]:
     """Send one frame to /ws/generate, return every frame until the server closes."""
     headers = auth(server.token if token is None else token)
-    with connect(ws_url(server), additional_headers=headers, proxy=None, open_timeout=10) as ws:
+    with connect(server.ws_url(), additional_headers=headers, proxy=None, open_timeout=10) as ws:
         ws.send(first)
         return [json.loads(message) for message in ws]
 
@@ -196,7 +182,7 @@ def test_ws_without_the_token_is_refused_at_the_handshake(
     frame = json.dumps({"model": LLAMA, "prompt": "x", "max_new_tokens": 5})
 
     with pytest.raises((InvalidStatus, ConnectionClosed)) as refused:
-        with connect(ws_url(server), additional_headers=headers, proxy=None, open_timeout=10) as ws:
+        with connect(server.ws_url(), additional_headers=headers, proxy=None, open_timeout=10) as ws:
             ws.send(frame)
             ws.recv(timeout=10)
 
@@ -556,7 +542,7 @@ def test_a_ws_message_over_max_body_closes_the_connection(small_server: ServerPr
     frame = json.dumps({"model": "small", "prompt": "x" * 4096})
 
     with pytest.raises(ConnectionClosed) as closed:
-        with connect(ws_url(small_server), additional_headers=auth(small_server.token), proxy=None) as ws:
+        with connect(small_server.ws_url(), additional_headers=auth(small_server.token), proxy=None) as ws:
             ws.send(frame)
             ws.recv(timeout=10)
 

@@ -22,17 +22,13 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from kit import ServerProcess
+from kit import ServerProcess, auth
 from mymps_magic import Client, wire
 from mymps_magic.errors import BadRequestError, PicklingError
 
 # Close codes a clear refusal may use: policy violation (token), unsupported data, too big.
 CLEAR_CLOSE_CODES = (1003, 1008, 1009)
 ANSWER_TIMEOUT_S = 10.0
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def raw_header(header: dict[str, Any]) -> bytes:
