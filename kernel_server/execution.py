@@ -37,12 +37,28 @@ class Outlet:
         self.emit = emit
         self.request_id = request_id
         self._bars = itertools.count(1)
+        self._partial: dict[str, str] = {}  # per stream, text written after its last newline
 
     def stream(self, name: str, text: str) -> None:
-        if text:
-            self.emit(wire.Frame("stream", self.request_id, {"name": name, "text": text}))
+        """Send whole lines at once; the rest of a line waits for its newline, a flush, or the
+        next display or progress, as on a line-buffered terminal. So ``print``'s text and the
+        newline it writes apart travel (and show in the notebook) as one piece."""
+        text = self._partial.pop(name, "") + text
+        cut = text.rfind("\n") + 1
+        if cut < len(text):
+            self._partial[name] = text[cut:]
+        if cut:
+            self.emit(wire.Frame("stream", self.request_id, {"name": name, "text": text[:cut]}))
+
+    def flush(self, name: str | None = None) -> None:
+        """Send what waits for a newline (of one stream, or of both)."""
+        for key in [name] if name is not None else list(self._partial):
+            text = self._partial.pop(key, "")
+            if text:
+                self.emit(wire.Frame("stream", self.request_id, {"name": key, "text": text}))
 
     def display(self, *objs: Any) -> None:
+        self.flush()
         for obj in objs:
             data, metadata = mimebundle(obj)
             self.emit(wire.Frame("display", self.request_id, {"data": data, "metadata": metadata}))
@@ -51,6 +67,7 @@ class Outlet:
         return next(self._bars)
 
     def progress(self, bar: int, fields: dict[str, Any]) -> None:
+        self.flush()
         self.emit(wire.Frame("progress", self.request_id, {"bar": bar, **fields}))
 
 
@@ -71,8 +88,11 @@ class OutputRouter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if self.outlet is None:
+        outlet = self.outlet
+        if outlet is None:
             self.real.flush()
+        else:
+            outlet.flush(self.name)
 
     def isatty(self) -> bool:
         return False
@@ -120,6 +140,7 @@ class _Capture:
     def __exit__(self, *exc: object) -> None:
         ex = self.execution
         ex._current = ex.stdout.outlet = ex.stderr.outlet = None
+        self.outlet.flush()  # a last line without its newline, before the result
 
 
 def _hook_tqdm(execution: Execution) -> None:

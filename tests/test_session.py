@@ -517,6 +517,21 @@ def test_run_cell_output_arrives_while_the_cell_runs(c: Client, sink: RecordingS
     assert sink.text() == "first\nsecond\n"
 
 
+def test_printed_lines_arrive_whole(c: Client, sink: RecordingSink) -> None:
+    """A line goes when it is complete, as on a line-buffered terminal: `print` writes its
+    text and its newline apart, and the two must show as one piece (a notebook may otherwise
+    draw them as two outputs). A line without its newline goes on a flush, and at the end."""
+    source = ("import sys, time\n"
+              "sys.stdout.write('half'); time.sleep(0.3); sys.stdout.write(' and half\\n')\n"
+              "print('partial', end=''); sys.stdout.flush(); time.sleep(0.3)\n"
+              "print(' tail', end='')")
+    c.run_cell(source)
+    pieces = [text for name, text in sink.of("stream") if name == "stdout"]
+    assert "".join(pieces) == "half and half\npartial tail"
+    assert not [p for p in pieces if p.endswith("half")], pieces  # the line was never cut
+    assert pieces[-1] == " tail" and pieces[-2].endswith("partial"), pieces  # the flush sent it
+
+
 def test_run_cell_prints_to_the_local_stdout_and_stderr(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     # The default sink, outside a kernel: text goes to sys.stdout / sys.stderr.
     assert client.run_cell("import sys\nprint('out line')\nprint('err line', file=sys.stderr)\n7") == 7
