@@ -141,6 +141,9 @@ class Connection:
                         conn.send(view[start:start + _SEND_STEP])
                 response = conn.getresponse()
                 body = response.read()
+        except http.client.HTTPException:  # the answer was cut off (IncompleteRead, BadStatusLine)
+            raise errors.ConnectionError(
+                f"Lost the connection to {self.settings.address} before the answer came. {FIX_LINK}") from None
         finally:
             conn.close()
         self._raise_for_status(response.status, body)
