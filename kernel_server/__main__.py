@@ -48,7 +48,7 @@ def settings_from(argv: list[str] | None) -> Settings:
     from pathlib import Path
 
     args = build_parser().parse_args(argv)
-    return Settings.from_env().override(
+    return Settings.from_env(flags=dict(
         host=args.host,
         port=args.port,
         device=args.device,
@@ -59,7 +59,7 @@ def settings_from(argv: list[str] | None) -> Settings:
         session_idle=parse_seconds(args.session_idle, "--session-idle") if args.session_idle else None,
         preload=tuple(parse_preload(spec, "--preload") for spec in args.preload) if args.preload else None,
         restore=args.restore,
-    )
+    ))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -86,9 +86,24 @@ class Settings:
         return self.token_file or self.home / "token"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``MYMPS_*`` variables (``MYMPS_BIND`` for the host)."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, flags: Mapping[str, object] | None = None) -> Settings:
+        """Build settings from ``MYMPS_*`` variables (``MYMPS_BIND`` for the host) and flags.
+
+        Args:
+            env: the variables; ``os.environ`` by default.
+            flags: command-line values by field name, already parsed; ``None`` means not given.
+                A given flag wins over its variable, which is then not even read: a bad
+                ``MYMPS_PORT`` does not stop ``--port 5555``, and ``MYMPS_BIND=0.0.0.0`` does not
+                stop ``--host 127.0.0.1``. Checks run once, on the result, and name each value's
+                source (the flag, else the variable).
+
+        Raises:
+            SettingsError: a value is malformed or not allowed.
+        """
         env = os.environ if env is None else env
+        given = {name: value for name, value in (flags or {}).items() if value is not None}
+        unread = {env_name(name) for name in given}
+        env = {key: value for key, value in env.items() if key not in unread}
         kwargs: dict[str, object] = {}
         if "MYMPS_BIND" in env:
             kwargs["host"] = env["MYMPS_BIND"]
@@ -111,16 +126,13 @@ class Settings:
         kwargs["restore"] = _flag(env, "MYMPS_RESTORE")
         if "MYMPS_SESSION_IDLE" in env:
             kwargs["session_idle"] = parse_seconds(env["MYMPS_SESSION_IDLE"], "MYMPS_SESSION_IDLE")
-        return cls(**kwargs).validated("MYMPS_")  # type: ignore[arg-type]
+        kwargs.update(given)
+        return cls(**kwargs).validated(set(given))  # type: ignore[arg-type]
 
-    def override(self, **changes: object) -> Settings:
-        """Apply command-line flags (``None`` means not given) and validate again."""
-        given = {k: v for k, v in changes.items() if v is not None}
-        return replace(self, **given).validated("--")  # type: ignore[arg-type]
-
-    def validated(self, source: str) -> Settings:
+    def validated(self, flags: set[str]) -> Settings:
+        """Check the values together; ``flags`` are the fields that came from the command line."""
         def named(option: str) -> str:
-            return f"--{option}" if source == "--" else f"MYMPS_{option.upper()}"
+            return f"--{option.replace('_', '-')}" if option in flags else env_name(option)
 
         if self.device not in DEVICES:
             raise SettingsError(f"{named('device')}: {self.device!r} is not one of {', '.join(DEVICES)}")
@@ -128,10 +140,15 @@ class Settings:
             raise SettingsError(f"{named('port')}: {self.port} is not a TCP port (0-65535)")
         if not self.allow_remote and not is_loopback(self.host):
             raise SettingsError(
-                f"refusing to bind {self.host}: the server runs any code sent to it, so it listens on "
-                "loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
+                f"refusing to bind {self.host} ({named('host')}): the server runs any code sent to it, so it "
+                "listens on loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
             )
         return self
+
+
+def env_name(option: str) -> str:
+    """The variable of a setting: ``MYMPS_<OPTION>``, except ``MYMPS_BIND`` for ``host``."""
+    return "MYMPS_BIND" if option == "host" else f"MYMPS_{option.upper()}"
 
 
 def parse_preload(spec: str, source: str) -> tuple[str, str, str]:

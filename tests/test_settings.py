@@ -107,3 +107,47 @@ def test_a_busy_port_is_refused_in_one_line(make_server: MakeServer, tmp_path: P
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{server.port}" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(("variable", "bad", "flag", "good", "field", "value"), [
+    ("MYMPS_BIND", "0.0.0.0", "--host", "127.0.0.1", "host", "127.0.0.1"),
+    ("MYMPS_PORT", "http", "--port", "7001", "port", 7001),
+    ("MYMPS_DEVICE", "tpu", "--device", "cpu", "device", "cpu"),
+    ("MYMPS_MAX_BODY", "lots", "--max-body", "1MiB", "max_body", 1024**2),
+    ("MYMPS_SESSION_IDLE", "forever", "--session-idle", "60", "session_idle", 60.0),
+    ("MYMPS_PRELOAD", "gpt2:nonsense", "--preload", "gpt2", "preload", (("gpt2", "text", "auto"),)),
+    ("MYMPS_ALLOW_REMOTE", "maybe", "--allow-remote", None, "allow_remote", True),
+    ("MYMPS_RESTORE", "perhaps", "--restore", None, "restore", True),
+])
+def test_a_flag_wins_over_its_variable_without_reading_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, bad: str, flag: str, good: str | None, field: str, value: object,
+) -> None:
+    """A value the variable would refuse does not matter when the flag overrides it."""
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(SettingsError, match=variable):
+        settings_from([])
+    s = settings_from([flag] if good is None else [flag, good])
+    assert getattr(s, field) == value
+
+
+def test_home_and_token_file_flags_win_over_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MYMPS_HOME", str(tmp_path / "env-home"))
+    monkeypatch.setenv("MYMPS_TOKEN_FILE", str(tmp_path / "env-token"))
+    s = settings_from(["--home", str(tmp_path / "flag-home"), "--token-file", str(tmp_path / "flag-token")])
+    assert (s.home, s.resolved_token_file) == (tmp_path / "flag-home", tmp_path / "flag-token")
+
+
+def test_a_refusal_names_the_flag_when_the_value_came_from_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MYMPS_DEVICE", "cpu")
+    monkeypatch.setenv("MYMPS_ALLOW_REMOTE", "1")
+    with pytest.raises(SettingsError, match="--port: 70000 is not a TCP port"):
+        settings_from(["--port", "70000"])
+    monkeypatch.delenv("MYMPS_ALLOW_REMOTE")
+    with pytest.raises(SettingsError, match=r"refusing to bind 0\.0\.0\.0 \(--host\)"):
+        settings_from(["--host", "0.0.0.0"])
+
+
+def test_serve_with_a_remote_bind_in_the_environment_starts_on_the_loopback_flag(make_server: MakeServer) -> None:
+    """`MYMPS_BIND=0.0.0.0 mymps serve --host 127.0.0.1` (and a stale MYMPS_PORT) serves on loopback."""
+    server = make_server(env={"MYMPS_BIND": "0.0.0.0", "MYMPS_PORT": "not-a-port"})
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
