@@ -106,22 +106,48 @@ class OutputRouter(io.TextIOBase):
 
 
 class Execution:
-    """The server's side of running user code: the output routers and the tqdm hook."""
+    """The server's side of running user code: the output routers and the tqdm hook.
+
+    Both are process-wide (``sys.stdout`` and the ``tqdm`` class are), so they are installed
+    once per process, by the first open Execution, and shared by every Execution open at the
+    same time (two apps built in one process); the last one to close puts the originals back.
+    Installing them per Execution instead made a second app's hook wrap the first's, whose
+    leftover ``__init__`` then overwrote the bar's outlet: a second app lost its progress bars.
+    """
+
+    _open = 0
+    _lock = threading.Lock()
+    _stdout: OutputRouter
+    _stderr: OutputRouter
+    _unhook_tqdm: Callable[[], None]
 
     def __init__(self) -> None:
-        self.stdout = OutputRouter("stdout", sys.stdout)
-        self.stderr = OutputRouter("stderr", sys.stderr)
-        sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
-        self._current: Outlet | None = None
-        self._lock = threading.Lock()
-        _hook_tqdm(self)
+        cls = Execution
+        with cls._lock:
+            if cls._open == 0:
+                cls._stdout = OutputRouter("stdout", sys.stdout)
+                cls._stderr = OutputRouter("stderr", sys.stderr)
+                sys.stdout, sys.stderr = cls._stdout, cls._stderr  # type: ignore[assignment]
+                cls._unhook_tqdm = _hook_tqdm()
+            cls._open += 1
+        self.stdout, self.stderr = cls._stdout, cls._stderr
+        self._closed = False
 
     @property
     def current(self) -> Outlet | None:
-        return self._current
+        """The outlet of the user code running now, if any."""
+        return self.stdout.outlet
 
     def close(self) -> None:
-        sys.stdout, sys.stderr = self.stdout.real, self.stderr.real
+        cls = Execution
+        with cls._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cls._open -= 1
+            if cls._open == 0:
+                sys.stdout, sys.stderr = self.stdout.real, self.stderr.real
+                cls._unhook_tqdm()
 
     def capture(self, outlet: Outlet) -> _Capture:
         return _Capture(self, outlet)
@@ -134,27 +160,30 @@ class _Capture:
 
     def __enter__(self) -> Outlet:
         ex = self.execution
-        ex._current = ex.stdout.outlet = ex.stderr.outlet = self.outlet
+        ex.stdout.outlet = ex.stderr.outlet = self.outlet
         return self.outlet
 
     def __exit__(self, *exc: object) -> None:
         ex = self.execution
-        ex._current = ex.stdout.outlet = ex.stderr.outlet = None
+        ex.stdout.outlet = ex.stderr.outlet = None
         self.outlet.flush()  # a last line without its newline, before the result
 
 
-def _hook_tqdm(execution: Execution) -> None:
+def _hook_tqdm() -> Callable[[], None]:
     """Make tqdm bars of remote code report to the client instead of drawing on stderr.
 
     tqdm calls ``display`` whenever a bar should redraw (already rate-limited by its own
     ``mininterval``) and ``close`` at the end; both are rerouted while user code runs.
+
+    Returns:
+        A function that puts tqdm's own methods back.
     """
     from tqdm import std
 
     original_init, original_display, original_close = std.tqdm.__init__, std.tqdm.display, std.tqdm.close
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        outlet = execution.current
+        outlet = Execution._stdout.outlet  # the routers are shared: the code running now
         self._mymps_outlet = outlet
         if outlet is not None:
             self._mymps_bar = outlet.new_bar()
@@ -180,7 +209,11 @@ def _hook_tqdm(execution: Execution) -> None:
         if outlet is not None and not done:
             outlet.progress(self._mymps_bar, fields(self, True))
 
+    def unhook() -> None:
+        std.tqdm.__init__, std.tqdm.display, std.tqdm.close = original_init, original_display, original_close
+
     std.tqdm.__init__, std.tqdm.display, std.tqdm.close = __init__, display, close
+    return unhook
 
 
 def progress(iterable: Any = None, total: int | None = None, desc: str | None = None, **kwargs: Any) -> Any:
