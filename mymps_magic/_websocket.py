@@ -21,7 +21,10 @@ import struct
 import threading
 from typing import Callable, Mapping
 
-from websockets.speedups import apply_mask
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension: its own pure-Python mask, as it does itself
+    from websockets.utils import apply_mask
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 64 * 1024

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from kit import ServerProcess
+
 HEAVY = ("torch", "transformers", "diffusers", "IPython", "tokenizers", "accelerate")
 
 PROBE = f"""
@@ -33,3 +35,20 @@ def test_import_and_a_client_take_well_under_a_second() -> None:
     # About 0.16 s where measured; the bound leaves room for a slow CI machine.
     seconds = _probe()["seconds"]
     assert isinstance(seconds, float) and seconds < 1.0, f"import mymps_magic took {seconds:.2f} s"
+
+
+WITHOUT_SPEEDUPS = """
+import sys
+sys.modules["websockets.speedups"] = None  # as where websockets was installed without its C extension
+from mymps_magic import Client
+with Client(port=int(sys.argv[1]), token=sys.argv[2]) as c:
+    c.push(text="x" * 70_000)
+    print(c.run_cell("len(text)"))
+"""
+
+
+def test_the_client_works_where_websockets_has_no_c_extension(server: ServerProcess) -> None:
+    out = subprocess.run([sys.executable, "-c", WITHOUT_SPEEDUPS, str(server.port), server.token],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "70000"
