@@ -219,7 +219,9 @@ def _send_local_modules_by_value(*objs: Any) -> None:
             except ValueError:
                 cloudpickle.register_pickle_by_value(module)
         if isinstance(obj, FunctionType):
-            names = obj.__code__.co_names
+            # The names of nested code too (comprehensions, lambdas, inner functions): the same
+            # walk that the pickle cache and the traceback sources use.
+            names = wire.global_names(obj.__code__)
             todo.extend(obj.__globals__[n] for n in names if n in obj.__globals__)
             todo.extend(cell.cell_contents for cell in obj.__closure__ or () if filled(cell))
         elif isinstance(obj, (list, tuple, set, frozenset)):

@@ -1,0 +1,51 @@
+"""The client under faults and in plain scripts (issue 10): functions that reach a local module
+only from nested code, remote errors outside IPython, and token hints that name the real file.
+
+Scripts run in a fresh interpreter (a subprocess) so that what they import, print and raise is
+what a user running ``python script.py`` would see.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from kit import REPO_ROOT, ServerProcess
+
+SCRIPT_TIMEOUT_S = 120.0
+
+
+def run_script(directory: Path, source: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as ``directory/main.py`` (its directory first on the path, as for any
+    script), with the repository importable and no ``MYMPS_*`` setting of ours."""
+    script = directory / "main.py"
+    script.write_text(textwrap.dedent(source))
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("MYMPS_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    environ.update(env or {})
+    return subprocess.run([sys.executable, str(script), *args], cwd=directory, env=environ,
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+
+
+def test_a_local_module_used_only_in_a_comprehension_or_lambda_travels_by_value(
+        server: ServerProcess, tmp_path: Path) -> None:
+    (tmp_path / "mylocal.py").write_text("def helper(x):\n    return x * 10\n")
+    out = run_script(tmp_path, """
+        import sys
+        import mylocal
+        from mymps_magic import Client
+
+        def in_comprehension(xs):
+            return [mylocal.helper(x) for x in xs]
+
+        def in_lambda(xs):
+            return list(map(lambda x: mylocal.helper(x), xs))
+
+        with Client(port=int(sys.argv[1]), token=sys.argv[2]) as c:
+            print(c.run(in_comprehension, [1, 2]), c.run(in_lambda, [3]))
+    """, str(server.port), server.token)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[10, 20] [30]"
