@@ -7,12 +7,12 @@ request; this module turns it into what the caller gets.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 from typing import TYPE_CHECKING, Any, Callable
 
 from mymps_magic import errors, wire
 from mymps_magic._functions import fill_sources
 from mymps_magic.display import RemoteValue
+from mymps_magic.remote import _remote_error
 
 if TYPE_CHECKING:
     from mymps_magic._session import SessionChannel
@@ -45,7 +45,7 @@ def settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
         if not future.set_running_or_notify_cancel():
             return
     if frame.type == "error":
-        error = _remote_error(frame)
+        error = _error_of(frame)
         if source is not None and isinstance(error, errors.RemoteError):
             error.traceback = fill_sources(error.traceback, source)
         future.set_exception(error)
@@ -89,16 +89,8 @@ _ERRORS: dict[str, Callable[[str], errors.MympsError]] = {
 }
 
 
-def _remote_error(frame: wire.Frame) -> errors.MympsError:
+def _error_of(frame: wire.Frame) -> errors.MympsError:
     code = frame.get("code", "remote")
     if code == "remote":
-        return _remote_class(str(frame["ename"]))(frame["ename"], frame.get("evalue", ""), frame.get("traceback"))
+        return _remote_error(str(frame["ename"]), str(frame.get("evalue", "")), frame.get("traceback"))
     return _ERRORS.get(code, errors.ServerError)(str(frame.get("evalue") or frame["ename"]))
-
-
-@functools.lru_cache(maxsize=256)
-def _remote_class(ename: str) -> type[errors.RemoteError]:
-    """A `RemoteError` subclass named after the remote type, so a notebook (and nbclient, and
-    papermill) reports ``ZeroDivisionError`` rather than ``RemoteError``."""
-    name = ename if ename.isidentifier() else "RemoteError"
-    return type(name, (errors.RemoteError,), {"__module__": "mymps_magic.remote", "__qualname__": name})

@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import concurrent.futures
 import pickle
+from typing import Any
 
 __all__ = [
     "AuthError",
@@ -109,9 +110,42 @@ class RemoteError(MympsError):
         self.evalue = evalue
         self.traceback = list(traceback or [])
 
+    @property
+    def traceback(self) -> list[str]:
+        return self._traceback
+
+    @traceback.setter
+    def traceback(self, lines: list[str]) -> None:
+        """Outside IPython (a plain script, pytest, a log) Python prints an exception's chain,
+        not `_render_traceback_`: the remote frames travel as the ``__cause__``, as
+        ``concurrent.futures.ProcessPoolExecutor`` shows a worker's traceback."""
+        self._traceback = lines
+        self.__cause__ = RemoteTraceback("".join(lines)) if lines else None
+
+    def __str__(self) -> str:
+        # A subclass named after the remote type (``mymps_magic.remote.KeyError``) says the
+        # type already: its message is the remote one alone, as a local exception's would be.
+        return self.evalue if type(self).__name__ == self.ename else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from mymps_magic.remote import _remote_error
+
+        return _remote_error, (self.ename, self.evalue, self._traceback)
+
     def _render_traceback_(self) -> list[str]:
         lines = [line for chunk in self.traceback for line in chunk.splitlines()]
         return lines if lines else [self.message]
+
+
+class RemoteTraceback(Exception):
+    """The traceback of user code on the server, shown as the cause of its `RemoteError`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "the remote code raised it here:\n" + self.text.rstrip("\n")
 
 
 class PicklingError(MympsError, pickle.PicklingError):

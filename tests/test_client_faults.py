@@ -49,3 +49,29 @@ def test_a_local_module_used_only_in_a_comprehension_or_lambda_travels_by_value(
     """, str(server.port), server.token)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[10, 20] [30]"
+
+
+def test_a_remote_error_in_a_plain_script_shows_the_remote_frames_and_a_class_that_exists(
+        server: ServerProcess, tmp_path: Path) -> None:
+    out = run_script(tmp_path, """
+        import sys
+        import mymps_magic.remote
+        from mymps_magic import Client
+
+        def divide(x):
+            return x / 0
+
+        with Client(port=int(sys.argv[1]), token=sys.argv[2]) as c:
+            try:
+                c.run_cell("import json\\njson.loads('{')")
+            except mymps_magic.remote.JSONDecodeError as exc:
+                print("caught", type(exc).__qualname__, file=sys.stderr)
+            c.run(divide, 1)
+    """, str(server.port), server.token)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "caught JSONDecodeError"  # the printed path names a class one can catch
+    assert lines[-1] == "mymps_magic.remote.ZeroDivisionError: division by zero"
+    remote = out.stderr[:out.stderr.index("The above exception")]
+    assert f'File "{tmp_path / "main.py"}", line 7, in divide' in remote
+    assert "return x / 0" in remote and "ZeroDivisionError: division by zero" in remote

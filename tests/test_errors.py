@@ -74,3 +74,14 @@ def test_errors_survive_pickling() -> None:
 def test_module_all_lists_the_tree() -> None:
     assert set(errors.__all__) >= {"MympsError", "ConnectionError", "TimeoutError", "AuthError",
                                    "NotFoundError", "BadRequestError", "ServerError", "RemoteError"}
+
+
+def test_a_remote_error_named_after_its_type_pickles_and_its_path_exists() -> None:
+    import mymps_magic.remote
+
+    err = mymps_magic.remote._remote_error("KeyError", "'x'", ["Traceback\n", "KeyError: 'x'\n"])
+    assert type(err) is mymps_magic.remote.KeyError and isinstance(err, RemoteError)
+    assert str(err) == "'x'"  # the type says "KeyError" already
+    assert "KeyError: 'x'" in str(err.__cause__)  # the remote traceback, printed before it outside IPython
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and (again.ename, again.evalue, again.traceback) == (err.ename, err.evalue, err.traceback)

@@ -653,7 +653,8 @@ def test_a_cell_that_raises_gives_remote_error_with_the_remote_traceback(c: Clie
     err = info.value
     assert (err.ename, err.evalue) == ("ZeroDivisionError", "division by zero")
     assert type(err).__name__ == "ZeroDivisionError"  # a RemoteError named after the remote type
-    assert str(err) == "ZeroDivisionError: division by zero"
+    assert str(err) == "division by zero"  # as a local one: the type name is printed beside it
+    assert err.message == "ZeroDivisionError: division by zero"
     text = "".join(err.traceback)
     assert text.startswith("Traceback (most recent call last):")
     assert "<mymps-cell-" in text and "line 5, in <module>" in text and "line 2, in inner" in text
