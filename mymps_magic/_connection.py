@@ -21,7 +21,6 @@ from mymps_magic._settings import Settings
 CONNECT_TIMEOUT = 5.0
 
 FIX_LINK = "Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"
-FIX_TOKEN = "Set MYMPS_TOKEN or copy the server's ~/.mymps/token (`mymps tunnel` fetches it)."
 
 _SEND_STEP = 16 << 20
 
@@ -189,12 +188,12 @@ class Connection:
             status, body = (exc.status, exc.body) if isinstance(exc, HandshakeError) else (
                 exc.response.status_code, exc.response.body)
             if status in (401, 403):
-                raise self.auth_error() from None
+                raise self.auth_error(_server_reason(body or b"")) from None
             raise errors.error_for_status(status, _error_message(body or b"", status)) from None
         except (ConnectionClosed, Closed) as exc:
             code = exc.code if isinstance(exc, Closed) else exc.rcvd.code if exc.rcvd is not None else None
             if code == WS_CLOSE_POLICY:
-                raise self.auth_error() from None
+                raise self.auth_error(exc.reason if isinstance(exc, Closed) else exc.rcvd.reason if exc.rcvd else None) from None
             raise errors.ConnectionError(f"Lost the connection to {address} before the stream ended. {FIX_LINK}") from None
         except (InvalidHandshake, OSError):  # OSError covers refused connections and open timeouts
             raise errors.ConnectionError(f"Cannot reach {address}. {FIX_LINK}") from None
@@ -207,7 +206,7 @@ class Connection:
         if status < 400:
             return
         if status == 401:
-            raise self.auth_error()
+            raise self.auth_error(_server_reason(body))
         raise errors.error_for_status(status, _error_message(body, status))
 
     def error_frame(self, frame: dict[str, Any]) -> errors.MympsError:
@@ -215,17 +214,23 @@ class Connection:
         message = str(frame.get("error") or "The server reported an error without a message.")
         status = frame.get("status")
         if status == 401:
-            return self.auth_error()
+            return self.auth_error(message)
         if isinstance(status, int):
             return errors.error_for_status(status, message)
         return errors.ServerError(message)
 
-    def auth_error(self) -> errors.AuthError:
-        """The error for a refused token; it names where the token came from, never the token."""
-        source = self.settings.token_source
-        if source == "none":
-            return errors.AuthError(f"No token found, and {self.settings.address} needs one. {FIX_TOKEN}", status_code=401)
-        return errors.AuthError(f"The server refused the token (from {source}). {FIX_TOKEN}", status_code=401)
+    def auth_error(self, server_says: str | None = None) -> errors.AuthError:
+        """The error for a refused token; it names where the token came from and the token file
+        this client reads (the real path, not a fixed ``~/.mymps/token``), never the token.
+        ``server_says`` is the server's own reason, which names the server's token file."""
+        settings = self.settings
+        where = settings.token_file if settings.token_file is not None else "the token file (MYMPS_TOKEN_FILE)"
+        fix = f"Set MYMPS_TOKEN or copy the server's token into {where} (`mymps tunnel` fetches it)."
+        said = f" The server says: {server_says.rstrip('.')}." if server_says else ""
+        if settings.token_source == "none":
+            return errors.AuthError(f"No token found, and {settings.address} needs one.{said} {fix}", status_code=401)
+        return errors.AuthError(f"The server refused the token (from {settings.token_source}).{said} {fix}",
+                                status_code=401)
 
     def _decode(self, response: httpx.Response) -> dict[str, Any]:
         return self._json_object(response.status_code, response.content)
@@ -247,12 +252,15 @@ class Connection:
         )
 
 
-def _error_message(body: bytes | bytearray, status: int) -> str:
-    """The server's ``{"error": ...}`` message, or a fallback naming the status."""
+def _server_reason(body: bytes | bytearray) -> str | None:
+    """The server's ``{"error": ...}`` message, if the body is one."""
     try:
         obj = json.loads(body)
     except ValueError:
-        obj = None
-    if isinstance(obj, dict) and obj.get("error"):
-        return str(obj["error"])
-    return f"The server answered HTTP {status} without saying why; see its log."
+        return None
+    return str(obj["error"]) if isinstance(obj, dict) and obj.get("error") else None
+
+
+def _error_message(body: bytes | bytearray, status: int) -> str:
+    """The server's ``{"error": ...}`` message, or a fallback naming the status."""
+    return _server_reason(body) or f"The server answered HTTP {status} without saying why; see its log."

@@ -28,12 +28,15 @@ class Settings:
             Left out of ``repr`` so that it never lands in a log or a traceback.
         token_source: where the token came from (``"argument"``, ``"MYMPS_TOKEN"``, a file
             path, or ``"none"``), so an authentication error can say which one to fix.
+        token_file: the token file this client reads (or would read): ``MYMPS_TOKEN_FILE``,
+            else ``$MYMPS_HOME/token``; hints name it rather than a fixed ``~/.mymps/token``.
     """
 
     host: str
     port: int
     token: str | None = field(repr=False)
     token_source: str
+    token_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -78,15 +81,15 @@ class Settings:
         else:
             resolved_port = DEFAULT_PORT
 
-        if token:
-            return cls(resolved_host, resolved_port, token, "argument")
-        if env.get("MYMPS_TOKEN"):
-            return cls(resolved_host, resolved_port, env["MYMPS_TOKEN"], "MYMPS_TOKEN")
         path = token_file(env)
+        if token:
+            return cls(resolved_host, resolved_port, token, "argument", path)
+        if env.get("MYMPS_TOKEN"):
+            return cls(resolved_host, resolved_port, env["MYMPS_TOKEN"], "MYMPS_TOKEN", path)
         file_token = _read_token_file(path)
         if file_token is None:
-            return cls(resolved_host, resolved_port, None, "none")
-        return cls(resolved_host, resolved_port, file_token, str(path))
+            return cls(resolved_host, resolved_port, None, "none", path)
+        return cls(resolved_host, resolved_port, file_token, str(path), path)
 
 
 def token_file(environ: Mapping[str, str]) -> Path:

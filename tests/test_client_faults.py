@@ -13,7 +13,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from kit import REPO_ROOT, ServerProcess
+from mymps_magic import AuthError, Client
 
 SCRIPT_TIMEOUT_S = 120.0
 
@@ -75,3 +78,24 @@ def test_a_remote_error_in_a_plain_script_shows_the_remote_frames_and_a_class_th
     remote = out.stderr[:out.stderr.index("The above exception")]
     assert f'File "{tmp_path / "main.py"}", line 7, in divide' in remote
     assert "return x / 0" in remote and "ZeroDivisionError: division by zero" in remote
+
+
+def test_token_hints_name_the_token_file_the_client_reads_and_the_servers_reason(
+        server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "elsewhere"
+    monkeypatch.delenv("MYMPS_TOKEN", raising=False)
+    monkeypatch.delenv("MYMPS_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("MYMPS_HOME", str(home))
+    with Client(port=server.port) as nothing, pytest.raises(AuthError) as missing:
+        nothing.models()
+    with Client(port=server.port, token="not-the-token") as wrong:
+        with pytest.raises(AuthError) as refused:
+            wrong.models()
+        with pytest.raises(AuthError) as refused_session:
+            wrong.run_cell("1")
+    for error in (missing.value, refused.value, refused_session.value):
+        line = str(error)
+        assert str(home / "token") in line and "~/.mymps" not in line and "\n" not in line
+        assert "not-the-token" not in line
+    for error in (missing.value, refused.value):  # a refused WebSocket handshake carries no body
+        assert "The server says: missing or wrong token" in str(error)  # its own reason, kept
