@@ -12,13 +12,16 @@ import signal
 import socket
 import sys
 import threading
-from types import FrameType
+import time
 
+from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, watch_os_exit
 from .settings import Settings, SettingsError, is_loopback, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
 
 SWITCH_INTERVAL_S = 0.0005
+GRACE_S = 3.0
+"""How long a stop waits for the cancelled job to answer, and then for connections to close."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reload the models that were loaded when the server last stopped (MYMPS_RESTORE=1)")
     p.add_argument("--session-idle", help="seconds a disconnected notebook session keeps its namespace "
                    "(MYMPS_SESSION_IDLE, default 3600)")
+    p.add_argument("--session-buffer", help="output a session keeps for a client that is not reading, e.g. 256MiB; "
+                   "past it, output is dropped with a note (MYMPS_SESSION_BUFFER, default 256MiB)")
     return p
 
 
@@ -57,6 +62,7 @@ def settings_from(argv: list[str] | None) -> Settings:
         allow_remote=args.allow_remote,
         max_body=parse_size(args.max_body, "--max-body") if args.max_body else None,
         session_idle=parse_seconds(args.session_idle, "--session-idle") if args.session_idle else None,
+        session_buffer=parse_size(args.session_buffer, "--session-buffer") if args.session_buffer else None,
         preload=tuple(parse_preload(spec, "--preload") for spec in args.preload) if args.preload else None,
         restore=args.restore,
     ))
@@ -85,18 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mymps serve: {exc}", file=sys.stderr)
         return 2
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(settings.home / "server.log")],
-    )
 
     import uvicorn
 
-    from .app import create_app, make_job_queue
-    from .jobs import INTERRUPT_SIGNAL
+    from .app import create_app, make_job_queue, server_version
     from .auth import load_or_create_token
     from .device import DeviceError, select_device
+    from .jobs import INTERRUPT_SIGNAL
 
     try:
         device = select_device(settings.device)
@@ -105,16 +106,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mymps serve: {exc}", file=sys.stderr)
         sock.close()
         return 2
-    jobs = make_job_queue(device, own_thread=False)
+    setup_logging(settings.home, token)
+    marker = RunMarker(settings.home)
+    jobs = make_job_queue(device, own_thread=False, on_running=marker.on_running)
     app = create_app(settings, token=token, device=device, jobs=jobs)
     host, port = sock.getsockname()[:2]
     where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
-    log.info("mymps server on http://%s:%s%s, device %s (%s); token in %s",
-             host, port, where, device.kind, device.name, token_source)
+    log.info("mymps server %s on http://%s:%s%s, device %s (%s); token in %s",
+             server_version(), host, port, where, device.kind, device.name, token_source)
+    marker.report_previous()
+    marker.create(version=server_version(), address=f"{host}:{port}", home=str(settings.home))
+    watch_os_exit(marker, lambda: describe_job(jobs.running) if jobs.running else "")
     config = uvicorn.Config(
         app, ws="websockets-sansio", ws_max_size=settings.max_body, log_level="warning",
-        access_log=False, timeout_graceful_shutdown=5,
+        access_log=False, timeout_graceful_shutdown=GRACE_S,
     )
     server = uvicorn.Server(config)
 
@@ -126,29 +132,37 @@ def main(argv: list[str] | None = None) -> int:
 
     def shut_down() -> None:
         jobs.close()  # running work is cancelled with a reason its client sees...
-        jobs.wait_idle(timeout=5)  # ...and given a moment to send it, before the sockets close
+        jobs.wait_idle(timeout=GRACE_S)  # ...and given a moment to send it, before the sockets close
         server.should_exit = True
 
-    stopping = threading.Event()
+    http = threading.Thread(target=serve_http, name="mymps-http")
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        # A handler may run in the middle of a job on this thread: do the work on another one.
-        if not stopping.is_set():
-            stopping.set()
-            log.info("shutting down (%s)", signal.Signals(signum).name)
-            threading.Thread(target=shut_down, name="mymps-shutdown", daemon=True).start()
+    def stuck() -> str:
+        running = jobs.running
+        parts = [f"{describe_job(running)} still runs" if running else "no job runs"]
+        if http.is_alive():
+            parts.append("the HTTP server is still closing its connections")
+        others = [t.name for t in threading.enumerate()
+                  if not t.daemon and t is not threading.main_thread() and t is not http]
+        if others:
+            parts.append(f"threads started by user code still run: {', '.join(others)}")
+        return "; ".join(parts)
 
+    stopper = Stopper(shut_down, on_force=marker.remove, stuck=stuck)
     # uvicorn installs no signal handlers off the main thread: these are the server's own.
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stopper.install()
     signal.signal(INTERRUPT_SIGNAL, jobs.on_interrupt_signal)
     # Three threads share the GIL (HTTP loop, device worker, user threads). Python's default 5 ms
     # switch interval is what a request waits when the worker runs Python: hand over sooner.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    http = threading.Thread(target=serve_http, name="mymps-http")
     http.start()
     jobs.work()  # device work runs here, on the main thread, so interrupts can break a sleep
     http.join()
+    marker.remove()
+    took = f" after {time.monotonic() - stopper.signalled_at:.1f} s" if stopper.reason else ""
+    log.info("stopped (%s)%s", stopper.reason or "the HTTP server ended", took)
+    # The stop's deadline stays armed: threads user code started and left running must not keep
+    # the process alive while the interpreter waits for them at exit.
     return 0
 
 

@@ -7,12 +7,13 @@ order. Every error leaves as JSON ``{"error": "..."}`` with a fitting status, ne
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -78,14 +79,17 @@ def _load_at_start(registry: Registry, jobs: JobQueue, requests: list[LoadReques
         jobs.submit(work, "load", model=request.name).add_done_callback(report)
 
 
-def make_job_queue(device: Device, *, own_thread: bool) -> JobQueue:
-    """The device queue; after a failed job it gives the device's cached memory back."""
+def make_job_queue(
+    device: Device, *, own_thread: bool, on_running: Callable[[Job | None], None] | None = None
+) -> JobQueue:
+    """The device queue; after a failed job it gives the device's cached memory back.
+    ``on_running`` hears each job start (the job) and end (``None``): the run marker's hook."""
 
     def after_failure(exc: BaseException) -> None:
         gc.collect()
         device.free_memory()
 
-    return JobQueue(on_failure=after_failure, own_thread=own_thread)
+    return JobQueue(on_failure=after_failure, own_thread=own_thread, on_running=on_running)
 
 
 def create_app(
@@ -110,9 +114,8 @@ def create_app(
         registry = Registry(dev, on_change=state.write)
 
         queue = jobs or make_job_queue(dev, own_thread=True)
-        sessions = SessionManager(dev, registry, queue, settings.session_idle)
+        sessions = SessionManager(dev, registry, queue, settings.session_idle, settings.session_buffer)
         app.state.mymps = ServerState(settings, dev, registry, queue, sessions)
-        log.info("device %s (%s)", dev.kind, dev.name)
         _load_at_start(registry, queue, startup_requests(settings, to_restore))
         try:
             yield
@@ -145,5 +148,75 @@ def create_app(
         message = f"{request.method} {request.url.path}: {exc.detail}; GET /openapi.json lists the endpoints"
         return JSONResponse(wire.error_body(message), status_code=exc.status_code, headers=exc.headers)
 
-    app.add_middleware(GuardMiddleware, token=token, max_body=settings.max_body)
+    token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
+    app.add_middleware(GuardMiddleware, token=token, max_body=settings.max_body, token_source=token_source)
+    app.add_middleware(ErrorLog)  # outermost: it also sees the guard's 401s and 413s
     return app
+
+
+class ErrorLog:
+    """ASGI middleware: one log line for every request that ends in an error.
+
+    ``GET /models/x/info -> 404: no model named 'x'; ...``: method, path (never the query
+    string, where a careless client might put a token), status and the answer's one-line
+    ``error``. A WebSocket refused or closed with an error code gets ``WS /path closed 1009: reason``.
+    """
+
+    _MAX_BODY_SEEN = 4096  # error answers are small JSON; enough for their message
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        status = 0
+        body = b""
+
+        async def watching_send(message: dict[str, Any]) -> None:
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and status >= 400:
+                body = (body + message.get("body", b""))[:self._MAX_BODY_SEEN]
+                if not message.get("more_body", False):
+                    _log_request_error(f"{scope['method']} {scope['path']}", status, _reason(body))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:  # the 500 that Starlette's outermost layer makes of it
+            if not status:
+                _log_request_error(f"{scope['method']} {scope['path']}", 500, f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def watching_send(message: dict[str, Any]) -> None:
+            code = message.get("code", 1000)
+            if message["type"] == "websocket.close" and code not in _NORMAL_CLOSE_CODES:
+                log.info("WS %s closed %s: %s", scope["path"], code, message.get("reason") or "no reason given")
+            await send(message)
+
+        await self.app(scope, receive, watching_send)
+
+
+_NORMAL_CLOSE_CODES = frozenset({1000, 1001, 1012})  # done, going away, the server restarting
+
+
+def _reason(body: bytes) -> str:
+    try:
+        text = str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        text = body.decode(errors="replace")
+    lines = text.strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def _log_request_error(request: str, status: int, reason: str) -> None:
+    log.log(logging.ERROR if status >= 500 else logging.INFO, "%s -> %s: %s", request, status, reason)

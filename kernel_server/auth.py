@@ -61,10 +61,15 @@ def new_token() -> str:
 class GuardMiddleware:
     """Token check and body limit for every HTTP request and WebSocket handshake."""
 
-    def __init__(self, app: ASGIApp, *, token: str, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, token: str, max_body: int, token_source: str) -> None:
+        """``token_source`` says where the server's token is (its file's path, or
+        ``MYMPS_TOKEN``), for the 401 message: the path is no secret, and a user whose server
+        keeps its home elsewhere than ``~/.mymps`` needs it to find the token."""
         self.app = app
         self._token = f"Bearer {token}".encode()
         self.max_body = max_body
+        self._unauthorized = (f"missing or wrong token: send 'Authorization: Bearer <token>' (the token is in "
+                              f"{token_source} on the server; `mymps tunnel` fetches it)")
 
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope.get("headers", ()):
@@ -80,8 +85,7 @@ class GuardMiddleware:
                 return
         elif scope["type"] == "http":
             if scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
-                await _reject(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
-                              "(the token is in ~/.mymps/token on the server; `mymps tunnel` fetches it)")
+                await _reject(send, 401, self._unauthorized)
                 return
             length = _content_length(scope)
             if length is not None and length > self.max_body:

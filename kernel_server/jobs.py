@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import itertools
+import logging
 import queue
 import signal
 import threading
@@ -34,7 +35,9 @@ from types import FrameType
 from typing import Any, Callable, Iterator
 
 from .errors import Cancelled, NotFound
+from .lifecycle import describe_job
 
+log = logging.getLogger("kernel_server.jobs")
 
 INTERRUPT_SIGNAL = signal.SIGUSR1
 SHUTDOWN_REASON = "cancelled: the server is shutting down"
@@ -78,9 +81,13 @@ class Job(concurrent.futures.Future):  # type: ignore[type-arg]
         if self._cancel_requested:
             raise Cancelled(f"job {self.id} was {self.cancel_reason}")
 
-    def request_cancel(self, reason: str = "cancelled") -> None:
+    def request_cancel(self, reason: str = "cancelled") -> bool:
+        """Ask the running job to stop (the latest reason is the one its client sees); True the
+        first time, so that the log says it once."""
+        first = not self._cancel_requested
         self.cancel_reason = reason
         self._cancel_requested = True
+        return first
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -99,11 +106,16 @@ class JobQueue:
     """FIFO of :class:`Job` executed by one worker thread."""
 
     def __init__(
-        self, on_failure: Callable[[BaseException], None] | None = None, *, own_thread: bool = True
+        self,
+        on_failure: Callable[[BaseException], None] | None = None,
+        *,
+        own_thread: bool = True,
+        on_running: Callable[[Job | None], None] | None = None,
     ) -> None:
         """``on_failure`` runs on the worker after a job fails, e.g. to give cached device memory
-        back. With ``own_thread=False`` the caller runs :meth:`work` on the thread of its choice
-        (the main thread, for interrupts that break a sleep)."""
+        back; ``on_running`` on the worker as each job starts (with it) and ends (with ``None``).
+        With ``own_thread=False`` the caller runs :meth:`work` on the thread of its choice (the
+        main thread, for interrupts that break a sleep)."""
         self._queue: collections.deque[Job] = collections.deque()
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:6]  # ids of two server runs never meet
@@ -114,6 +126,7 @@ class JobQueue:
         self._running: Job | None = None
         self._closed = False
         self._on_failure = on_failure
+        self._on_running = on_running
         self._worker: int | None = None
         self._thread: threading.Thread | None = None
         if own_thread:
@@ -169,10 +182,12 @@ class JobQueue:
                     self._queue.remove(job)
                     job.cancel_reason = reason
                     job.cancel()
+                    _log_cancel(job, "while queued", reason)
                     return job
             running = self._running
         if running is not None and running.id == job_id:
-            running.request_cancel(reason)
+            if running.request_cancel(reason):
+                _log_cancel(running, "while running", reason)
             self.interrupt(running)
             return running
         raise NotFound(f"no running or queued job {job_id!r}; `GET /jobs` lists them")
@@ -183,6 +198,7 @@ class JobQueue:
             if job not in self._queue:
                 return False
             self._queue.remove(job)
+        _log_cancel(job, "while queued", "by its session")
         return bool(job.cancel())
 
     def abandon(self, job: Job, reason: str) -> None:
@@ -204,8 +220,10 @@ class JobQueue:
         for job in pending:
             job.cancel_reason = reason
             job.cancel()
+            _log_cancel(job, "while queued", reason)
         if running is not None:
-            running.request_cancel(reason)
+            if running.request_cancel(reason):
+                _log_cancel(running, "while running", reason)
             self.interrupt(running)
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -251,6 +269,8 @@ class JobQueue:
                     continue
                 self._running = job
                 job.started = time.time()
+            if self._on_running is not None:
+                self._on_running(job)
             failure: BaseException | None = None
             try:
                 result = job.fn(job)
@@ -261,9 +281,28 @@ class JobQueue:
             # job's done callbacks, the last thing before the worker waits again.
             with self._lock:
                 self._running = None
+            if self._on_running is not None:
+                self._on_running(None)
             if failure is None:
                 job.set_result(result)
             else:
+                if not job.cancelled_flag:  # a cancel was logged when it was asked for
+                    log.warning("%s failed: %s", describe_job(job), _one_line(failure))
                 job.set_exception(failure)
                 if self._on_failure is not None:
                     self._on_failure(failure)
+            # Keep nothing of a finished job while waiting for the next: its work may hold a
+            # session that is about to be reaped, with all of its namespace.
+            del job, failure
+
+
+def _log_cancel(job: Job, when: str, reason: str) -> None:
+    """``job 3a (cell, session 1a2b3c4d) cancelled while running: the server is shutting down``."""
+    detail = reason.removeprefix("cancelled").lstrip(": ")
+    log.info("%s cancelled %s%s", describe_job(job), when, f": {detail}" if detail else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as the log shows it: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -27,8 +27,12 @@ class ModelState:
         self.path = path
 
     def write(self, requests: list[LoadRequest]) -> None:
+        """Replace the file (mode 0600: it names the user's models and paths)."""
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "models": [asdict(r) for r in requests]}, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover .tmp from an older version may be wider
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"version": VERSION, "models": [asdict(r) for r in requests]}, indent=1))
         os.replace(tmp, self.path)
 
     def read(self) -> list[LoadRequest]:
