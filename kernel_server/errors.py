@@ -8,6 +8,7 @@ still names the exception; none of them ever stops the server or unloads a model
     ├── NotFound (404)        unknown model, job or path
     ├── Unprocessable (422)   a field out of range or of the wrong type
     ├── Cancelled (409)       the job was cancelled before it finished
+    ├── Conflict (409)        the name is loaded as another kind or dtype
     └── OutOfMemory (507)     the device ran out of memory
 """
 
@@ -34,6 +35,10 @@ class NotFound(ServerError):
 
 
 class Cancelled(ServerError):
+    status = 409
+
+
+class Conflict(ServerError):
     status = 409
 
 

@@ -43,16 +43,22 @@ def _eos_ids(model: Any) -> set[int]:
     return ids
 
 
-def _token_budget(model: Any, prompt_tokens: int, max_new_tokens: int) -> int:
-    """``max_new_tokens``, cut to what fits a model with learned absolute positions (GPT-2's
-    ``n_positions``): past it such a model fails with an index error, not an answer."""
+def _context(model: Any) -> int | None:
+    """The context of a model with learned absolute positions (GPT-2's ``n_positions``): past it
+    such a model fails with an index error, not an answer. Models with rotary positions (Llama's
+    ``max_position_embeddings``) keep going past theirs, as ``model.generate`` lets them."""
     limit = getattr(model.config, "n_positions", None)
-    if not isinstance(limit, int):
+    return limit if isinstance(limit, int) else None
+
+
+def _token_budget(context: int | None, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut to what still fits the context."""
+    if context is None:
         return max_new_tokens
-    if prompt_tokens >= limit:
-        raise BadRequest(f"the prompt is {prompt_tokens} tokens but this model's context holds {limit}; "
+    if prompt_tokens >= context:
+        raise BadRequest(f"the prompt is {prompt_tokens} tokens but this model's context holds {context}; "
                          "shorten the prompt")
-    return min(max_new_tokens, limit - prompt_tokens)
+    return min(max_new_tokens, context - prompt_tokens)
 
 
 def _cache_keyword(model: Any) -> str:
@@ -139,7 +145,11 @@ def generate(
 ) -> dict[str, Any]:
     """Generate up to ``max_new_tokens``; returns the original's stats plus ``stop_reason``.
 
-    ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``length`` or ``cancelled``.
+    ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``length`` or ``cancelled``, the
+    original's values. A ``length`` stop also says which length in ``limit``: ``max_new_tokens``
+    (the caller's budget), or ``context`` (the model's context was full before the budget was
+    spent), which comes with a one-line ``message``. A new field rather than a new
+    ``stop_reason`` value, so clients written for the original's four values keep working.
     """
     model, tokenizer = loaded.obj, loaded.tokenizer
     device = next(model.parameters()).device
@@ -149,7 +159,8 @@ def generate(
         bos = getattr(tokenizer, "bos_token_id", None) or getattr(model.config, "bos_token_id", None) or 0
         ids = torch.tensor([[bos]])
     ids = ids.to(device)
-    budget = _token_budget(model, ids.shape[1], params.max_new_tokens)
+    context = _context(model)
+    budget = _token_budget(context, ids.shape[1], params.max_new_tokens)
     eos = _eos_ids(model)
     generator = _generator(device, params.seed)
     detok = _Detokenizer(tokenizer, params.stop)
@@ -183,10 +194,16 @@ def generate(
         on_text(tail)
     elapsed = time.perf_counter() - start
     loaded.touch()
-    return {
+    result: dict[str, Any] = {
         "text": detok.text,
         "tokens_generated": produced,
         "time_s": round(elapsed, 4),
         "tokens_per_s": round(produced / elapsed, 2) if elapsed > 0 else 0.0,
         "stop_reason": stop_reason,
     }
+    if stop_reason == "length":
+        result["limit"] = "max_new_tokens" if budget == params.max_new_tokens else "context"
+        if result["limit"] == "context":
+            result["message"] = (f"the model's context ({context} tokens) is full: the prompt took "
+                                 f"{ids.shape[1]} and {produced} were generated; shorten the prompt to get more")
+    return result

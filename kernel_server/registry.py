@@ -1,37 +1,47 @@
-"""The loaded models: the five kinds, loading with progress, unloading, and their descriptions.
+"""The loaded models: loading with progress, unloading, and their descriptions.
 
 Loading and unloading run as jobs on the device worker (see ``jobs.py``); the registry itself
-only guards its dict, so listing models never waits behind a job.
+only guards its dict, so listing models never waits behind a job. How each kind is read lives in
+``loaders.py``, how the kind is found from the source in ``detect.py``.
+
+Every load, failed load and unload is one line of the ``kernel_server.registry`` log (name, kind,
+dtype, seconds, bytes), so ``server.log`` tells what was on the device when.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib
+import logging
 import threading
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from . import detect
 from .device import Device
-from .errors import BadRequest, NotFound, OutOfMemory, Unprocessable, is_out_of_memory
-from .progress import Steps
+from .errors import BadRequest, Conflict, NotFound, OutOfMemory, Unprocessable, as_server_error, is_out_of_memory
+from .loaders import LOADERS, Progress, first_line
 
 KINDS = ("text", "diffusion", "auto", "torchscript", "checkpoint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-Progress = Callable[[str, float, str], None]
+log = logging.getLogger(__name__)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``, as users write it."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
 class LoadRequest:
+    """What a caller asked to load; ``kind`` is ``detect`` (found from the source) or one of KINDS."""
+
     name: str
-    kind: str = "text"
+    kind: str = detect.DETECT
     dtype: str = "auto"
     path: str | None = None
     model_class: str | None = None
@@ -66,7 +76,7 @@ class LoadedModel:
         return {
             "name": self.name,
             "kind": self.kind,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "device": self.device,
             "parameters": self.parameters,
             "bytes": self.bytes,
@@ -125,15 +135,59 @@ class Registry:
         with self._lock:
             return name in self._models
 
+    def already_loaded(self, request: LoadRequest) -> bool:
+        """Whether a model of this name is loaded as ``request`` asks (a load is then a no-op).
+
+        A request that leaves the kind to detection, or the dtype ``auto``, takes the loaded
+        model as it is: re-running a notebook's load cell must not fail. An explicit other kind
+        or dtype is refused rather than ignored: the caller would otherwise compute with a model
+        they did not ask for.
+
+        Raises:
+            Conflict: the name is loaded as another kind or dtype; the message says to unload it.
+        """
+        with self._lock:
+            model = self._models.get(request.name)
+        if model is None:
+            return False
+        loaded_dtype = dtype_name(model.dtype)
+        wanted = [want for want, have, any_ in ((request.kind, model.kind, detect.DETECT),
+                                                (request.dtype, loaded_dtype, "auto")) if want not in (have, any_)]
+        if wanted:
+            name = request.name
+            raise Conflict(f"`{name}` is loaded as {model.kind}/{loaded_dtype}; unload it first "
+                           f"(`DELETE /models/{name}`, `%mymps unload {name}`) to load it as {'/'.join(wanted)}")
+        return True
+
     def load(self, request: LoadRequest, progress: Progress, check_cancelled: Callable[[], None]) -> LoadedModel:
-        """Load on the calling (worker) thread; a failure leaves the other models loaded."""
-        if request.kind not in KINDS:
+        """Load on the calling (worker) thread; a failure leaves the other models loaded.
+
+        The kind is detected from the source when the request leaves it to ``detect``, and an
+        explicit kind that does not fit the source is refused before anything is read.
+        """
+        started = time.perf_counter()
+        try:
+            model = self._load(request, progress, check_cancelled)
+        except BaseException as exc:
+            log.warning("could not load %s (%s, %s): %s", request.name, request.kind, request.dtype,
+                        first_line(as_server_error(exc)))
+            raise
+        log.info("loaded %s (%s, %s) in %.2f s, %d bytes", model.name, model.kind, dtype_name(model.dtype),
+                 time.perf_counter() - started, model.bytes)
+        return model
+
+    def _load(self, request: LoadRequest, progress: Progress, check_cancelled: Callable[[], None]) -> LoadedModel:
+        if request.kind not in KINDS + (detect.DETECT,):
             raise Unprocessable(f"unknown kind {request.kind!r}; use one of {', '.join(KINDS)}")
         dtype = self._dtype(request.dtype)
-        _check_source(request)
-        progress("start", 0.0, f"loading {request.name} ({request.kind}, {str(dtype).removeprefix('torch.')})")
+        _check_exists(request)
+        label = f"`{request.name}`" if request.path is None else f"`{request.name}` (`{request.path}`)"
+        kind = detect.resolve_kind(request.kind, request.source, label)
+        if kind == "checkpoint" and not request.model_class:
+            raise Unprocessable("kind 'checkpoint' needs model_class, e.g. 'mypackage.nets:Net'")
+        progress("start", 0.0, f"loading {request.name} ({kind}, {dtype_name(dtype)})")
         try:
-            model = _LOADERS[request.kind](request, dtype, self.device, progress, check_cancelled)
+            obj, tokenizer = LOADERS[kind](request, dtype, self.device, progress, check_cancelled)
         except BaseException as exc:
             gc.collect()
             self.device.free_memory()
@@ -143,10 +197,11 @@ class Registry:
                     "Unload one (DELETE /models/NAME) or load with a smaller dtype"
                 ) from exc
             if isinstance(exc, OSError):
-                raise NotFound(f"cannot load {request.source!r}: {_first_line(exc)}") from exc
+                raise NotFound(f"cannot load {request.source!r}: {first_line(exc)}") from exc
             raise
-        model.parameters, model.bytes = _size(model.obj)
-        model.request = request
+        model = LoadedModel(request.name, kind, dtype, self.device.kind, obj, request.source, tokenizer=tokenizer)
+        model.parameters, model.bytes = _size(obj)
+        model.request = replace(request, kind=kind)  # --restore loads it as what it turned out to be
         with self._lock:
             self._models[request.name] = model
         self._changed()
@@ -155,16 +210,18 @@ class Registry:
 
     def unload(self, name: str) -> int:
         """Drop the model and give its device memory back; returns the bytes it held."""
+        started = time.perf_counter()
         with self._lock:
             model = self._models.pop(name, None)
             loaded = ", ".join(self._models) or "none"
         if model is None:
             raise NotFound(f"model {name!r} is not loaded (loaded: {loaded})")
-        freed = model.bytes
+        freed, kind, dtype = model.bytes, model.kind, dtype_name(model.dtype)
         del model
         gc.collect()
         self.device.free_memory()
         self._changed()
+        log.info("unloaded %s (%s, %s) in %.2f s, %d bytes freed", name, kind, dtype, time.perf_counter() - started, freed)
         return freed
 
     def _changed(self) -> None:
@@ -190,58 +247,11 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-@contextlib.contextmanager
-def _weights_progress(progress: Progress, check_cancelled: Callable[[], None],
-                      start: float = 0.2, end: float = 0.8) -> Iterator[None]:
-    """transformers' own "Loading weights" bar (its loop over the tensors) as load progress from
-    ``start`` to ``end``, in steps of at least 1%; each tensor is also a point where a cancelled
-    load stops. Without the hook (an older transformers) the stages alone report progress."""
-    from transformers.utils import logging as transformers_logging
-
-    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)
-    if set_hook is None:
-        yield
-        return
-    shown = [start]
-
-    def hook(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        iterable = args[0] if args else kwargs.get("iterable")
-        if iterable is None or not str(kwargs.get("desc", "")).startswith("Loading weights"):
-            return factory(*args, **kwargs)
-        steps: Steps
-
-        def on_progress(fraction: float) -> None:
-            value = start + (end - start) * fraction
-            if value - shown[0] >= 0.01 or fraction >= 1.0:
-                shown[0] = value
-                progress("weights", value, f"loading the weights ({steps.done}/{steps.total} tensors)")
-
-        steps = Steps(iterable, kwargs.get("total"), check_cancelled, on_progress)
-        return steps
-
-    previous = set_hook(hook)
-    try:
-        yield
-    finally:
-        set_hook(previous)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
-
-
-def _check_source(request: LoadRequest) -> None:
-    path = Path(request.source).expanduser()
-    if request.kind in ("torchscript", "checkpoint") or _looks_local(request.source):
-        if not path.exists():
+def _check_exists(request: LoadRequest) -> None:
+    """A path on the server (or the file of a kind that only loads from one) must exist."""
+    if request.kind in ("torchscript", "checkpoint") or detect.looks_local(request.source):
+        if not Path(request.source).expanduser().exists():
             raise NotFound(f"path {request.source!r} does not exist on the server")
-    if request.kind == "checkpoint" and not request.model_class:
-        raise Unprocessable("kind 'checkpoint' needs model_class, e.g. 'mypackage.nets:Net'")
 
 
 def _size(obj: Any) -> tuple[int, int]:
@@ -266,110 +276,3 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def _load_text(req: LoadRequest, dtype: torch.dtype, device: Device, progress: Progress,
-               check_cancelled: Callable[[], None]) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    progress("tokenizer", 0.05, "loading the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(req.source, trust_remote_code=req.trust_remote_code)
-    check_cancelled()
-    progress("weights", 0.2, "loading the weights")
-    with _weights_progress(progress, check_cancelled):
-        model = AutoModelForCausalLM.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
-    check_cancelled()
-    progress("device", 0.8, f"moving to {device.kind}")
-    model = model.to(device.torch_device).eval()
-    return LoadedModel(req.name, "text", dtype, device.kind, model, req.source, tokenizer=tokenizer)
-
-
-def _load_auto(req: LoadRequest, dtype: torch.dtype, device: Device, progress: Progress,
-               check_cancelled: Callable[[], None]) -> LoadedModel:
-    from transformers import AutoModel
-
-    progress("weights", 0.2, "loading the weights")
-    with _weights_progress(progress, check_cancelled):
-        model = AutoModel.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
-    check_cancelled()
-    progress("device", 0.8, f"moving to {device.kind}")
-    model = model.to(device.torch_device).eval()
-    return LoadedModel(req.name, "auto", dtype, device.kind, model, req.source)
-
-
-def _load_diffusion(req: LoadRequest, dtype: torch.dtype, device: Device, progress: Progress,
-                    check_cancelled: Callable[[], None]) -> LoadedModel:
-    from diffusers import DiffusionPipeline
-
-    progress("weights", 0.2, "loading the pipeline")
-    pipe = DiffusionPipeline.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
-    check_cancelled()
-    progress("device", 0.8, f"moving to {device.kind}")
-    pipe = pipe.to(device.torch_device)
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(req.name, "diffusion", dtype, device.kind, pipe, req.source)
-
-
-def _load_torchscript(req: LoadRequest, dtype: torch.dtype, device: Device, progress: Progress,
-                      check_cancelled: Callable[[], None]) -> LoadedModel:
-    progress("weights", 0.2, "loading the TorchScript module")
-    try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; its files still load
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(Path(req.source).expanduser()), map_location=device.torch_device)
-    except RuntimeError as exc:
-        raise BadRequest(f"{req.source!r} is not a TorchScript file ({_first_line(exc)})") from exc
-    module = module.to(dtype).eval()
-    return LoadedModel(req.name, "torchscript", dtype, device.kind, module, req.source)
-
-
-def _load_checkpoint(req: LoadRequest, dtype: torch.dtype, device: Device, progress: Progress,
-                     check_cancelled: Callable[[], None]) -> LoadedModel:
-    progress("class", 0.05, f"importing {req.model_class}")
-    cls = _import_class(str(req.model_class))
-    module = cls()
-    if not isinstance(module, torch.nn.Module):
-        raise BadRequest(f"{req.model_class} is not a torch.nn.Module")
-    progress("weights", 0.2, "reading the state dict")
-    path = Path(req.source).expanduser()
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BadRequest(f"{req.source!r} is not a readable state dict ({_first_line(exc)})") from exc
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BadRequest(f"the state dict does not fit {req.model_class}: {_first_line(exc)}") from exc
-    progress("device", 0.8, f"moving to {device.kind}")
-    module = module.to(device.torch_device, dtype).eval()
-    return LoadedModel(req.name, "checkpoint", dtype, device.kind, module, req.source)
-
-
-def _import_class(spec: str) -> type:
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        module_name, _, attr = spec.rpartition(".")
-    if not module_name or not attr:
-        raise Unprocessable(f"model_class {spec!r} must look like 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise NotFound(f"cannot import {module_name!r} on the server ({exc}); install it there") from exc
-    cls = getattr(module, attr, None)
-    if not isinstance(cls, type):
-        raise NotFound(f"{module_name!r} has no class {attr!r}")
-    return cls
-
-
-_LOADERS: dict[str, Callable[..., LoadedModel]] = {
-    "text": _load_text,
-    "auto": _load_auto,
-    "diffusion": _load_diffusion,
-    "torchscript": _load_torchscript,
-    "checkpoint": _load_checkpoint,
-}

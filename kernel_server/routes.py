@@ -101,15 +101,15 @@ async def load_model(body: LoadBody, request: Request) -> Any:
     st = _state(request)
     started = time.perf_counter()
     ndjson = wire.NDJSON in request.headers.get("accept", "")
-    if st.registry.has(body.name):
+    load_request = LoadRequest(**{**body.model_dump(), "kind": body.kind or "detect"})
+    if st.registry.already_loaded(load_request):  # or a 409: loaded as another kind or dtype
         answer = _loaded_answer(st, body.name, started, True)
         return Response(wire.ndjson_line(answer), media_type=wire.NDJSON) if ndjson else answer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    load_request = LoadRequest(**body.model_dump())
 
     def work(job: Job) -> bool:
-        if st.registry.has(body.name):  # loaded by a request queued before this one
+        if st.registry.already_loaded(load_request):  # loaded by a request queued before this one
             return True
 
         def progress(stage: str, fraction: float, message: str) -> None:

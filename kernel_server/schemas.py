@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,10 +13,12 @@ MAX_NEW_TOKENS = 8192
 
 
 class LoadBody(BaseModel):
+    """``kind`` left out, ``null`` or ``"detect"``: found from what the source holds (``detect.py``)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(min_length=1)
-    kind: Kind = "text"
+    kind: Optional[Union[Kind, Literal["detect"]]] = "detect"
     dtype: DType = "auto"
     path: Optional[str] = None
     model_class: Optional[str] = None

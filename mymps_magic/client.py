@@ -151,7 +151,7 @@ class Client(RemoteExecution):
     def load_model(
         self,
         name: str,
-        kind: str = "text",
+        kind: str | None = None,
         dtype: str = "auto",
         *,
         path: str | None = None,
@@ -165,7 +165,8 @@ class Client(RemoteExecution):
 
         Args:
             name: a hub id or a path on the server; the name later calls use.
-            kind: ``text``, ``diffusion``, ``auto``, ``torchscript`` or ``checkpoint``.
+            kind: ``text``, ``diffusion``, ``auto``, ``torchscript`` or ``checkpoint``; ``None``
+                lets the server find it from what the name or path holds.
             dtype: ``auto`` (float16 on mps/cuda, float32 on cpu), ``float32``, ``float16``
                 or ``bfloat16``.
             path: load from this source (hub id or server path) under ``name``.

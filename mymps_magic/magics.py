@@ -65,7 +65,7 @@ def _parser() -> MagicArgumentParser:
         sub.add_parser(name, help=text)
     load = sub.add_parser("load", help="load a model onto the device (progress bar)")
     load.add_argument("name")
-    load.add_argument("--kind", default="text", help="text, diffusion, auto, torchscript or checkpoint")
+    load.add_argument("--kind", help="text, diffusion, auto, torchscript or checkpoint (default: found from NAME)")
     load.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     load.add_argument("--path", help="load from this source under NAME")
     load.add_argument("--model-class", help="for checkpoint: package.module:ClassName")
