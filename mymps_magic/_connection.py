@@ -26,6 +26,10 @@ _SEND_STEP = 16 << 20
 
 # WebSocket close code the server uses for a missing or wrong token (policy violation).
 WS_CLOSE_POLICY = 1008
+WS_CLOSE_TOO_BIG = 1009
+LINK_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013})
+"""Close codes that say nothing about the request (going away, abnormal end, server error,
+restart, try later): the link or the server's run ended, and a reconnect may well succeed."""
 
 
 class Connection:
@@ -191,12 +195,24 @@ class Connection:
                 raise self.auth_error(_server_reason(body or b"")) from None
             raise errors.error_for_status(status, _error_message(body or b"", status)) from None
         except (ConnectionClosed, Closed) as exc:
-            code = exc.code if isinstance(exc, Closed) else exc.rcvd.code if exc.rcvd is not None else None
-            if code == WS_CLOSE_POLICY:
-                raise self.auth_error(exc.reason if isinstance(exc, Closed) else exc.rcvd.reason if exc.rcvd else None) from None
-            raise errors.ConnectionError(f"Lost the connection to {address} before the stream ended. {FIX_LINK}") from None
+            if isinstance(exc, Closed):
+                code, reason = exc.code, exc.reason
+            else:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd is not None else (None, "")
+            raise self.closed_error(code, reason) from None
         except (InvalidHandshake, OSError):  # OSError covers refused connections and open timeouts
             raise errors.ConnectionError(f"Cannot reach {address}. {FIX_LINK}") from None
+
+    def closed_error(self, code: int | None, reason: str) -> errors.ConnectionError:
+        """The error for a WebSocket the server closed: with the server's own reason when it
+        gave one (``Is the tunnel up?`` would send the user the wrong way), else a lost link."""
+        if code == WS_CLOSE_POLICY:
+            return self.auth_error(reason or None)
+        if code is None or code in LINK_CLOSE_CODES or not reason:
+            return errors.ConnectionError(
+                f"Lost the connection to {self.settings.address} before the answer came. {FIX_LINK}")
+        return errors.ClosedError(f"The server at {self.settings.address} closed the connection: {reason.rstrip('.')} "
+                                  f"(WebSocket close code {code}).", close_code=code)
 
     def raise_for_answer(self, response: httpx.Response) -> None:
         """Raise the mymps error for an error answer; do nothing for a successful one."""

@@ -169,7 +169,12 @@ class RemoteExecution:
         self.session.interrupt()
 
     def reset(self) -> None:
-        """Clear the remote namespace. The loaded models stay loaded."""
+        """Clear the remote namespace. The loaded models stay loaded.
+
+        After a `SessionLostError` (the server restarted, or crashed: `ServerGoneError`) every
+        session call raises it again until this is called: then calls go on in a fresh session.
+        """
+        self.session.acknowledge_loss()
         self.session.call("reset")
 
 

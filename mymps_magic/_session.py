@@ -10,12 +10,36 @@ is expected (the futures of ``submit``), and every few seconds to answer the ser
 When the connection breaks, the reader reconnects with the session id and the last sequence
 number it saw: the server replays what was missed and the client resends the requests the
 server never got. Nothing in flight is lost, and the remote namespace survives.
+
+When the session cannot go on, the channel says so on every call until the user acknowledges it
+(``reset()``, ``%mymps reset``, or a new `Client`), so that code never runs in an empty namespace
+by surprise (the error is kept in ``_lost``):
+
+- The server answers a reconnect without the session (it restarted, or the session idled out):
+  `SessionLostError`. The channel is connected again, to a fresh session.
+- The socket broke while calls were in flight and, for `GONE_AFTER_S` seconds since, every
+  reconnect was refused or closed before any HTTP answer: `ServerGoneError`, "the server process
+  ended while running this call". The client cannot see the other end of the tunnel, so this is
+  the rule that tells a crash (user code calling ``os._exit``, a segfault) from a dropped link:
+  a link that drops comes back within seconds (`mymps tunnel` reopens it at once), a crashed
+  server does not come back by itself. A link down for longer than that while a call runs is
+  reported as a crash too; the namespace may then still be there, but ``reset()`` starts afresh.
+  With nothing in flight the client keeps trying for `RECONNECT_WINDOW` seconds, as before.
+- The server closes the socket with a reason that would come again on every reconnect (a
+  protocol mismatch, a session taken over by another connection, any close code that is not a
+  lost link): `ClosedError` with the server's reason, and no reconnect. A new attempt would only
+  repeat it, or, for a session taken over, take it back and start a tug of war.
+- One close is not repeated: 1009, a request over ``--max-body``. The server read every request
+  before that one (its welcome's ``last_request`` says which), so the first request after them
+  fails with `BadRequestError`, as an upload over the limit does, the others are resent, and
+  the session goes on.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import copy
 import itertools
 import socket
 import sys
@@ -24,6 +48,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mymps_magic import errors, wire
+from mymps_magic._connection import WS_CLOSE_TOO_BIG
 from mymps_magic._outcomes import RemoteFuture, settle
 from mymps_magic._websocket import ClientWebSocket, Closed
 from mymps_magic.display import OutputSink
@@ -33,6 +58,10 @@ if TYPE_CHECKING:
 
 RECONNECT_WINDOW = 60.0
 """Seconds the client keeps trying to reconnect before the calls in flight fail."""
+
+GONE_AFTER_S = 5.0
+"""Seconds of refused or unanswered reconnects, with calls in flight, after which the server
+process is taken to have ended (see the module docstring)."""
 
 CONNECT_TIMEOUT = 5.0
 KEEPALIVE_S = 5.0
@@ -80,6 +109,9 @@ class SessionChannel:
         self._callers = 0
         self._unwatched = 0
         self._closed = False
+        self._lost: errors.ConnectionError | None = None  # raised by every call until acknowledged
+        self._halted = False  # no reconnect until acknowledged: the server is gone or said no
+        self._too_big: str | None = None  # the reason of a 1009 close, for the request it refused
         self._wake_r, self._wake_w = socket.socketpair()  # pokes the background reader out of its wait
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -112,9 +144,10 @@ class SessionChannel:
             raise errors.ServerError("The server did not answer the session hello; is it a mymps server of the same version?")
         lost = self.session_id is not None and not welcome["resumed"]
         if lost:
-            self._fail_all(errors.SessionLostError(
-                "The server no longer has this session (it restarted, or the session idled out): "
-                "the remote namespace is gone. Push your data and run your cells again."))
+            self._lost = errors.SessionLostError(
+                "The server no longer has this session (it restarted, or the session idled out): the remote "
+                "namespace is gone. Call reset() (`%mymps reset`) to go on in a fresh one, and push your data again.")
+            self._fail_all(self._lost)
             self._last_seq = 0
         if self.welcome is None and welcome.get("mismatch"):
             print(f"mymps: {welcome['mismatch']}", file=sys.stderr)
@@ -125,15 +158,20 @@ class SessionChannel:
             self._ws = ws
             with self._lock:
                 resend = [r for rid, r in sorted(self._pending.items()) if rid > int(welcome.get("last_request") or 0)]
+            if self._too_big is not None and resend:
+                refused, resend = resend[0], resend[1:]
+                self._refuse(refused, errors.BadRequestError(self._too_big, status_code=413))
+            self._too_big = None
             for request in resend:
                 self._send_locked(request.frame)
 
     def _reconnect(self) -> bool:
         """Reopen the session (the reader role's holder does this); False once it gave up."""
         self._drop(self._ws)
-        deadline = time.monotonic() + RECONNECT_WINDOW
+        started = time.monotonic()
+        in_flight = bool(self._pending)
         for attempt in itertools.count():
-            if self._closed:
+            if self._closed or self._halted:
                 return False
             try:
                 self._connect()
@@ -141,14 +179,53 @@ class SessionChannel:
             except errors.AuthError as exc:
                 self._fail_all(exc)
                 return False
+            except errors.ClosedError as exc:  # it would say the same again
+                self._halt(exc)
+                return False
             except errors.MympsError:
-                if time.monotonic() > deadline:
+                waited = time.monotonic() - started
+                if waited > RECONNECT_WINDOW:
                     break
+                if in_flight and waited > GONE_AFTER_S:
+                    self._halt(errors.ServerGoneError(
+                        f"The server process at {self.connection.settings.address} ended while running this call "
+                        "(user code that calls os._exit or crashes ends it; nothing has answered there for "
+                        f"{GONE_AFTER_S:g} s). Start it again with `mymps serve --restore` (the models come back, "
+                        "the namespace does not), then call reset() (`%mymps reset`)."))
+                    return False
                 time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
         self._fail_all(errors.ConnectionError(
             f"Lost the session with {self.connection.settings.address} and could not reconnect within "
             f"{RECONNECT_WINDOW:g} s. Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"))
         return False
+
+    def _closed_by_server(self, closed: Closed) -> bool:
+        """The server closed the socket; reconnect unless the close would come again."""
+        if closed.code == WS_CLOSE_TOO_BIG:
+            self._too_big = closed.reason or "a request is over the server's --max-body"
+            return self._reconnect()
+        error = self.connection.closed_error(closed.code, closed.reason)
+        if isinstance(error, (errors.ClosedError, errors.AuthError)):
+            self._drop(self._ws)
+            self._halt(error)
+            return False
+        return self._reconnect()
+
+    def _halt(self, error: errors.ConnectionError) -> None:
+        """Stop reconnecting: every call fails with ``error`` until `acknowledge_loss`."""
+        self._halted = True
+        self._lost = error
+        self._fail_all(error)
+
+    def acknowledge_loss(self) -> None:
+        """The user knows the session is gone (``reset()``): calls run again, and a channel that
+        stopped reconnecting opens a fresh session on the next call."""
+        with self._send_lock:
+            self._lost = None
+            if self._halted:
+                self._halted = False
+                self.session_id = None
+                self._last_seq = 0
 
     def _drop(self, ws: ClientWebSocket | None) -> None:
         """Forget a socket that broke (or whose stream a Ctrl-C cut in the middle of a message)."""
@@ -167,6 +244,15 @@ class SessionChannel:
 
     def request(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
                 *, waiter: bool = True, source: Any = None) -> _Request:
+        """Send one request; its future ends with the answer.
+
+        Raises:
+            SessionLostError: the session is gone and the user has not acknowledged it yet
+                (`ServerGoneError` after a crash); `ClosedError` after a close that would repeat.
+        """
+        lost = self._lost
+        if lost is not None:
+            raise copy.copy(lost)  # a fresh instance: raising one object again would stack tracebacks
         if buffers and sum(memoryview(b).nbytes for b in buffers) > wire.CHUNK:
             # Large buffers go ahead as an HTTP body (several times faster than WebSocket
             # messages); the request names them.
@@ -257,10 +343,13 @@ class SessionChannel:
         return self.wait(self.request(kind, fields, buffers, source=source), timeout)
 
     def interrupt(self, target: int = 0) -> None:
-        self.request("interrupt", {"target": target}, waiter=False)
+        if self._lost is None:  # else nothing of this session runs any more
+            self.request("interrupt", {"target": target}, waiter=False)
 
     def cancel_queued(self, target: int) -> bool:
         """Ask the server to drop a queued request; True if it never ran."""
+        if self._lost is not None:
+            return False
         request = self.request("cancel", {"target": target}, waiter=False)
         try:
             answer = request.future.result(timeout=10)
@@ -333,7 +422,9 @@ class SessionChannel:
                 frame = self._decoder.feed(message)
             if frame is not None:
                 self._dispatch(frame)
-        except (Closed, OSError, wire.WireFormatError):
+        except Closed as closed:
+            return self._closed_by_server(closed)
+        except (OSError, wire.WireFormatError):
             return self._reconnect()
         except BaseException:
             # A Ctrl-C. While still waiting for a message it cost nothing; after part of one
@@ -459,6 +550,17 @@ class SessionChannel:
             self.sink.display(frame["data"], frame.get("metadata"))
         else:
             self.sink.progress(rid, frame.fields)
+
+    def _refuse(self, request: _Request, exc: BaseException) -> None:
+        """End one pending request with ``exc`` (the server refused it without an answer)."""
+        with self._role:
+            if self._pending.pop(request.frame.id, None) is not None and request.events is None:
+                self._unwatched -= 1
+            self._role.notify_all()
+        if not request.future.done():
+            if not request.future.running():
+                request.future.set_running_or_notify_cancel()
+            request.future.set_exception(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._role:

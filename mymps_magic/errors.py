@@ -13,7 +13,9 @@ MympsError
 ├── RemoteNameError    (also NameError)                `pull` of a name the remote session lacks
 ├── VersionMismatchError                               Python/cloudpickle differ: pickled code refused
 ├── CancelledError     (also concurrent.futures.CancelledError)  the call was cancelled before it ran
+├── ClosedError        (a ConnectionError)             the server closed the connection and said why
 └── SessionLostError   (a ConnectionError)             the server no longer has this session
+    └── ServerGoneError                                its process ended while running a call
 ```
 
 In IPython every one of them shows as its one line (``_render_traceback_``), not as a stack of
@@ -34,6 +36,7 @@ __all__ = [
     "AuthError",
     "BadRequestError",
     "CancelledError",
+    "ClosedError",
     "ConnectionError",
     "MympsError",
     "NotFoundError",
@@ -41,6 +44,7 @@ __all__ = [
     "RemoteError",
     "RemoteNameError",
     "ServerError",
+    "ServerGoneError",
     "SessionLostError",
     "TimeoutError",
     "VersionMismatchError",
@@ -164,8 +168,38 @@ class CancelledError(MympsError, concurrent.futures.CancelledError):
     """The call was cancelled (or the server dropped it) before it ran."""
 
 
+class ClosedError(ConnectionError):
+    """The server closed the WebSocket with a close code and a reason, which the message shows
+    (a protocol version mismatch, a message over ``--max-body``, a session taken over).
+
+    Args:
+        message: the line shown to the user.
+        close_code: the WebSocket close code the server sent.
+    """
+
+    def __init__(self, message: str, *, close_code: int | None = None) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_closed, (self.message, self.close_code)
+
+
+def _rebuild_closed(message: str, close_code: int | None) -> ClosedError:
+    return ClosedError(message, close_code=close_code)
+
+
 class SessionLostError(ConnectionError):
-    """The server no longer has this client's session: it restarted or the session idled out."""
+    """The server no longer has this client's session: it restarted or the session idled out.
+
+    Every session call raises it until the user says they know (``reset()``, ``%mymps reset``,
+    or a new `Client`): a call never runs in an empty namespace by surprise.
+    """
+
+
+class ServerGoneError(SessionLostError):
+    """The server process ended while running a call (user code that calls ``os._exit`` or
+    crashes ends it), and the session went with it."""
 
 
 def error_for_status(status_code: int, message: str) -> MympsError:

@@ -325,12 +325,9 @@ def test_an_idle_session_is_forgotten(idle_server: ServerProcess) -> None:
         proxy.refusing.clear()
         error = future.exception(timeout=PATIENCE_S)
         assert isinstance(error, SessionLostError)
-        assert "\n" not in str(error)
-        # The client goes on with a fresh session and namespace.
-        with pytest.raises(RemoteNameError):
-            client.pull("v")
+        assert "\n" not in str(error) and "reset()" in str(error)
+        assert_lost_until_reset(client)
         assert client.session.session_id != session
-        assert client.run_cell("2 + 2") == 4
 
 
 @pytest.mark.slow
@@ -366,9 +363,50 @@ def test_a_restarted_server_loses_the_session(make_server: Any) -> None:
         restarted.start()
         error = future.exception(timeout=PATIENCE_S)
         assert isinstance(error, SessionLostError)
-        with pytest.raises(RemoteNameError):
-            client.pull("v")
-        assert client.run_cell("'fresh'") == "fresh"
+        assert_lost_until_reset(client)
+
+
+def assert_lost_until_reset(client: Client) -> None:
+    """Every session call says the session is lost until `reset` acknowledges it; then the
+    client goes on in a fresh, empty namespace (never silently)."""
+    for call in (lambda: client.pull("v"), lambda: client.run_cell("2 + 2"), lambda: client.push(w=1),
+                 lambda: client.run(sleep_then, 0, "x"), lambda: client.submit(sleep_then, 0, "x")):
+        with pytest.raises(SessionLostError):
+            call()
+    client.reset()
+    with pytest.raises(RemoteNameError):
+        client.pull("v")
+    assert client.run_cell("2 + 2") == 4
+
+
+@pytest.mark.slow
+def test_an_idle_client_is_told_on_every_call_after_a_restart(make_server: Any) -> None:
+    restarted = make_server()
+    with Client(host="127.0.0.1", port=restarted.port, token=restarted.token) as client:
+        client.session.sink = StreamRecorder()
+        client.push(v=1)
+        restarted.stop()
+        restarted.start()
+        assert_lost_until_reset(client)
+
+
+@pytest.mark.slow
+def test_a_call_running_at_a_restart_is_told_and_so_is_every_call_after(make_server: Any) -> None:
+    restarted = make_server()
+    with Client(host="127.0.0.1", port=restarted.port, token=restarted.token) as client:
+        client.session.sink = StreamRecorder()
+        client.push(v=1)
+        future = client.submit(sleep_then, 30, "never")
+        deadline = time.monotonic() + PATIENCE_S
+        while not future.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        restarted.stop()
+        restarted.start()
+        error = future.exception(timeout=PATIENCE_S)
+        # The call was stopped by the shutdown (and says so), or found lost on the reconnect.
+        assert isinstance(error, SessionLostError) or "shutting down" in str(error), repr(error)
+        assert_lost_until_reset(client)
 
 
 def echo(value: Any) -> Any:
