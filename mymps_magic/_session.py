@@ -202,7 +202,8 @@ class SessionChannel:
     def _closed_by_server(self, closed: Closed) -> bool:
         """The server closed the socket; reconnect unless the close would come again."""
         if closed.code == WS_CLOSE_TOO_BIG:
-            self._too_big = closed.reason or "a request is over the server's --max-body"
+            self._too_big = (f"The server refused a request over its --max-body ({closed.reason or 'message too big'}). "
+                             "Send less at once, or start the server with a larger --max-body.")
             return self._reconnect()
         error = self.connection.closed_error(closed.code, closed.reason)
         if isinstance(error, (errors.ClosedError, errors.AuthError)):

@@ -1,6 +1,7 @@
 """The client under faults and in plain scripts (issue 10): functions that reach a local module
-only from nested code, remote errors outside IPython, and token hints that name the real file.
+only from nested code, remote errors outside IPython, token hints that name the real file.
 
+Faults: a message over ``--max-body``, a close that would repeat, a server process that ends.
 Scripts run in a fresh interpreter (a subprocess) so that what they import, print and raise is
 what a user running ``python script.py`` would see.
 """
@@ -11,14 +12,22 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import pytest
 
-from kit import REPO_ROOT, ServerProcess
-from mymps_magic import AuthError, Client
+from kit import REPO_ROOT, MakeServer, ServerProcess
+from mymps_magic import AuthError, BadRequestError, Client, wire
+from mymps_magic.errors import ClosedError, ServerGoneError
+from test_reconnect import Proxy
 
 SCRIPT_TIMEOUT_S = 120.0
+HANG_S = 30.0
+"""Tells "hung" from "working" on a busy machine; the calls it bounds take a second or less."""
 
 
 def run_script(directory: Path, source: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -99,3 +108,73 @@ def test_token_hints_name_the_token_file_the_client_reads_and_the_servers_reason
         assert "not-the-token" not in line
     for error in (missing.value, refused.value):  # a refused WebSocket handshake carries no body
         assert "The server says: missing or wrong token" in str(error)  # its own reason, kept
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001  (handed to the test)
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_push_between_max_body_and_the_upload_threshold_fails_at_once_and_the_session_goes_on(
+        make_server: MakeServer) -> None:
+    server = make_server(max_body="1MiB")
+    with Client(port=server.port, token=server.token, timeout=5) as c:
+        c.push(kept=1)
+        with pytest.raises(BadRequestError) as larger:  # sent as an upload: the HTTP 413
+            c.push(a=np.ones(6_000_000, np.uint8))
+        pushing, out = in_background(lambda: c.push(a=np.ones(2_000_000, np.uint8)))
+        pushing.join(HANG_S)  # it used to resend forever
+        assert not pushing.is_alive(), "the push never ended"
+        [error] = out
+        assert type(error) is type(larger.value) and error.status_code == larger.value.status_code == 413
+        assert "--max-body" in str(error) and "\n" not in str(error)
+        assert c.pull("kept") == 1  # the same session, still working
+        assert c.run_cell("1 + 1") == 2
+
+
+def test_a_close_that_would_repeat_shows_the_servers_reason_and_is_not_retried(
+        server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Proxy(server.port) as proxy, Client(port=proxy.port, token=server.token) as c:
+        c.push(kept=1)
+        monkeypatch.setattr(wire, "PROTOCOL_VERSION", 99)  # the next hello speaks another protocol
+        proxy.sever()
+        started = time.monotonic()
+        with pytest.raises(ClosedError) as info:
+            c.pull("kept")
+        line = str(info.value)
+        assert "protocol version" in line and "Is the tunnel up" not in line and "\n" not in line
+        assert time.monotonic() - started < HANG_S  # no reconnect loop (it used to try for 60 s)
+        accepted = proxy.accepted
+        with pytest.raises(ClosedError):  # said again, without a new attempt
+            c.run_cell("1")
+        assert proxy.accepted == accepted
+
+
+@pytest.mark.slow
+def test_user_code_that_ends_the_server_process_is_reported_as_such(make_server: MakeServer) -> None:
+    server = make_server()
+    with Client(port=server.port, token=server.token) as c:
+        c.push(kept=1)
+        started = time.monotonic()
+        with pytest.raises(ServerGoneError) as info:
+            c.run_cell("import os\nos._exit(1)")
+        waited = time.monotonic() - started
+        line = str(info.value)
+        assert "ended while running this call" in line and "mymps serve --restore" in line and "\n" not in line
+        assert waited < 30, f"took {waited:.0f} s to say so"  # it used to wait 60 s to blame the tunnel
+        with pytest.raises(ServerGoneError):  # and so does every call until the user resets
+            c.pull("kept")
+        server.process = None  # it is gone: start it again on the same port and home
+        server.start()
+        c.reset()
+        assert c.run_cell("2 + 2") == 4
