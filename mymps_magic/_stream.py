@@ -6,16 +6,25 @@ and ``for piece in client.stream_generate(...)`` works where no event loop is wa
 cell, whose kernel already runs a loop, cannot call ``asyncio.run``). The sync side uses
 websockets' threaded client, so it never touches an event loop.
 
-Each stream is one ``/ws/generate`` connection, opened on first use. Closing it before the end
-(``close()``, ``aclose()``, leaving the ``with`` block, an exception in the loop) closes the
-WebSocket, and the server cancels the generation.
+Each stream is one ``/ws/generate`` connection, opened on first use. Leaving it before the end
+(``break``, ``close()``, ``aclose()``, leaving the ``with`` block, an exception or the stop button
+in the loop) cancels the generation, and returns only once the server has stopped it.
+
+Why a cancel message and not just a close: the server's WebSocket layer answers a close frame at
+once, before the generation has seen it, so a client whose close returned could still find its
+job in ``/jobs`` (the stop button's cell ended with the job still running). Instead the client
+sends ``{"type": "cancel"}`` (`wire.MSG_CANCEL`) and reads on until the server's ``done`` frame,
+which the server sends once the job has stopped; that frame (``stop_reason: "cancelled"``, the
+tokens generated so far) becomes `TokenStream.stats`. The wait is bounded by the client's
+timeout; a server that closes instead (an older one) leaves stats counted on this side.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mymps_magic import errors, wire
 
@@ -32,11 +41,12 @@ class TokenStream:
     """The text pieces of one generation, as they come.
 
     Iterate it with ``for`` or ``async for`` (one or the other, once). After the last piece,
-    `stats` holds the server's closing figures.
+    or after leaving early, `stats` holds the server's closing figures.
 
     Attributes:
         stats: None until the stream ends, then ``{"tokens_generated", "time_s",
-            "tokens_per_s", "stop_reason"}`` as the server sent them.
+            "tokens_per_s", "stop_reason"}`` as the server sent them; ``stop_reason`` is
+            ``"cancelled"`` for a stream left early.
 
     Raises (while iterating):
         NotFoundError: the model is not loaded.
@@ -50,6 +60,8 @@ class TokenStream:
         self._sync: SyncConnection | None = None
         self._async: AsyncConnection | None = None
         self._finished = False
+        self._pieces = 0
+        self._sent_at = 0.0
         self.stats: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -58,8 +70,18 @@ class TokenStream:
 
     # The plain iterator.
 
-    def __iter__(self) -> TokenStream:
-        return self
+    def __iter__(self) -> Iterator[str]:
+        """The pieces, through a generator: a ``for`` loop left by ``break`` or ``return`` drops
+        it, CPython closes it on the spot, and that closes the stream (cancelling the job)."""
+        try:
+            while True:
+                try:
+                    piece = self.__next__()
+                except StopIteration:
+                    return
+                yield piece
+        finally:
+            self.close()
 
     def __next__(self) -> str:
         if self._finished:
@@ -77,6 +99,7 @@ class TokenStream:
                         legacy=True,  # closed by close(), not by a with-block
                     )
                     self._sync.send(json.dumps(self._request))
+                    self._sent_at = time.monotonic()
                 while not self._finished:
                     piece = self._handle(self._sync.recv())
                     if piece is not None:
@@ -96,11 +119,30 @@ class TokenStream:
         self.close()
 
     def close(self) -> None:
-        """Close a stream read with ``for``; the server stops generating. Safe to call twice."""
-        self._finished = True
+        """Stop a stream read with ``for``: returns once the server has stopped generating, with
+        `stats` set. Safe to call twice."""
         ws, self._sync = self._sync, None
-        if ws is not None:
-            ws.close()
+        try:
+            if ws is not None and not self._finished:
+                self._cancel(ws)
+        finally:
+            self._finished = True
+            if ws is not None:
+                ws.close()
+
+    def _cancel(self, ws: SyncConnection) -> None:
+        """Ask the server to stop, and read up to its ``done`` frame (see the module docstring)."""
+        from websockets.exceptions import WebSocketException
+
+        deadline = time.monotonic() + self._connection.timeout
+        try:
+            ws.send(json.dumps({"type": wire.MSG_CANCEL}))
+            while not self._finished:
+                self._settle(ws.recv(timeout=max(0.0, deadline - time.monotonic())))
+        except (WebSocketException, OSError, TimeoutError):
+            pass  # gone or too slow: the figures counted here stand in for the server's
+        finally:
+            self._left_early()
 
     # The async iterator and context manager of the original client.
 
@@ -140,11 +182,34 @@ class TokenStream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the stream from async code; the server stops generating. Safe to call twice."""
-        self.close()
+        """Stop the stream from async code: returns once the server has stopped generating, with
+        `stats` set. Safe to call twice."""
         ws, self._async = self._async, None
-        if ws is not None:
-            await ws.close()
+        try:
+            if ws is not None and not self._finished:
+                await self._acancel(ws)
+        finally:
+            self.close()
+            if ws is not None:
+                await ws.close()
+
+    async def _acancel(self, ws: AsyncConnection) -> None:
+        """`_cancel` for the async connection."""
+        import asyncio
+
+        from websockets.exceptions import WebSocketException
+
+        async def read_to_done() -> None:
+            await ws.send(json.dumps({"type": wire.MSG_CANCEL}))
+            while not self._finished:
+                self._settle(await ws.recv())
+
+        try:
+            await asyncio.wait_for(read_to_done(), self._connection.timeout)  # asyncio.timeout is 3.11+
+        except (WebSocketException, OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._left_early()
 
     async def _open_async(self) -> None:
         if self._async is not None:
@@ -158,6 +223,7 @@ class TokenStream:
             proxy=None,
         )
         await self._async.send(json.dumps(self._request))
+        self._sent_at = time.monotonic()
 
     def _handle(self, raw: str | bytes) -> str | None:
         """Read one frame: a token's text, or None after ``done`` (and for frame types added later)."""
@@ -169,6 +235,7 @@ class TokenStream:
             raise errors.ServerError("The server sent a stream frame mymps cannot read. Is it a mymps server?")
         kind = frame.get("type")
         if kind == wire.MSG_TOKEN:
+            self._pieces += 1
             return str(frame.get("text", ""))
         if kind == wire.MSG_DONE:
             self._finished = True
@@ -177,3 +244,20 @@ class TokenStream:
             self._finished = True
             raise self._connection.error_frame(frame)
         return None
+
+    def _settle(self, raw: str | bytes) -> None:
+        """Read one frame while cancelling: an error frame ends the stream without raising (the
+        user asked to stop; what went wrong after that is not theirs to handle)."""
+        try:
+            self._handle(raw)
+        except errors.MympsError:
+            self._finished = True
+
+    def _left_early(self) -> None:
+        """Stats for a stream left early whose server sent no ``done`` frame: counted here."""
+        if self.stats is not None:
+            return
+        elapsed = time.monotonic() - self._sent_at if self._sent_at else 0.0
+        self.stats = {"tokens_generated": self._pieces, "time_s": round(elapsed, 4),
+                      "tokens_per_s": round(self._pieces / elapsed, 2) if elapsed > 0 else 0.0,
+                      "stop_reason": "cancelled"}

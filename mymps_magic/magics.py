@@ -267,10 +267,11 @@ class MympsMagics(Magics):
                 for piece in stream:
                     sys.stdout.write(piece)
                     sys.stdout.flush()
-            print()
+            sys.stdout.write("\n")
             stats = stream.stats or {}
-        print(f"[{stats.get('tokens_generated')} tokens, {stats.get('tokens_per_s')} tokens/s, "
-              f"stopped by {stats.get('stop_reason')}]", file=sys.stderr)
+        # stdout, not stderr: a notebook shows stderr as an error box, and this is no error.
+        sys.stdout.write(f"[{stats.get('tokens_generated')} tokens, {stats.get('tokens_per_s')} tokens/s, "
+                         f"stopped by {stats.get('stop_reason')}]\n")
 
     def _image(self, args: argparse.Namespace) -> None:
         for image in self.connected.image(args.name, args.prompt, args.steps, seed=args.seed,

@@ -96,6 +96,9 @@ NDJSON = "application/x-ndjson"
 MSG_TOKEN = "token"
 MSG_DONE = "done"
 MSG_ERROR = "error"
+# Client -> server on /ws/generate: stop now, then answer with the `done` frame
+# (``stop_reason: "cancelled"``) and close, once the job is off /jobs.
+MSG_CANCEL = "cancel"
 
 # Event type of a /models/load progress line.
 EVENT_PROGRESS = "progress"
