@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kit import QUIET_ENV, REPO_ROOT, TESTS_DIR, ServerProcess
 
@@ -27,6 +27,7 @@ class CellRun:
     reply: dict[str, Any]
     messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     reply_at: float = 0.0
+    interrupted_at: float = 0.0
 
     def of_type(self, *kinds: str) -> list[dict[str, Any]]:
         return [m for _, m in self.messages if m["header"]["msg_type"] in kinds]
@@ -81,21 +82,26 @@ class Kernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
 
-    def execute(self, code: str, timeout: float = 60, interrupt_after: float | None = None) -> CellRun:
+    def execute(self, code: str, timeout: float = 60, interrupt_after: float | None = None,
+                interrupt_when: Callable[[CellRun], bool] | None = None) -> CellRun:
         """Run a cell and collect its iopub messages until the kernel is idle again.
 
-        ``interrupt_after`` presses the stop button (SIGINT to the kernel) that many seconds in.
+        ``interrupt_after`` presses the stop button (SIGINT to the kernel) that many seconds in;
+        ``interrupt_when`` presses it once the cell's messages so far satisfy it (e.g. the first
+        output came), which a busy machine cannot outrun the way it can a fixed delay.
         """
         msg_id = self.client.execute(code)
         run = CellRun(reply={})
         deadline = time.monotonic() + timeout
         started = time.monotonic()
-        interrupted = interrupt_after is None
+        interrupted = interrupt_after is None and interrupt_when is None
         idle = False
         while not (idle and run.reply):
-            if not interrupted and time.monotonic() - started >= interrupt_after:  # type: ignore[operator]
+            due = (time.monotonic() - started >= interrupt_after if interrupt_after is not None
+                   else interrupt_when is not None and interrupt_when(run))
+            if not interrupted and due:
                 self.manager.interrupt_kernel()
-                interrupted = True
+                interrupted, run.interrupted_at = True, time.monotonic()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the cell did not finish in {timeout} s: {code[:80]!r}")
             try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -207,10 +206,12 @@ def test_remote_syntax_error_shows_no_server_frames(nb: Kernel) -> None:
 
 
 def test_stop_button_during_generate_stops_it_without_a_client_stack(nb: Kernel, llama: str) -> None:
-    start = time.monotonic()
+    """Pressed once the first tokens show (a fixed delay can come before them on a busy machine),
+    the stop button ends the cell with the job already gone from the server's /jobs."""
     run = nb.execute(f"%mymps generate {llama} 'Machine learning' --temperature 0 --max-new-tokens 8000",
-                     timeout=30, interrupt_after=1.5)
-    assert run.reply_at - start < 6, "the stop button ends the generation within a few seconds"
+                     timeout=120, interrupt_when=lambda cell: bool(cell.stdout))
+    assert run.interrupted_at, "the first tokens came, and the stop button was pressed"
+    assert run.reply_at - run.interrupted_at < 20, "the stop button ends the cell within seconds, not 8000 tokens later"
     assert run.stdout, "the text generated so far stays in the cell"
     jobs = ok(nb.execute("%mymps jobs")).stdout
     assert not any(llama in line for line in jobs.splitlines()), f"the generation stopped on the server too: {jobs}"
