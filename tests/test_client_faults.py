@@ -178,3 +178,33 @@ def test_user_code_that_ends_the_server_process_is_reported_as_such(make_server:
         server.start()
         c.reset()
         assert c.run_cell("2 + 2") == 4
+
+
+def test_a_session_taken_over_says_so_and_does_not_take_it_back(server: ServerProcess) -> None:
+    from websockets.sync.client import connect
+
+    with Client(port=server.port, token=server.token) as c:
+        c.push(kept=1)
+        hello = wire.Frame("hello", 0, {"session": c.session.session_id, "last_seq": 0, "python": wire.PYTHON_VERSION,
+                                        "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION})
+        with connect(server.ws_url("/ws/session"), additional_headers={"Authorization": f"Bearer {server.token}"},
+                     proxy=None) as other:
+            for message in wire.encode_frame(hello):
+                other.send(bytes(message))
+            welcome = wire.FrameDecoder().feed(other.recv(timeout=HANG_S))
+            assert welcome is not None and welcome["resumed"]
+            started = time.monotonic()
+            with pytest.raises(ClosedError) as info:
+                c.pull("kept")
+            assert "taken over by another connection" in str(info.value) and "\n" not in str(info.value)
+            assert time.monotonic() - started < HANG_S
+            with pytest.raises(ClosedError):  # said again: the old client does not reattach
+                c.run_cell("1")
+            pull = wire.Frame("pull", 1000, {"names": ["kept"], "ack": 0})  # ids go on increasing
+            for message in wire.encode_frame(pull):
+                other.send(bytes(message))
+            decoder = wire.FrameDecoder()
+            while (answer := decoder.feed(other.recv(timeout=HANG_S))) is None or answer.id != pull.id:
+                pass  # what the session replays first
+            assert answer.type == "result"  # the session stays with the newer socket
+            assert list(wire.loads(answer.buffers)) == [1]
