@@ -7,6 +7,7 @@ device is a job, awaited without blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import platform
 import time
 from typing import Any, AsyncIterator, Callable
@@ -25,7 +26,8 @@ from .app import ServerState, server_version
 from .errors import BadRequest, Cancelled, NotFound, ServerError, Unprocessable, as_server_error
 from .jobs import SHUTDOWN_REASON, Job
 from .registry import LoadRequest
-from .sessions import Mailbox
+from .outbox import Mailbox, TakenOver
+from .sessions import Session
 from .schemas import GenerateBody, ImageBody, LoadBody, describe_validation_error
 
 router = APIRouter()
@@ -211,9 +213,34 @@ def _generation_job(st: ServerState, body: GenerateBody, on_text: Callable[[str]
 
 @router.post("/generate")
 async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
+    """Generate; a client that goes away before the answer cancels it at the next token, as on
+    ``/ws/generate``, so the device is free for the next caller within a moment."""
     st = _state(request)
     st.registry.get(body.model, ("text",))
-    return await _run(st, _generation_job(st, body, None), "generate", body.model)  # type: ignore[no-any-return]
+    job = st.jobs.submit(_generation_job(st, body, None), "generate", model=body.model)
+    done = asyncio.wrap_future(job)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not done.done():
+        st.jobs.abandon(job, "cancelled: its client went away")
+        await asyncio.wait({done}, timeout=2)  # the worker stops at the next token
+        return Response(status_code=499)  # type: ignore[return-value]  # nobody reads it
+    try:
+        return done.result()  # type: ignore[no-any-return]
+    except asyncio.CancelledError:
+        raise Cancelled(f"job {job.id} was {job.cancel_reason}") from None
+    except BaseException as exc:
+        raise as_server_error(exc) from exc
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the HTTP client has gone away (its body was read already, so the next
+    message the server gets for this request is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/image")
@@ -239,13 +266,39 @@ async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
     await ws.close()
 
 
+ONE_REQUEST = "send one request per connection; open a new one for the next generation"
+
+
+def _is_cancel(message: dict[str, Any]) -> bool:
+    """Whether a message heard mid-generation is the client's ``{"type": "cancel"}``."""
+    try:
+        frame = json.loads(message.get("text") or "null")
+    except ValueError:
+        return False
+    return isinstance(frame, dict) and frame.get("type") == wire.MSG_CANCEL
+
+
 @router.websocket("/ws/generate")
 async def ws_generate(ws: WebSocket) -> None:
-    """Stream one generation; a client that disconnects cancels it at the next token."""
+    """Stream one generation; a client that disconnects cancels it at the next token.
+
+    One request per connection: any message the client sends during the generation cancels it,
+    and the connection closes with 1008 and :data:`ONE_REQUEST` (a second request on the same
+    socket has no id to tell its tokens from the first's). The exception is ``{"type": "cancel"}``
+    (``wire.MSG_CANCEL``): it is answered, once the job has stopped, by the ``done`` frame
+    (``stop_reason: "cancelled"``, the tokens so far) and a normal close.
+    """
     st = _state(ws)
     await ws.accept()
     try:
-        body = GenerateBody.model_validate_json(await ws.receive_text())
+        first = await ws.receive()
+        if first["type"] == "websocket.disconnect":
+            return
+        if first.get("text") is None:
+            await _ws_error(ws, 400, "the first frame must be a JSON text message {model, prompt, max_new_tokens, ...}, "
+                            "not binary")
+            return
+        body = GenerateBody.model_validate_json(first["text"])
         st.registry.get(body.model, ("text",))
     except WebSocketDisconnect:
         return
@@ -267,21 +320,26 @@ async def ws_generate(ws: WebSocket) -> None:
         "generate", model=body.model, session="ws",
     )
     done = asyncio.wrap_future(job)
-    gone = asyncio.ensure_future(ws.receive())  # the only thing a client sends now is its goodbye
+    heard = asyncio.ensure_future(ws.receive())  # a goodbye, or a message it should not send
     try:
         while True:
             getter = asyncio.ensure_future(pieces.get())
-            await asyncio.wait({getter, done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, done, heard}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 await ws.send_json({"type": wire.MSG_TOKEN, "text": getter.result()})
                 continue
             getter.cancel()
-            if gone.done() and not done.done():
-                st.jobs.abandon(job, "cancelled: its client disconnected")
-                # Finish the close handshake only once the job has stopped: a client whose
-                # close() returned then never sees its generation still listed in /jobs.
-                await asyncio.wait({done}, timeout=2)
-                return
+            if heard.done() and not done.done():
+                asked = _is_cancel(heard.result())
+                st.jobs.abandon(job, "cancelled by its client" if asked else "cancelled: its client disconnected")
+                if not asked:
+                    await asyncio.wait({done}, timeout=2)
+                    if heard.result()["type"] != "websocket.disconnect":
+                        await ws.close(1008, ONE_REQUEST)
+                    return
+                # The protocol answers a close frame at once, so only a cancel can wait for the
+                # job: the done frame below ("cancelled") goes out once it is off /jobs.
+                await asyncio.wait({done})
             while not pieces.empty():
                 await ws.send_json({"type": wire.MSG_TOKEN, "text": pieces.get_nowait()})
             try:
@@ -296,7 +354,7 @@ async def ws_generate(ws: WebSocket) -> None:
     except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
         st.jobs.abandon(job, "cancelled: its client disconnected")
     finally:
-        gone.cancel()
+        heard.cancel()
 
 
 @router.put("/session/{session_id}/upload")
@@ -323,6 +381,12 @@ async def session_upload(session_id: str, request: Request) -> Response:
     return JSONResponse({"upload": session.add_upload(frame.buffers)})
 
 
+HELLO_TIMEOUT_S = 10.0
+"""A session's hello must arrive within this: a socket that never completes one is closed."""
+
+TAKEN_OVER = "the session was taken over by another connection"
+
+
 async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:
     while True:
         message = await ws.receive()
@@ -337,10 +401,42 @@ async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:
 
 
 async def _send_frames(ws: WebSocket, live: Mailbox) -> None:
-    while True:
-        for frame in await live.take():
-            for message in wire.encode_frame(frame):
-                await ws.send_bytes(message)  # type: ignore[arg-type]  # uvicorn takes a memoryview: no copy
+    """Send what the session keeps for this socket, a bounded batch per step, until a newer
+    connection takes the session over (then close with ``wire.CLOSE_TAKEN_OVER``)."""
+    try:
+        while True:
+            for frame in await live.take():
+                for message in wire.encode_frame(frame):
+                    await ws.send_bytes(message)  # type: ignore[arg-type]  # uvicorn takes a memoryview: no copy
+            await asyncio.sleep(0)  # a send into a free socket does not yield: other clients' turn
+    except TakenOver:
+        await ws.close(wire.CLOSE_TAKEN_OVER, TAKEN_OVER)
+    except (WebSocketDisconnect, RuntimeError):  # the client is gone
+        pass
+
+
+async def _receive_requests(ws: WebSocket, decoder: wire.FrameDecoder, session: Session, live: Mailbox) -> None:
+    """Hand the socket's frames to the session until it closes (or is taken over)."""
+    try:
+        while True:
+            frame = await _next_frame(ws, decoder)
+            if live.taken_over:  # what the old socket still had on its way is not the session's
+                return
+            session.receive(frame)
+    except wire.WireFormatError as exc:
+        await ws.close(_close_code(exc), str(exc)[:120])
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+
+
+async def _hello(ws: WebSocket, decoder: wire.FrameDecoder) -> tuple[wire.Frame, str | None, int]:
+    hello = await _next_frame(ws, decoder)
+    if hello.type != "hello":
+        raise wire.WireFormatError("the first frame must be 'hello'")
+    session_id, last_seq = hello.get("session"), hello.get("last_seq") or 0
+    if not isinstance(session_id, (str, type(None))) or not isinstance(last_seq, int):
+        raise wire.WireFormatError("hello's session must be a string or null and last_seq a number")
+    return hello, session_id, last_seq
 
 
 @router.websocket("/ws/session")
@@ -350,32 +446,33 @@ async def ws_session(ws: WebSocket) -> None:
     await ws.accept()
     decoder = wire.FrameDecoder(max_size=st.settings.max_body)
     try:
-        hello = await _next_frame(ws, decoder)
-        if hello.type != "hello":
-            raise wire.WireFormatError("the first frame must be 'hello'")
-        session_id, last_seq = hello.get("session"), hello.get("last_seq") or 0
-        if not isinstance(session_id, (str, type(None))) or not isinstance(last_seq, int):
-            raise wire.WireFormatError("hello's session must be a string or null and last_seq a number")
+        hello, session_id, last_seq = await asyncio.wait_for(_hello(ws, decoder), HELLO_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        await ws.close(1008, f"no complete hello within {HELLO_TIMEOUT_S:g} s; connect again")
+        return
     except wire.WireFormatError as exc:
         await ws.close(_close_code(exc), str(exc)[:120])
         return
     except WebSocketDisconnect:
         return
     session, resumed = st.sessions.open(session_id)
-    for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
-        await ws.send_bytes(bytes(message))
+    # Attached before the welcome is built: its last_request then counts nothing an older
+    # socket of this session could still add (see sessions._bad_request_id).
     live = session.attach(last_seq if resumed else 0)
-    sender = asyncio.ensure_future(_send_frames(ws, live))
     try:
-        while True:
-            session.receive(await _next_frame(ws, decoder))
-    except wire.WireFormatError as exc:
-        await ws.close(_close_code(exc), str(exc)[:120])
+        for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
+            await ws.send_bytes(bytes(message))
+        tasks = {asyncio.ensure_future(_send_frames(ws, live)),
+                 asyncio.ensure_future(_receive_requests(ws, decoder, session, live))}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
     except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
         session.detach(live)
-        sender.cancel()
 
 
 def _close_code(exc: wire.WireFormatError) -> int:

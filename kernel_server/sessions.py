@@ -14,7 +14,6 @@ another session's.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import itertools
 import logging
@@ -29,6 +28,7 @@ from mymps_magic import wire
 from .errors import is_out_of_memory
 from .execution import Execution, Outlet, compile_cell, error_frame, new_namespace
 from .jobs import Job, JobQueue
+from .outbox import Mailbox, Outbox
 from .richrepr import mimebundle
 
 if TYPE_CHECKING:
@@ -48,39 +48,6 @@ def versions_mismatch(python: str, cloudpickle: str) -> str | None:
             f"Use Python {here_python} and `pip install cloudpickle=={here_cp}` on the notebook side")
 
 
-class Mailbox:
-    """Frames waiting for one socket; the sender takes them in batches to merge output."""
-
-    def __init__(self) -> None:
-        self.frames: collections.deque[wire.Frame] = collections.deque()
-        self._ready = asyncio.Event()
-
-    def put(self, frame: wire.Frame) -> None:
-        self.frames.append(frame)
-        self._ready.set()
-
-    async def take(self) -> list[wire.Frame]:
-        await self._ready.wait()
-        self._ready.clear()
-        batch = list(self.frames)
-        self.frames.clear()
-        return merge_streams(batch)
-
-
-def merge_streams(frames: list[wire.Frame]) -> list[wire.Frame]:
-    """Join neighbouring stream frames of one request and stream: a loop of prints becomes a
-    few frames. The merged frame carries the last one's ``seq``; the outbox keeps the originals."""
-    out: list[wire.Frame] = []
-    for frame in frames:
-        prev = out[-1] if out else None
-        if (prev is not None and frame.type == prev.type == "stream" and frame.id == prev.id
-                and frame.fields["name"] == prev.fields["name"]):
-            out[-1] = wire.Frame("stream", frame.id, {**frame.fields, "text": prev.fields["text"] + frame.fields["text"]})
-        else:
-            out.append(frame)
-    return out
-
-
 class Session:
     """One client's namespace, outbox and lane of requests."""
 
@@ -88,8 +55,7 @@ class Session:
         self.id = uuid.uuid4().hex
         self.manager = manager
         self.namespace = manager.new_namespace()
-        self.outbox: collections.deque[tuple[int, wire.Frame]] = collections.deque()
-        self.seq = 0
+        self.outbox = Outbox(manager.buffer_bytes)
         self.last_request = 0
         self.mismatch: str | None = None
         self.jobs: dict[int, Job] = {}
@@ -108,34 +74,39 @@ class Session:
     # -- sending ---------------------------------------------------------------------------------
 
     def emit(self, frame: wire.Frame) -> None:
-        """Number, keep and (if connected) send a frame. Event loop thread only."""
-        self.seq += 1
-        frame.fields["seq"] = self.seq
-        self.outbox.append((self.seq, frame))
-        if self._live is not None:
-            self._live.put(frame)
+        """Number, keep and (if connected) send a frame; output past ``--session-buffer`` is
+        dropped (see :mod:`.outbox`). Event loop thread only."""
+        if self.outbox.add(frame) and self._live is not None:
+            self._live.wake()
 
     def emit_threadsafe(self, frame: wire.Frame) -> None:
         self._loop.call_soon_threadsafe(self.emit, frame)
 
     def attach(self, last_seq: int) -> Mailbox:
-        """Connect a new socket: returns its mailbox, already holding what the client missed."""
+        """Connect a new socket: returns its place in the outbox, just past what the client has.
+
+        A socket still attached is taken over: its sender stops and closes it with
+        ``wire.CLOSE_TAKEN_OVER``, and what it receives from then on is ignored. The newer
+        connection wins because a reconnect through a dropped tunnel usually arrives while the
+        server still thinks the old socket is up; refusing it would stall the user for as long
+        as the old socket takes to time out.
+        """
         self.ack(last_seq)
-        live = Mailbox()
-        for _, frame in self.outbox:
-            live.put(frame)
-        self._live = live
+        if self._live is not None:
+            self._live.take_over()
+            log.info("session %s taken over by a new connection", self.id[:8])
+        self._live = Mailbox(self.outbox, last_seq)
         self.disconnected_at = None
-        return live
+        return self._live
 
     def detach(self, live: Mailbox) -> None:
         if self._live is live:  # a newer socket may have taken over already
             self._live = None
             self.disconnected_at = time.time()
+            log.info("session %s disconnected; kept %g s for a reconnect", self.id[:8], self.manager.idle_s)
 
     def ack(self, seq: int) -> None:
-        while self.outbox and self.outbox[0][0] <= seq:
-            self.outbox.popleft()
+        self.outbox.ack(seq)
 
     def add_upload(self, buffers: list[Any]) -> str:
         upload_id = str(next(self._upload_ids))
@@ -157,9 +128,11 @@ class Session:
             return
         if "ack" in frame.fields:  # requests carry the client's ack
             self.ack(int(frame.fields["ack"]))
-        if frame.id <= self.last_request and frame.type not in ("interrupt", "cancel"):
-            return  # a resent request that had arrived before the connection dropped
-        self.last_request = max(self.last_request, frame.id)
+        bad_id = _bad_request_id(frame.id, self.last_request)
+        if bad_id:
+            self.emit(error_frame(frame.id, ValueError(bad_id), "bad_request"))
+            return
+        self.last_request = frame.id
         if "upload" in frame.fields:  # its buffers came as an HTTP body
             buffers = self.uploads.pop(str(frame.fields["upload"]), None)
             if buffers is None:
@@ -312,10 +285,45 @@ class Session:
         self.emit(wire.Frame("result", frame.id, {"fields": {}}))
 
     def close(self) -> None:
+        """End the session and free what it holds now, not at the next garbage collection.
+
+        Reference cycles would otherwise keep a reaped session (and a namespace of gigabytes)
+        alive until the cyclic collector happens to run: the cancelled lane task's traceback
+        refers to this session, and the functions defined in a namespace refer to it as their
+        globals. So the task is let go of and the namespace emptied (unless a job still uses it).
+        """
         self._lane_task.cancel()
+        del self._lane_task
         self.uploads.clear()
         for job in self.jobs.values():
             self.manager.jobs.abandon(job, "cancelled: its session ended")
+        if not self.jobs:
+            self.namespace.clear()
+
+
+MAX_REQUEST_ID = 2**63 - 1
+
+
+def _bad_request_id(rid: int, last: int) -> str | None:
+    """Why ``rid`` cannot be the next request of a session whose last one was ``last``, or None.
+
+    Ids must increase within a session, and fit an int64 (a client in another language must be
+    able to hold them). A bad id is answered with an error frame that names it, and the session
+    goes on: the id is not counted, so one huge id cannot make every later request look old.
+
+    Why no id at or below ``last`` is ever taken as a harmless resend: the welcome tells a
+    reconnecting client ``last_request``, computed after its new socket took the session over
+    (so the old socket can add nothing later), and the client resends only what lies above it.
+    An id at or below it therefore never comes from a client that follows the protocol; it
+    comes from a second program using the same session id, whose request would otherwise get
+    the first one's answer.
+    """
+    if not 0 < rid <= MAX_REQUEST_ID:
+        return f"request id {rid} is out of range: ids run from 1 to 2**63-1 and increase; the request was not run"
+    if rid <= last:
+        return (f"request id {rid} is not above {last}, the last id this session received: ids must increase "
+                "(after a hello, start above the welcome's last_request); the request was not run")
+    return None
 
 
 def _see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
@@ -364,11 +372,13 @@ def _value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] |
 class SessionManager:
     """All sessions of the server, and the idle reaper for disconnected ones."""
 
-    def __init__(self, device: Device, registry: Registry, jobs: JobQueue, idle_s: float) -> None:
+    def __init__(self, device: Device, registry: Registry, jobs: JobQueue, idle_s: float, buffer_bytes: int) -> None:
+        """``buffer_bytes`` bounds what each session keeps for its client (``--session-buffer``)."""
         self.device = device
         self.registry = registry
         self.jobs = jobs
         self.idle_s = idle_s
+        self.buffer_bytes = buffer_bytes
         self.execution = Execution()
         self.sessions: dict[str, Session] = {}
         self._reaper = asyncio.ensure_future(self._reap())
@@ -379,9 +389,11 @@ class SessionManager:
     def open(self, session_id: str | None) -> tuple[Session, bool]:
         """The session to resume, or a new one; the bool says whether it was resumed."""
         if session_id and session_id in self.sessions:
+            log.info("session %s resumed", session_id[:8])
             return self.sessions[session_id], True
         session = Session(self)
         self.sessions[session.id] = session
+        log.info("session %s opened", session.id[:8])
         return session, False
 
     def welcome(self, session: Session, resumed: bool, hello: wire.Frame) -> wire.Frame:
@@ -397,13 +409,18 @@ class SessionManager:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(30.0, max(0.5, self.idle_s / 4)))
-            now = time.time()
-            for sid, session in list(self.sessions.items()):
-                idle_since = session.disconnected_at
-                if idle_since is not None and now - idle_since > self.idle_s and not session.jobs:
-                    session.close()
-                    del self.sessions[sid]
-                    log.info("session %s closed after %.0f s disconnected", sid[:8], now - idle_since)
+            self._reap_idle(time.time())
+
+    def _reap_idle(self, now: float) -> None:
+        """Close the sessions disconnected for longer than ``--session-idle``. A function of
+        its own, not part of ``_reap``'s loop: a coroutine's local variables live as long as it
+        waits, and would keep the last reaped session (its namespace, its outbox) alive."""
+        for sid, session in list(self.sessions.items()):
+            idle_since = session.disconnected_at
+            if idle_since is not None and now - idle_since > self.idle_s and not session.jobs:
+                session.close()
+                del self.sessions[sid]
+                log.info("session %s reaped after %.0f s disconnected; its namespace is freed", sid[:8], now - idle_since)
 
     def close(self) -> None:
         self._reaper.cancel()

@@ -78,6 +78,10 @@ class Settings:
     allow_remote: bool = False
     max_body: int = 4 * 1024**3
     session_idle: float = 3600.0
+    # What one session keeps for a client that has not acknowledged it (output past it is
+    # dropped with a note): 256 MiB holds millions of printed lines and a few large results,
+    # while a handful of stalled notebooks cannot exhaust the memory of the machine.
+    session_buffer: int = 256 * 1024**2
     preload: tuple[tuple[str, str, str], ...] = ()
     restore: bool = False
 
@@ -126,6 +130,8 @@ class Settings:
         kwargs["restore"] = _flag(env, "MYMPS_RESTORE")
         if "MYMPS_SESSION_IDLE" in env:
             kwargs["session_idle"] = parse_seconds(env["MYMPS_SESSION_IDLE"], "MYMPS_SESSION_IDLE")
+        if "MYMPS_SESSION_BUFFER" in env:
+            kwargs["session_buffer"] = parse_size(env["MYMPS_SESSION_BUFFER"], "MYMPS_SESSION_BUFFER")
         kwargs.update(given)
         return cls(**kwargs).validated(set(given))  # type: ignore[arg-type]
 

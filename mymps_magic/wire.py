@@ -70,6 +70,13 @@ gets exactly what it missed):
                ``code``: "remote" (the user's code raised), "pickle", "name", "version",
                "cancelled", "session", "bad_request"
 =============  ==========================================================================
+
+Limits: a frame lists at most ``MAX_BUFFERS`` buffers; the hello must arrive within 10 s of the
+connection; request ids run from 1 to 2**63-1 and must increase (a bad one gets an ``error``
+naming it). A newer connection to the same session takes it over: the older socket is closed
+with ``CLOSE_TAKEN_OVER`` and a reason. Past ``--session-buffer`` of unacknowledged frames,
+output frames are dropped and one ``stream`` line (stderr) says how much, before the request's
+next frame; ``result`` and ``error`` frames are never dropped.
 """
 
 from __future__ import annotations
@@ -183,6 +190,14 @@ def error_body(message: str, status: int | None = None) -> dict[str, Any]:
 CHUNK = 4 * 1024 * 1024
 """Largest WebSocket message a frame's data is cut into (well under uvicorn's 16 MiB default)."""
 
+MAX_BUFFERS = 65536
+"""Most buffers one frame may list: a push of a dict of thousands of arrays fits, while a small
+header cannot make the receiver allocate millions of (empty) buffers."""
+
+CLOSE_TAKEN_OVER = 4001
+"""Close code of a session socket whose session a newer connection took over; a client that
+gets it must not reconnect (it would take the session back), and shows the reason."""
+
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 _HEADER_LEN = struct.Struct(">I")
@@ -279,8 +294,14 @@ class FrameDecoder:
                 f"protocol version {header.get('v')} on the other end, {PROTOCOL_VERSION} here: "
                 "install the same mymps version on both machines"
             )
+        bufs = header.pop("bufs", [])
+        if not isinstance(bufs, list):
+            raise WireFormatError("the frame header's 'bufs' must be a list of buffer sizes")
+        if len(bufs) > MAX_BUFFERS:
+            raise WireFormatError(f"a frame lists {len(bufs):,} buffers, over the limit of {MAX_BUFFERS:,}; "
+                                  "send fewer, larger values (e.g. stack the arrays)")
         try:
-            sizes = [int(n) for n in header.pop("bufs", [])]
+            sizes = [int(n) for n in bufs]
             frame = Frame(str(header.pop("t")), int(header.pop("id", 0)), header)
         except (TypeError, ValueError) as exc:
             raise WireFormatError(f"the frame header has a bad id or buffer size ({exc})") from None
