@@ -10,11 +10,14 @@ check and a few make a race visible on any machine.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Iterator
 
 import pytest
+from websockets.exceptions import ConnectionClosedOK
+from websockets.sync.client import connect
 
-from kit import ServerProcess, TinyModels
+from kit import ServerProcess, TinyModels, auth
 from mymps_magic import Client
 
 LLAMA = "stream-exit-llama"
@@ -92,3 +95,21 @@ def test_a_stream_read_to_the_end_keeps_the_servers_figures(client: Client, llam
     assert stream.stats["tokens_generated"] == 12
     stream.close()  # closing a finished stream changes nothing
     assert stream.stats["stop_reason"] == "length"
+
+
+def test_the_cancel_message_is_answered_by_done_once_the_job_is_gone(server: ServerProcess, client: Client,
+                                                                     llama: str) -> None:
+    """The protocol under the client: ``{"type": "cancel"}`` gets the ``done`` frame, sent only
+    after the job left /jobs, then a normal close."""
+    with connect(server.ws_url(), additional_headers=auth(server.token), proxy=None) as ws:
+        ws.send(json.dumps({"model": llama, "prompt": "Machine learning", **LONG}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "token"
+        ws.send(json.dumps({"type": "cancel"}))
+        frame = {"type": "token"}
+        while frame["type"] == "token":
+            frame = json.loads(ws.recv(timeout=30))
+        assert generations(client) == [], "off /jobs before the done frame goes out"
+        assert frame["type"] == "done" and frame["stop_reason"] == "cancelled", frame
+        assert 1 <= frame["tokens_generated"] < LONG["max_new_tokens"]
+        with pytest.raises(ConnectionClosedOK):
+            ws.recv(timeout=30)
