@@ -70,8 +70,8 @@ KEEPALIVE_S = 5.0
 _WAIT_STEP_S = 0.2
 _ACK_LARGE = 1 << 20
 _ACK_EVERY = 256
-"""Frames received without a request to carry their ack, before an ack frame of its own (it
-bounds what the server keeps for a replay)."""
+"""Bytes and frames received without a request to carry their ack, before an ack frame of its
+own: they bound what the server keeps for a replay (far below its ``--session-buffer``)."""
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _OUTPUT = frozenset({"stream", "display", "progress"})
 
@@ -97,6 +97,7 @@ class SessionChannel:
         self._pending: dict[int, _Request] = {}
         self._last_seq = 0
         self._acked = 0
+        self._unacked_bytes = 0  # received since the last ack: the server keeps them till then
         self._ws: ClientWebSocket | None = None
         self._decoder = wire.FrameDecoder()
         self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
@@ -264,7 +265,7 @@ class SessionChannel:
             rid = next(self._ids)
             # Every request tells the server what has arrived, so it can forget it: no ack frame
             # of its own on the way of a quick call.
-            self._acked = self._last_seq
+            self._acked, self._unacked_bytes = self._last_seq, 0
             frame = wire.Frame(kind, rid, {**(fields or {}), "ack": self._acked}, buffers or [])
             request = _Request(frame, RemoteFuture(self, rid), waiter, source)
             with self._lock:
@@ -493,13 +494,15 @@ class SessionChannel:
             return  # already seen before the connection dropped
         self._route(frame)
         self._last_seq = max(self._last_seq, seq)
-        if frame.type in ("result", "error"):
-            large = sum(memoryview(b).nbytes for b in frame.buffers) >= _ACK_LARGE
-            # Acked at once: after many frames, or a large value the server should not keep for
-            # a replay; otherwise the next request carries the ack.
-            if large or self._last_seq - self._acked >= _ACK_EVERY:
-                self._acked = self._last_seq
-                self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
+        # Acked at once after many frames or bytes (output too: the server keeps at most
+        # --session-buffer of what is not acknowledged, and drops output past it, so a cell that
+        # prints more than that must be acknowledged as it is read); otherwise the next request
+        # carries the ack.
+        self._unacked_bytes += sum(memoryview(b).nbytes for b in frame.buffers) + len(frame.get("text") or "")
+        if self._unacked_bytes >= _ACK_LARGE or self._last_seq - self._acked >= _ACK_EVERY:
+            self._acked = self._last_seq
+            self._unacked_bytes = 0
+            self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
 
     def _route(self, frame: wire.Frame) -> None:
         final = frame.type not in _OUTPUT and frame.type != "started"

@@ -208,3 +208,19 @@ def test_a_session_taken_over_says_so_and_does_not_take_it_back(server: ServerPr
                 pass  # what the session replays first
             assert answer.type == "result"  # the session stays with the newer socket
             assert list(wire.loads(answer.buffers)) == [1]
+
+
+@pytest.mark.slow
+def test_a_client_that_reads_gets_all_output_of_a_cell_printing_past_the_session_buffer(
+    make_server: MakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The session buffer bounds what a client has not read, not what a cell prints: a client
+    that reads acknowledges output as it goes, so a cell printing 5x the buffer loses nothing."""
+    server = make_server(session_buffer="4MiB")
+    lines = 20_000
+    with Client(server.host, server.port, token=server.token) as c:
+        assert c.run_cell(f"for i in range({lines}):\n    print(str(i).rjust(999, 'y'))\n'finished'") == "finished"
+    out, err = capsys.readouterr()
+    assert "of output dropped" not in out + err
+    printed = [line for line in out.splitlines() if line.startswith("y")]
+    assert len(printed) == lines and printed[-1].endswith(str(lines - 1))
