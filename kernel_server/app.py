@@ -69,8 +69,7 @@ def _load_at_start(registry: Registry, jobs: JobQueue, requests: list[LoadReques
             def progress(stage: str, fraction: float, message: str) -> None:
                 job.progress = fraction
 
-            registry.load(request, progress, job.check_cancelled)
-            log.info("loaded %s (%s) at start", request.name, request.kind)
+            registry.load(request, progress, job.check_cancelled)  # the registry logs the load
 
         def report(job: Job, request: LoadRequest = request) -> None:
             if not job.cancelled() and job.exception() is not None:
@@ -133,7 +132,7 @@ def create_app(
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return JSONResponse(wire.error_body(exc.message), status_code=exc.status)
+        return JSONResponse(wire.error_body(exc.message, code=exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
+from mymps_magic import wire
+
 
 class ServerError(Exception):
     status = 500
+    code: str | None = None  # the body's ``code``, where the status alone is ambiguous
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -40,6 +43,7 @@ class Cancelled(ServerError):
 
 class Conflict(ServerError):
     status = 409
+    code = wire.ERROR_CONFLICT
 
 
 class Unprocessable(ServerError):

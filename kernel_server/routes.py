@@ -143,7 +143,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
                     yield wire.ndjson_line(_loaded_answer(st, body.name, started, done.result()))
                 except BaseException as exc:
                     err = as_server_error(exc)
-                    yield wire.ndjson_line(wire.error_body(err.message, err.status))
+                    yield wire.ndjson_line(wire.error_body(err.message, err.status, err.code))
                 return
         finally:
             st.jobs.abandon(job, "cancelled: its client went away")

@@ -159,12 +159,13 @@ def env_name(option: str) -> str:
 
 def parse_preload(spec: str, source: str) -> tuple[str, str, str]:
     """``NAME[:KIND[:DTYPE]]`` -> ``(name, kind, dtype)``; a name may itself contain colons.
+    Without a kind, it is found from what the source holds (``detect``), as for a load request.
 
     Raises:
         SettingsError: naming ``source`` when the kind or dtype is unknown or the name is empty.
     """
     parts = spec.strip().split(":")
-    kind, dtype = "text", "auto"
+    kind, dtype = "detect", "auto"
     if len(parts) >= 3 and parts[-2] in KINDS:
         *name_parts, kind, dtype = parts
         if dtype not in DTYPES:

@@ -15,6 +15,7 @@ from mymps_magic.client import MympsClient as MympsClient
 from mymps_magic.errors import AuthError as AuthError
 from mymps_magic.errors import BadRequestError as BadRequestError
 from mymps_magic.errors import CancelledError as CancelledError
+from mymps_magic.errors import ClosedError as ClosedError
 from mymps_magic.errors import ConnectionError as ConnectionError
 from mymps_magic.errors import MympsError as MympsError
 from mymps_magic.errors import NotFoundError as NotFoundError
@@ -22,6 +23,7 @@ from mymps_magic.errors import PicklingError as PicklingError
 from mymps_magic.errors import RemoteError as RemoteError
 from mymps_magic.errors import RemoteNameError as RemoteNameError
 from mymps_magic.errors import ServerError as ServerError
+from mymps_magic.errors import ServerGoneError as ServerGoneError
 from mymps_magic.errors import SessionLostError as SessionLostError
 from mymps_magic.errors import TimeoutError as TimeoutError
 from mymps_magic.errors import VersionMismatchError as VersionMismatchError
@@ -51,6 +53,7 @@ __all__ = [
     "BadRequestError",
     "CancelledError",
     "Client",
+    "ClosedError",
     "ConnectionError",
     "MympsClient",
     "MympsError",
@@ -60,6 +63,7 @@ __all__ = [
     "RemoteFuture",
     "RemoteNameError",
     "ServerError",
+    "ServerGoneError",
     "SessionLostError",
     "TimeoutError",
     "TokenStream",

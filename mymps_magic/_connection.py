@@ -193,7 +193,7 @@ class Connection:
                 exc.response.status_code, exc.response.body)
             if status in (401, 403):
                 raise self.auth_error(_server_reason(body or b"")) from None
-            raise errors.error_for_status(status, _error_message(body or b"", status)) from None
+            raise errors.error_for_status(status, _error_message(body or b"", status), _server_code(body or b"")) from None
         except (ConnectionClosed, Closed) as exc:
             if isinstance(exc, Closed):
                 code, reason = exc.code, exc.reason
@@ -223,7 +223,7 @@ class Connection:
             return
         if status == 401:
             raise self.auth_error(_server_reason(body))
-        raise errors.error_for_status(status, _error_message(body, status))
+        raise errors.error_for_status(status, _error_message(body, status), _server_code(body))
 
     def error_frame(self, frame: dict[str, Any]) -> errors.MympsError:
         """The error for an ``{"error", "status"?}`` NDJSON line or WebSocket frame."""
@@ -232,7 +232,8 @@ class Connection:
         if status == 401:
             return self.auth_error(message)
         if isinstance(status, int):
-            return errors.error_for_status(status, message)
+            code = frame.get("code")
+            return errors.error_for_status(status, message, code if isinstance(code, str) else None)
         return errors.ServerError(message)
 
     def auth_error(self, server_says: str | None = None) -> errors.AuthError:
@@ -275,6 +276,16 @@ def _server_reason(body: bytes | bytearray) -> str | None:
     except ValueError:
         return None
     return str(obj["error"]) if isinstance(obj, dict) and obj.get("error") else None
+
+
+def _server_code(body: bytes | bytearray) -> str | None:
+    """The ``code`` of a server's error body, where it has one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    code = obj.get("code") if isinstance(obj, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _error_message(body: bytes | bytearray, status: int) -> str:

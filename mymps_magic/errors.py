@@ -6,7 +6,8 @@ MympsError
 ├── TimeoutError       (also builtins.TimeoutError)    no answer in time
 ├── AuthError                                          token missing or refused (HTTP 401/403)
 ├── NotFoundError      (also LookupError)              unknown model, job or path (HTTP 404)
-├── BadRequestError    (also ValueError)               bad argument or setting (HTTP 400/413/422)
+├── BadRequestError    (also ValueError)               bad argument or setting (HTTP 400/413/422, and
+│                                                      409 "conflict": loaded as another kind/dtype)
 ├── ServerError                                        the server failed (HTTP 5xx, 507 = out of memory)
 ├── RemoteError                                        user code raised on the server
 ├── PicklingError      (also pickle.PicklingError)     a value or function cannot cross the wire
@@ -31,6 +32,8 @@ import builtins
 import concurrent.futures
 import pickle
 from typing import Any
+
+from mymps_magic import wire
 
 __all__ = [
     "AuthError",
@@ -202,7 +205,7 @@ class ServerGoneError(SessionLostError):
     crashes ends it), and the session went with it."""
 
 
-def error_for_status(status_code: int, message: str) -> MympsError:
+def error_for_status(status_code: int, message: str, code: str | None = None) -> MympsError:
     """The error for a server answer with HTTP status ``status_code`` and the server's message.
 
     Authentication failures are not passed here: their message depends on where the client's
@@ -212,6 +215,8 @@ def error_for_status(status_code: int, message: str) -> MympsError:
         status_code: the HTTP status (or the ``status`` field of an error frame).
         message: the server's one-line ``error``; kept as it is, because the server knows what
             went wrong (an unknown model's message lists the loaded ones).
+        code: the body's ``code``: ``"conflict"`` tells a 409 that asks to unload first from
+            one that says the job was cancelled.
 
     Returns:
         A `NotFoundError`, `BadRequestError`, `CancelledError` (409: the job was cancelled) or
@@ -219,7 +224,7 @@ def error_for_status(status_code: int, message: str) -> MympsError:
     """
     if status_code == 404:
         return NotFoundError(message, status_code=status_code)
-    if status_code in (400, 413, 422):
+    if status_code in (400, 413, 422) or (status_code == 409 and code == wire.ERROR_CONFLICT):
         return BadRequestError(message, status_code=status_code)
     if status_code == 409:
         return CancelledError(message, status_code=status_code)

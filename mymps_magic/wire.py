@@ -178,10 +178,19 @@ def ndjson_line(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
 
-def error_body(message: str, status: int | None = None) -> dict[str, Any]:
+ERROR_CONFLICT = "conflict"
+"""``code`` of a 409 that is not a cancellation: the name is loaded as another kind or dtype."""
+
+
+def error_body(message: str, status: int | None = None, code: str | None = None) -> dict[str, Any]:
     """The JSON body of every error answer; ``status`` is added where no HTTP status carries it
-    (an NDJSON line, a WebSocket frame)."""
-    return {"error": message} if status is None else {"error": message, "status": status}
+    (an NDJSON line, a WebSocket frame), ``code`` where the status alone is ambiguous (409)."""
+    body: dict[str, Any] = {"error": message}
+    if status is not None:
+        body["status"] = status
+    if code is not None:
+        body["code"] = code
+    return body
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def wait_for_models(client: Client, count: int, timeout: float = 30) -> list[str
 
 
 @pytest.mark.parametrize(("spec", "parsed"), [
-    ("gpt2", ("gpt2", "text", "auto")),
+    ("gpt2", ("gpt2", "detect", "auto")),
     ("org/model:diffusion", ("org/model", "diffusion", "auto")),
     ("/models/net.pt:torchscript:float16", ("/models/net.pt", "torchscript", "float16")),
 ])
@@ -45,11 +45,13 @@ def test_bad_start_up_loads_are_refused_naming_the_variable(env: dict[str, str],
 
 def test_preload_loads_at_start_and_bad_ones_only_warn(make_server: MakeServer, tiny_models: TinyModels) -> None:
     server = make_server(
-        preload=[f"{tiny_models.text_gpt2}", f"{tiny_models.torchscript}:torchscript:float32", "/no/such/model"],
+        preload=[f"{tiny_models.text_gpt2}", f"{tiny_models.torchscript}:torchscript:float32", "/no/such/model",
+                 f"{tiny_models.diffusion}"],
     )
     with Client(port=server.port, token=server.token) as client:
-        names = wait_for_models(client, 2)
-        assert names == [str(tiny_models.text_gpt2), str(tiny_models.torchscript)]
+        names = wait_for_models(client, 3)
+        assert names == [str(tiny_models.text_gpt2), str(tiny_models.torchscript), str(tiny_models.diffusion)]
+        assert {m["name"]: m["kind"] for m in client.models()}[str(tiny_models.diffusion)] == "diffusion"
         assert client.generate(str(tiny_models.text_gpt2), "Once", max_new_tokens=3)["tokens_generated"] == 3
         deadline = time.monotonic() + 10
         while "could not load /no/such/model at start" not in server.log_text():

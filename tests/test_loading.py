@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from kit import MakeServer, ServerProcess, TinyModels, auth
-from mymps_magic import wire
+from mymps_magic import BadRequestError, CancelledError, Client, wire
 
 LOG_WAIT_S = 10.0
 
@@ -202,6 +202,20 @@ def test_loading_a_loaded_name_with_another_dtype_or_kind_says_to_unload_first(
         assert answer.json()["already_loaded"] is True
     model = {m["name"]: m for m in http.get("/models").json()["models"]}[name]
     assert (model["kind"], model["dtype"]) == ("text", "float32")
+
+
+def test_the_client_raises_a_bad_request_not_a_cancel_for_a_load_that_conflicts(
+    client: Client, tiny_models: TinyModels, unload_after: list[str]
+) -> None:
+    """A 409 that asks to unload first is a `BadRequestError` to the user, not the
+    `CancelledError` of a 409 for a cancelled job."""
+    name = "conflict-client-gpt2"
+    unload_after.append(name)
+    client.load_model(name, path=str(tiny_models.text_gpt2), dtype="float32", progress=False)
+    with pytest.raises(BadRequestError, match="unload it first") as caught:
+        client.load_model(name, path=str(tiny_models.text_gpt2), dtype="float16", progress=False)
+    assert caught.value.status_code == 409
+    assert not isinstance(caught.value, CancelledError)
 
 
 @pytest.mark.parametrize("kind", ["diffusion", "text", "auto", None])

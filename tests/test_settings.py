@@ -115,7 +115,7 @@ def test_a_busy_port_is_refused_in_one_line(make_server: MakeServer, tmp_path: P
     ("MYMPS_DEVICE", "tpu", "--device", "cpu", "device", "cpu"),
     ("MYMPS_MAX_BODY", "lots", "--max-body", "1MiB", "max_body", 1024**2),
     ("MYMPS_SESSION_IDLE", "forever", "--session-idle", "60", "session_idle", 60.0),
-    ("MYMPS_PRELOAD", "gpt2:nonsense", "--preload", "gpt2", "preload", (("gpt2", "text", "auto"),)),
+    ("MYMPS_PRELOAD", "gpt2:nonsense", "--preload", "gpt2", "preload", (("gpt2", "detect", "auto"),)),
     ("MYMPS_ALLOW_REMOTE", "maybe", "--allow-remote", None, "allow_remote", True),
     ("MYMPS_RESTORE", "perhaps", "--restore", None, "restore", True),
 ])
