@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
+import psutil
 import pytest
 
 from kit import REPO_ROOT, MakeServer, ServerProcess, TinyModels, auth
@@ -133,7 +134,10 @@ def test_sigterm_stops_the_server_while_a_cell_floods_output_nobody_reads(
     client = start_client(client_process, server, "while True:\n    print('x' * 1000)")
     wait_until(lambda: running_jobs(server), "the flood to run")
     client.send_signal(client_state)
-    time.sleep(1.0)  # let the backlog grow: the state under test, not a wait for an event
+    assert server.process is not None
+    server_process = psutil.Process(server.process.pid)
+    grown = server_process.memory_info().rss + 32 * 2**20
+    wait_until(lambda: server_process.memory_info().rss > grown, "a backlog of 32 MiB on the server")
     assert_stops_on_sigterm(server)
     if client_state == signal.SIGSTOP:
         client.send_signal(signal.SIGCONT)
