@@ -203,7 +203,7 @@ class Connection:
         except (InvalidHandshake, OSError):  # OSError covers refused connections and open timeouts
             raise errors.ConnectionError(f"Cannot reach {address}. {FIX_LINK}") from None
 
-    def closed_error(self, code: int | None, reason: str) -> errors.ConnectionError:
+    def closed_error(self, code: int | None, reason: str) -> errors.MympsError:
         """The error for a WebSocket the server closed: with the server's own reason when it
         gave one (``Is the tunnel up?`` would send the user the wrong way), else a lost link."""
         if code == WS_CLOSE_POLICY:

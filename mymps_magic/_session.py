@@ -22,9 +22,13 @@ by surprise (the error is kept in ``_lost``):
   ended while running this call". The client cannot see the other end of the tunnel, so this is
   the rule that tells a crash (user code calling ``os._exit``, a segfault) from a dropped link:
   a link that drops comes back within seconds (`mymps tunnel` reopens it at once), a crashed
-  server does not come back by itself. A link down for longer than that while a call runs is
-  reported as a crash too; the namespace may then still be there, but ``reset()`` starts afresh.
-  With nothing in flight the client keeps trying for `RECONNECT_WINDOW` seconds, as before.
+  server does not come back by itself. The calls in flight fail with it, but the session is not
+  given up: each later call first tries once to resume it. If the link comes back with the
+  session there (a link down for longer than `GONE_AFTER_S`, not a crash), the call runs in the
+  kept namespace and only the answers of the failed calls are lost; if a restarted server no
+  longer has it, that is `SessionLostError`; if nothing answers yet, the call fails at once with
+  the same `ServerGoneError`. With nothing in flight the client keeps trying for
+  `RECONNECT_WINDOW` seconds, as before.
 - The server closes the socket with a reason that would come again on every reconnect (a
   protocol mismatch, a session taken over by another connection, any close code that is not a
   lost link): `ClosedError` with the server's reason, and no reconnect. A new attempt would only
@@ -110,8 +114,9 @@ class SessionChannel:
         self._callers = 0
         self._unwatched = 0
         self._closed = False
-        self._lost: errors.ConnectionError | None = None  # raised by every call until acknowledged
+        self._lost: errors.MympsError | None = None  # raised by every call until acknowledged
         self._halted = False  # no reconnect until acknowledged: the server is gone or said no
+        self._resume_lock = threading.Lock()  # one caller at a time tries to resume after a crash
         self._too_big: str | None = None  # the reason of a 1009 close, for the request it refused
         self._wake_r, self._wake_w = socket.socketpair()  # pokes the background reader out of its wait
         self._wake_r.setblocking(False)
@@ -192,7 +197,8 @@ class SessionChannel:
                         f"The server process at {self.connection.settings.address} ended while running this call "
                         "(user code that calls os._exit or crashes ends it; nothing has answered there for "
                         f"{GONE_AFTER_S:g} s). Start it again with `mymps serve --restore` (the models come back, "
-                        "the namespace does not), then call reset() (`%mymps reset`)."))
+                        "the namespace does not), then call reset() (`%mymps reset`); if the tunnel was down "
+                        "instead, the next call resumes the session."))
                     return False
                 time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
         self._fail_all(errors.ConnectionError(
@@ -213,7 +219,7 @@ class SessionChannel:
             return False
         return self._reconnect()
 
-    def _halt(self, error: errors.ConnectionError) -> None:
+    def _halt(self, error: errors.MympsError) -> None:
         """Stop reconnecting: every call fails with ``error`` until `acknowledge_loss`."""
         self._halted = True
         self._lost = error
@@ -228,6 +234,21 @@ class SessionChannel:
                 self._halted = False
                 self.session_id = None
                 self._last_seq = 0
+
+    def _try_resume(self) -> None:
+        """After `ServerGoneError`: one attempt to resume the session, for a link that was down
+        rather than a server that ended. Resumed: calls run again in the kept namespace. Not
+        resumed (a restarted server): `_connect` says `SessionLostError`. No answer: it stays."""
+        with self._resume_lock:
+            if not isinstance(self._lost, errors.ServerGoneError) or self._closed:
+                return
+            try:
+                self._connect()
+            except errors.MympsError:
+                return
+            self._halted = False  # connected again: to the kept session, or (SessionLostError) a fresh one
+            if isinstance(self._lost, errors.ServerGoneError):
+                self._lost = None
 
     def _drop(self, ws: ClientWebSocket | None) -> None:
         """Forget a socket that broke (or whose stream a Ctrl-C cut in the middle of a message)."""
@@ -252,6 +273,8 @@ class SessionChannel:
             SessionLostError: the session is gone and the user has not acknowledged it yet
                 (`ServerGoneError` after a crash); `ClosedError` after a close that would repeat.
         """
+        if isinstance(self._lost, errors.ServerGoneError):
+            self._try_resume()
         lost = self._lost
         if lost is not None:
             raise copy.copy(lost)  # a fresh instance: raising one object again would stack tracebacks

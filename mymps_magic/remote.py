@@ -4,6 +4,7 @@ A remote exception is raised here as a `RemoteError` subclass named after the re
 notebook (and nbclient, papermill, a plain script) reports ``ZeroDivisionError`` rather than
 ``RemoteError``. Each class is made on first use and kept: the path printed with it exists
 (``mymps_magic.remote.KeyError`` is the very class raised), so ``except`` can name it too.
+Every public name resolves (to such a class), as every type name may come from the server.
 
 Every name of the module's own starts with ``_`` (hence no ``from __future__ import
 annotations``, which would bind ``annotations``): a remote type's name never meets one of them.
@@ -14,7 +15,8 @@ import functools as _functools
 from mymps_magic import errors as _errors
 
 
-@_functools.lru_cache(maxsize=None)
+# Bounded, as the names come from the server; far more remote types than any session raises.
+@_functools.lru_cache(maxsize=4096)
 def _class_for(ename: str) -> "type[_errors.RemoteError]":
     return type(ename, (_errors.RemoteError,), {"__module__": __name__, "__qualname__": ename})
 

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
 import numpy as np
 import pytest
 
-from kit import REPO_ROOT, MakeServer, ServerProcess
+from kit import REPO_ROOT, MakeServer, ServerProcess, auth
 from mymps_magic import AuthError, BadRequestError, Client, wire
 from mymps_magic.errors import ClosedError, ServerGoneError
 from test_reconnect import Proxy
@@ -110,6 +111,11 @@ def test_token_hints_name_the_token_file_the_client_reads_and_the_servers_reason
         assert "The server says: missing or wrong token" in str(error)  # its own reason, kept
 
 
+def server_jobs(server: ServerProcess) -> list[Any]:
+    answer = httpx.get(f"{server.url}/jobs", headers=auth(server.token), trust_env=False, timeout=HANG_S)
+    return list(answer.json()["jobs"])
+
+
 def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
     out: list[Any] = []
@@ -178,6 +184,32 @@ def test_user_code_that_ends_the_server_process_is_reported_as_such(make_server:
         server.start()
         c.reset()
         assert c.run_cell("2 + 2") == 4
+
+
+@pytest.mark.slow
+def test_a_link_down_past_the_crash_rule_fails_the_call_but_the_session_resumes(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A tunnel down for longer than the rule that calls a silent server a crash: the call in
+    flight is told, but the session is not given up, so the next call finds the namespace."""
+    go = tmp_path / "go"
+    with Proxy(server.port) as link, Client(port=link.port, token=server.token) as c:
+        c.push(kept=41)
+        thread, out = in_background(lambda: c.run_cell(
+            f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)"))
+        deadline = time.monotonic() + HANG_S
+        while not server_jobs(server):
+            assert time.monotonic() < deadline, "the cell never started"
+            time.sleep(0.05)
+        link.refusing.set()
+        link.sever()
+        thread.join(HANG_S)
+        assert not thread.is_alive() and isinstance(out[0], ServerGoneError), out
+        with pytest.raises(ServerGoneError):  # still nothing answers: said again at once
+            c.pull("kept")
+        link.refusing.clear()
+        go.touch()
+        assert c.run_cell("kept + 1") == 42  # the same session, its namespace kept
 
 
 def test_a_session_taken_over_says_so_and_does_not_take_it_back(server: ServerProcess) -> None:
