@@ -51,24 +51,29 @@ class Settings:
         port: int | str | None = None,
         token: str | None = None,
         environ: Mapping[str, str] | None = None,
+        *,
+        token_file: str | os.PathLike[str] | None = None,
     ) -> Settings:
         """Apply the arguments over the environment over the defaults.
 
         Host: ``host``, then ``MYMPS_SERVER_HOST``, then 127.0.0.1. Port: ``port``, then
         ``MYMPS_SERVER_PORT``, then ``MYMPS_PORT`` (the original's tunnel port), then 5555.
-        Token: ``token``, then ``MYMPS_TOKEN``, then the file ``MYMPS_TOKEN_FILE``, else
-        ``$MYMPS_HOME/token`` (``MYMPS_HOME`` defaults to ``~/.mymps``).
+        Token: ``token``, then the file ``token_file``, then ``MYMPS_TOKEN``, then the file
+        ``MYMPS_TOKEN_FILE``, else ``$MYMPS_HOME/token`` (``MYMPS_HOME`` defaults to ``~/.mymps``).
 
         Args:
             host, port, token: explicit values; None means "look further".
             environ: the environment to read; ``os.environ`` when None.
+            token_file: a file holding the token (``%mymps connect --token-file``); it must
+                exist, and hints name it.
 
         Returns:
             The settings a `Client` uses.
 
         Raises:
             BadRequestError: a port is not a number in 1..65535; the message names its source.
-            AuthError: the token file exists but cannot be read.
+            AuthError: the token file exists but cannot be read, or an explicit
+                ``token_file`` does not exist.
         """
         env = os.environ if environ is None else environ
         resolved_host = host or env.get("MYMPS_SERVER_HOST") or DEFAULT_HOST
@@ -81,9 +86,15 @@ class Settings:
         else:
             resolved_port = DEFAULT_PORT
 
-        path = token_file(env)
+        path = Path(token_file).expanduser() if token_file is not None else default_token_file(env)
         if token:
             return cls(resolved_host, resolved_port, token, "argument", path)
+        if token_file is not None:
+            named = _read_token_file(path)
+            if named is None:
+                raise AuthError(f"The token file {path} does not exist or is empty. Give the server's token file "
+                                "(`mymps tunnel` fetches it), or set MYMPS_TOKEN.")
+            return cls(resolved_host, resolved_port, named, str(path), path)
         if env.get("MYMPS_TOKEN"):
             return cls(resolved_host, resolved_port, env["MYMPS_TOKEN"], "MYMPS_TOKEN", path)
         file_token = _read_token_file(path)
@@ -92,7 +103,7 @@ class Settings:
         return cls(resolved_host, resolved_port, file_token, str(path), path)
 
 
-def token_file(environ: Mapping[str, str]) -> Path:
+def default_token_file(environ: Mapping[str, str]) -> Path:
     """Where the client's token lives: ``MYMPS_TOKEN_FILE``, else ``$MYMPS_HOME/token``
     (``MYMPS_HOME`` defaulting to ``~/.mymps``); `mymps tunnel` writes it there."""
     if environ.get("MYMPS_TOKEN_FILE"):

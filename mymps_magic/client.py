@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from urllib.parse import quote
@@ -41,6 +42,8 @@ class Client(RemoteExecution):
         token: the server's token; else ``MYMPS_TOKEN``, else the file ``MYMPS_TOKEN_FILE``,
             else ``$MYMPS_HOME/token`` (``~/.mymps/token``). Prefer the environment or the
             file: a token passed here sits in the notebook's history.
+        token_file: a file holding the token, read instead of the environment (it must
+            exist); error hints name it.
         timeout: seconds to wait for a short call (health, stats, models, jobs, info, unload).
             Generation, images, inference and loading wait as long as the work takes; only
             their connection attempt is bounded.
@@ -50,7 +53,7 @@ class Client(RemoteExecution):
 
     Raises:
         BadRequestError: a port that is not a port number, in the argument or the environment.
-        AuthError: the token file exists but cannot be read.
+        AuthError: the token file exists but cannot be read, or ``token_file`` does not exist.
     """
 
     def __init__(
@@ -59,9 +62,10 @@ class Client(RemoteExecution):
         port: int | None = None,
         *,
         token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.settings = Settings.resolve(host, port, token)
+        self.settings = Settings.resolve(host, port, token, token_file=token_file)
         self._connection = Connection(self.settings, timeout)
 
     @property

@@ -13,7 +13,6 @@ import io
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
@@ -189,14 +188,7 @@ class MympsMagics(Magics):
             if not host or not port_text.isdigit():
                 raise UsageError(f"{args.address!r} is not HOST:PORT, e.g. localhost:5555")
             port = int(port_text)
-        token = args.token
-        if args.token_file:
-            path = Path(args.token_file).expanduser()
-            try:
-                token = path.read_text().strip()
-            except OSError as exc:
-                raise UsageError(f"cannot read the token file {path}: {exc.strerror}") from None
-        new = Client(host, port, token=token)
+        new = Client(host, port, token=args.token, token_file=args.token_file)
         health = new.health()
         new.models()  # /health needs no token: prove this one works before replacing the client
         if self.client is not None:

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import IO, Iterator, Mapping, NoReturn, Sequence
 
 from mymps_magic import errors
-from mymps_magic._settings import token_file as local_token_file
+from mymps_magic._settings import default_token_file as local_token_file
 from mymps_magic._ssh import SSH, CommandError, parse_port, remote_path
 
 DEFAULT_PORT = 5555

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mymps_magic import BadRequestError, Client
+from mymps_magic import AuthError, BadRequestError, Client
 from mymps_magic._settings import Settings
 
 
@@ -78,3 +78,15 @@ def test_client_reads_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("MYMPS_TOKEN", "env-token")
     with Client(port=6124) as client:
         assert (client.port, client.settings.token) == (6124, "env-token")
+
+
+def test_an_explicit_token_file_beats_the_environment_and_names_itself(tmp_path: Path) -> None:
+    (tmp_path / "named").write_text("named-token\n")
+    settings = Settings.resolve(environ={"MYMPS_TOKEN": "from-env"}, token_file=tmp_path / "named")
+    assert (settings.token, settings.token_source, settings.token_file) == (
+        "named-token", str(tmp_path / "named"), tmp_path / "named")
+
+
+def test_a_missing_explicit_token_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(AuthError, match=f"The token file {tmp_path / 'absent'} does not exist"):
+        Settings.resolve(environ={}, token_file=tmp_path / "absent")

@@ -120,6 +120,20 @@ def test_connect_with_a_refused_token_fails_at_once(own_kernel: Callable[..., Ke
     assert ok(kernel.execute("%%mymps\n'still connected'")).result == {"text/plain": "'still connected'"}
 
 
+def test_connect_with_a_token_file_names_that_file_when_refused_or_missing(
+    own_kernel: Callable[..., Kernel], server: ServerProcess, tmp_path: Path
+) -> None:
+    kernel = own_kernel(MYMPS_SERVER_PORT=str(server.port), MYMPS_TOKEN=server.token)
+    stale = tmp_path / "stale-token"
+    stale.write_text("an-old-token-do-not-print\n")
+    refused = one_line(kernel.execute(f"%mymps connect 127.0.0.1:{server.port} --token-file {shlex.quote(str(stale))}"),
+                       "AuthError")
+    assert "refused" in refused and str(stale) in refused and "an-old-token" not in refused, refused
+    missing = one_line(kernel.execute(f"%mymps connect 127.0.0.1:{server.port} --token-file {tmp_path / 'absent'}"),
+                       "AuthError")
+    assert f"{tmp_path / 'absent'} does not exist" in missing, missing
+
+
 # -- models, names and pickling ----------------------------------------------------------------------
 
 
