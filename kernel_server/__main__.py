@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, watch_os_exit
+from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
 from .settings import Settings, SettingsError, is_loopback, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = [f"{describe_job(running)} still runs" if running else "no job runs"]
         if http.is_alive():
             parts.append("the HTTP server is still closing its connections")
-        others = [t.name for t in threading.enumerate()
-                  if not t.daemon and t is not threading.main_thread() and t is not http]
+        others = [name for name in user_threads() if name != http.name]
         if others:
             parts.append(f"threads started by user code still run: {', '.join(others)}")
         return "; ".join(parts)
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     marker.remove()
     took = f" after {time.monotonic() - stopper.signalled_at:.1f} s" if stopper.reason else ""
     log.info("stopped (%s)%s", stopper.reason or "the HTTP server ended", took)
-    # The stop's deadline stays armed: threads user code started and left running must not keep
-    # the process alive while the interpreter waits for them at exit.
+    stopper.finished()  # ends the process now if threads user code started still run
     return 0
 
 

@@ -2,7 +2,10 @@
 
 ``server.log`` (in ``--home``) gets every ``kernel_server.*`` line at INFO and above, and the
 tracebacks ``faulthandler`` writes when the process crashes in C (a segfault in user code or a
-library). No line ever holds the token: a filter on the log's handlers replaces it.
+library). No line ever holds the token: a filter on the log's handlers replaces it. Only the
+server's own lines: libraries' loggers (httpx, the hub, transformers) and the user's own
+``logging`` calls are not ours to record (a user's warning, with no handler configured, reaches
+the cell's stderr through Python's last-resort handler). uvicorn keeps its own stderr handler.
 
 While the server runs it keeps ``running-<pid>.json`` in its home: who it is (pid, start time,
 version, address) and what the device worker is doing now (a job's id, kind, session and model).
@@ -15,9 +18,10 @@ of a fixed-width field when it starts and one when it ends, so it is done for ev
 SIGTERM and SIGINT are heard through ``signal.set_wakeup_fd`` on a thread of their own, not by
 a Python handler: a handler runs only when the main thread next runs Python, which user code
 stuck in a C call may never do. A stop first cancels the jobs and lets the HTTP server close its
-connections; if the process has not ended :data:`FORCE_AFTER_S` seconds after the signal (user
-code that swallows ``KeyboardInterrupt``, a C call that never returns, a thread that never
-ends), or when a second signal comes, it logs why and ends with ``os._exit``.
+connections; if that has not happened :data:`FORCE_AFTER_S` seconds after the signal (user
+code that swallows ``KeyboardInterrupt``, a C call that never returns), or when a second signal
+comes, it logs why and ends with ``os._exit`` (status 1). Once the server has stopped cleanly
+the deadline is called off; threads user code left running are then not waited for (status 0).
 """
 
 from __future__ import annotations
@@ -73,18 +77,19 @@ class RedactToken(logging.Filter):
 
 
 def setup_logging(home: Path, token: str) -> Path:
-    """Send every INFO line to stderr and to ``home/server.log`` (0600), token redacted; and
-    crash tracebacks (``faulthandler``) to the same file. Returns the log's path."""
+    """Send every INFO line of the ``kernel_server`` loggers to stderr and to
+    ``home/server.log`` (0600), token redacted; and crash tracebacks (``faulthandler``) to the
+    same file. Returns the log's path."""
     path = private_file(home / "server.log")
     redact = RedactToken(token)
     handlers: list[logging.Handler] = [logging.StreamHandler(), logging.FileHandler(path)]
     for handler in handlers:
         handler.addFilter(redact)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a root handler user code sets up must not print our lines twice
     for handler in handlers:
-        root.addHandler(handler)
+        log.addHandler(handler)
     # faulthandler writes straight to the descriptor from its C signal handler: keep one open
     # for the life of the process (it must outlive every Python object that could close it).
     faulthandler.enable(os.open(path, os.O_WRONLY | os.O_APPEND), all_threads=True)
@@ -182,7 +187,7 @@ def watch_os_exit(marker: RunMarker, activity: Callable[[], str]) -> None:
             doing = activity()
             marker.set_now(f"os._exit({status}) called" + (f" in {doing}" if doing else ""))
             log.error("os._exit(%s) called%s: the server process ends now", status, f" in {doing}" if doing else "")
-            for handler in logging.getLogger().handlers:
+            for handler in log.handlers:
                 handler.flush()
         real_exit(status)
 
@@ -232,8 +237,22 @@ class Stopper:
         threading.Thread(target=self._deadline, name="mymps-stop-deadline", daemon=True).start()
 
     def finished(self) -> None:
-        """The graceful stop ended; a forced exit can no longer happen."""
+        """The server has stopped cleanly: the forced exit is called off (a clean stop that took
+        most of :data:`FORCE_AFTER_S` must not end as a forced one during interpreter teardown).
+
+        Threads user code started and left running (not daemons) would keep the interpreter
+        waiting for them at exit, for ever: the process ends now without them, with status 0
+        (the stop itself was clean), after one line naming them.
+        """
         self._done.set()
+        others = user_threads()
+        if others:
+            log.info("ending without waiting for threads user code started: %s", ", ".join(others))
+            for handler in log.handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _real_exit(0)
 
     def _deadline(self) -> None:
         if not self._done.wait(FORCE_AFTER_S):
@@ -243,10 +262,17 @@ class Stopper:
         """Log why and what is stuck, remove the marker, and end the process now."""
         log.error("stopped (%s): forcing the exit because %s (%s)", self.reason, why, self.stuck())
         self.on_force()
-        for handler in logging.getLogger().handlers:
+        for handler in log.handlers:
             handler.flush()
         sys.stderr.flush()
         _real_exit(FORCED_EXIT_STATUS)
+
+
+def user_threads() -> list[str]:
+    """Names of the live threads that would keep the interpreter from exiting (not daemons, not
+    the main thread): after the HTTP server's has ended, only user code starts such threads."""
+    skip = (threading.main_thread(), threading.current_thread())
+    return [t.name for t in threading.enumerate() if not t.daemon and t not in skip]
 
 
 def _heard_by_the_stopper(signum: int, frame: object) -> None:

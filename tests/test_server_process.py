@@ -125,6 +125,21 @@ def test_sigterm_stops_the_server_while_user_code_runs(make_server: MakeServer, 
 
 
 @pytest.mark.slow
+def test_a_clean_stop_exits_0_without_forcing_and_does_not_wait_for_user_threads(make_server: MakeServer) -> None:
+    """A thread user code left running (not a daemon) must not turn a clean stop into the
+    forced exit (status 1 and a "forcing" line ten seconds later): the process ends at once."""
+    server = make_server()
+    caller = cell_in_background(server, USER_CODE_STATES["thread-that-never-ends"])
+    caller.join(60)
+    assert not caller.is_alive()
+    assert_stops_on_sigterm(server)
+    assert server.stop() == 0
+    log = server_log(server)
+    assert "forcing" not in log, log[-2000:]
+    assert "ending without waiting for threads user code started: Thread-" in log, log[-2000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("client_state", [signal.SIGSTOP, signal.SIGKILL], ids=["client-not-reading", "client-gone"])
 def test_sigterm_stops_the_server_while_a_cell_floods_output_nobody_reads(
     make_server: MakeServer, client_process: list[subprocess.Popen[bytes]], client_state: signal.Signals
