@@ -321,3 +321,46 @@ def error_frame(request_id: int, exc: BaseException, code: str = "remote") -> wi
         "traceback": remote_traceback(exc) if code == "remote" else [],
         "code": code,
     })
+
+
+def see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
+    """Let a function sent by value see the session namespace (``DEVICE``, ``models``, pushed
+    variables...) for the names it does not define itself, as a cell would.
+
+    Only functions whose globals cloudpickle rebuilt are touched; a function pickled by
+    reference (``np.linalg.svd``) keeps its module's globals untouched.
+    """
+    globals_ = getattr(fn, "__globals__", None)
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if globals_ is None or (module is not None and globals_ is vars(module)):
+        return
+    for name in wire.global_names(fn.__code__):  # only what the code can ask for: cheap in a big namespace
+        if name not in globals_ and name in namespace:
+            globals_[name] = namespace[name]
+
+
+def unpickle_error(exc: BaseException) -> Exception:
+    hint = ""
+    if isinstance(exc, ModuleNotFoundError):
+        hint = (f"; the server cannot import {exc.name!r}: install it there, or define the code in the "
+                "notebook or your own module so it travels by value")
+    return RuntimeError(f"the server could not unpickle what was sent ({type(exc).__name__}: {exc}){hint}")
+
+
+def value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | None = None) -> wire.Frame:
+    """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
+    fields: dict[str, Any] = {}
+    if outlet is not None and value is not None:
+        fields["mime"] = mimebundle(value)[0]
+    try:
+        buffers = wire.dumps(value)
+    except Exception as exc:
+        if outlet is not None:  # a cell's value still shows through its repr
+            return wire.Frame("result", rid, {**fields, "unpicklable": f"{type(value).__name__}: {exc}"})
+        what = f"{names[0]!r}" if names and len(names) == 1 else f"the {type(value).__name__} value"
+        if names and len(names) > 1:
+            what = "one of " + ", ".join(map(repr, names))
+        return error_frame(rid, TypeError(
+            f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
+            "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), "pickle")
+    return wire.Frame("result", rid, fields, buffers)

@@ -272,6 +272,7 @@ class JobQueue:
             if self._on_running is not None:
                 self._on_running(job)
             failure: BaseException | None = None
+            result: Any = None
             try:
                 result = job.fn(job)
             except BaseException as exc:  # a failing job must never stop the worker
@@ -292,8 +293,9 @@ class JobQueue:
                 if self._on_failure is not None:
                     self._on_failure(failure)
             # Keep nothing of a finished job while waiting for the next: its work may hold a
-            # session that is about to be reaped, with all of its namespace.
-            del job, failure
+            # session that is about to be reaped, with all of its namespace, and its result may
+            # be a value of gigabytes the client has long received.
+            del job, failure, result
 
 
 def _log_cancel(job: Job, when: str, reason: str) -> None:

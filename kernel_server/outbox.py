@@ -11,23 +11,35 @@ read (or a tunnel that is down while a cell prints):
 * The sender takes bounded batches (:data:`BATCH_FRAMES`, :data:`BATCH_BYTES`) and merges the
   stream frames of each batch with one ``"".join``: linear in the backlog, a few milliseconds
   per step, and the loop is free between batches.
-* The outbox holds at most ``--session-buffer`` bytes (approximate: payload plus
-  :data:`FRAME_OVERHEAD` per frame). Past it, output (stream, display and progress frames) is
-  dropped and counted per request; the next frame of that request that is kept (its next output
-  once there is room again, or at the latest its result) is preceded by one stderr line that
-  says how much was dropped. Results and errors are always kept, even past the bound: losing
-  one would leave a caller waiting for ever.
+* The outbox holds about ``--session-buffer`` bytes (approximate: payload plus
+  :data:`FRAME_OVERHEAD` per frame). What happens to output past it depends on the client:
+
+  - A client that is connected and acknowledging (its acks advanced within
+    :data:`ACK_WAIT_S`, or it attached that recently) is reading: the code that prints waits
+    for room (see ``Session.emit_output``), as a program writing to a terminal waits for the
+    terminal. The wait is in bounded steps on the writer's thread, never on the event loop, and
+    stays interruptible (an interrupt's ``KeyboardInterrupt``, a cancel). So a reading client
+    gets all output, however fast the cell prints.
+  - A client that is away, or has not acknowledged for :data:`ACK_WAIT_S` while output waited,
+    is not reading: output (stream, display and progress frames) is dropped and counted per
+    request; the next frame of that request that is kept (its next output once there is room
+    again, or at the latest its result) is preceded by one stderr line that says how much was
+    dropped. The next ack (or a new connection) makes the client a reader again.
+
+  Results and errors are always kept, even past the bound: losing one would leave a caller
+  waiting for ever. A single output frame larger than the whole bound is dropped at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
+import threading
+import time
+from typing import Callable
 
 from mymps_magic import wire
-
-OUTPUT = frozenset({"stream", "display", "progress"})
-"""Frame types that may be dropped past the bound; every other frame ends or starts a request."""
 
 FRAME_OVERHEAD = 400
 """Bytes a kept frame costs beyond its payload (the Frame, its fields dict, the text object)."""
@@ -36,7 +48,16 @@ BATCH_FRAMES = 2048
 BATCH_BYTES = 1 << 20
 """Most frames and payload bytes a sender takes in one step (so one step stays short)."""
 
+ACK_WAIT_S = 5.0
+"""How long output waits for room without the client's acks advancing before the client is
+taken as not reading (and its output dropped): long enough for a busy notebook to catch up."""
+
+WAIT_STEP_S = 0.1
+"""Longest a writer waiting for room sleeps before it checks for a cancel again."""
+
 _COMPACT_AFTER = 4096
+
+log = logging.getLogger("kernel_server.sessions")
 
 
 class TakenOver(Exception):
@@ -94,7 +115,7 @@ class Outbox:
         self.limit = limit
         self.seq = 0  # the last number given
         self._frames: list[wire.Frame | None] = []
-        self._before: list[int] = [0]  # _before[i]: bytes of the frames before index i, ever
+        self._before: list[int] = [0]  # _before[i]: payload bytes of the frames before index i, ever
         self._start = 0  # index of the first frame not acknowledged
         self._base = 1  # seq of index 0
         self._dropped: dict[int, _Dropped] = {}
@@ -102,16 +123,13 @@ class Outbox:
     @property
     def nbytes(self) -> int:
         """Bytes the kept frames are counted for."""
-        return self._before[-1] - self._before[self._start]
-
-    def __len__(self) -> int:
-        return len(self._frames) - self._start
+        return self._before[-1] - self._before[self._start] + FRAME_OVERHEAD * (len(self._frames) - self._start)
 
     def add(self, frame: wire.Frame) -> bool:
         """Number and keep ``frame``; False when it was output dropped past the bound."""
         size = frame_size(frame)
         dropped = self._dropped.get(frame.id)
-        if frame.type in OUTPUT and self.nbytes + size > self.limit:
+        if frame.type in wire.OUTPUT_FRAMES and self.nbytes + size > self.limit:
             if dropped is None:
                 dropped = self._dropped[frame.id] = _Dropped()
             dropped.count(frame, size)
@@ -127,13 +145,13 @@ class Outbox:
         self.seq += 1
         frame.fields["seq"] = self.seq
         self._frames.append(frame)
-        self._before.append(self._before[-1] + size)
+        self._before.append(self._before[-1] + size - FRAME_OVERHEAD)
 
-    def ack(self, seq: int) -> None:
-        """Forget the frames up to ``seq``: the client has them."""
+    def ack(self, seq: int) -> bool:
+        """Forget the frames up to ``seq``: the client has them. True if that freed any."""
         end = min(max(seq - self._base + 1, self._start), len(self._frames))
         if end == self._start:
-            return
+            return False
         self._frames[self._start:end] = [None] * (end - self._start)
         self._start = end
         if self._start >= _COMPACT_AFTER and 2 * self._start >= len(self._frames):
@@ -141,6 +159,7 @@ class Outbox:
             del self._before[:self._start]
             self._base += self._start
             self._start = 0
+        return True
 
     def after(self, seq: int) -> list[wire.Frame]:
         """The next batch of kept frames past ``seq`` (at most :data:`BATCH_FRAMES` frames and,
@@ -149,9 +168,71 @@ class Outbox:
         end = min(first + BATCH_FRAMES, len(self._frames))
         if first >= end:
             return []
-        budget = self._before[first] + BATCH_BYTES + FRAME_OVERHEAD * (end - first)
+        budget = self._before[first] + BATCH_BYTES
         end = max(first + 1, bisect.bisect_right(self._before, budget, first + 1, end + 1) - 1)
         return self._frames[first:end]  # type: ignore[return-value]  # past _start: never None
+
+
+class Room:
+    """Flow control of a session's output: writers wait here for room in its outbox.
+
+    Writers are the threads user code prints from; ``held``, ``arrived`` and ``client_reads``
+    come from the event loop, the one thread that touches the outbox (a writer reading the
+    outbox's lists while the loop compacts them could see them half-changed). ``posted`` counts
+    output handed to the loop but not in the outbox yet, so a fast writer cannot overrun the
+    bound between two turns of the loop.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0  # the outbox's nbytes, as the loop last set it (one int: read whole)
+        self._cond = threading.Condition()
+        self._posted = 0
+        self._acked_at = time.monotonic()  # the last ack that freed frames, or the last attach
+        self._stalled = False  # the client stopped acknowledging while output waited
+
+    def wait(self, frame: wire.Frame, attached: Callable[[], bool], check_cancelled: Callable[[], None],
+             sid: str) -> int:
+        """Wait until ``frame`` fits, while the client is attached and acknowledging (see the
+        module's docstring); returns its size, counted as posted until :meth:`arrived`.
+
+        Raises:
+            whatever ``check_cancelled`` raises, checked every :data:`WAIT_STEP_S`.
+        """
+        size = frame_size(frame)
+        with self._cond:
+            started = time.monotonic()
+            while attached() and self._full(size):
+                if time.monotonic() - max(started, self._acked_at) > ACK_WAIT_S:
+                    self._stalled = True
+                    log.info("session %s: no ack for %g s while output waited; its output is dropped until the "
+                             "client acknowledges again", sid[:8], ACK_WAIT_S)
+                    break
+                check_cancelled()
+                self._cond.wait(WAIT_STEP_S)
+            self._posted += size
+        return size
+
+    def _full(self, size: int) -> bool:
+        held = self.held + self._posted
+        return not self._stalled and held > 0 and held + size > self.limit
+
+    def arrived(self, size: int) -> None:
+        """A posted frame reached the outbox (kept or dropped)."""
+        with self._cond:
+            self._posted -= size
+
+    def client_reads(self) -> None:
+        """An ack freed frames, or a socket attached: waiting output may go on."""
+        with self._cond:
+            self._acked_at = time.monotonic()
+            self._stalled = False
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Something a writer waits on changed (its client went away)."""
+        with self._cond:
+            self._cond.notify_all()
 
 
 class Mailbox:
@@ -163,6 +244,7 @@ class Mailbox:
         self.taken_over = False
         self._ready = asyncio.Event()
         self._ready.set()
+        self._over = asyncio.Event()
 
     def wake(self) -> None:
         self._ready.set()
@@ -171,6 +253,12 @@ class Mailbox:
         """A newer connection has the session now: this socket's sender stops."""
         self.taken_over = True
         self._ready.set()
+        self._over.set()
+
+    async def until_taken_over(self) -> None:
+        """Return once a newer connection has taken the session: the socket must then be told
+        at once, even while its sender waits for a slow reader to make room."""
+        await self._over.wait()
 
     async def take(self) -> list[wire.Frame]:
         """The next batch to send, its stream frames merged; waits until there is one.

@@ -268,6 +268,16 @@ async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
 
 ONE_REQUEST = "send one request per connection; open a new one for the next generation"
 
+CANCEL_WAIT_S = 2.0
+"""How long a cancelled generation is given to stop (it checks at every token) before its
+client is answered anyway; the job is off the queue by then, or going."""
+
+
+def _cancelled_stats() -> dict[str, Any]:
+    """The ``done`` figures of a generation cancelled while it was still queued (or that did not
+    stop within :data:`CANCEL_WAIT_S`, whose figures are not known yet)."""
+    return {"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0, "stop_reason": "cancelled"}
+
 
 def _is_cancel(message: dict[str, Any]) -> bool:
     """Whether a message heard mid-generation is the client's ``{"type": "cancel"}``."""
@@ -283,10 +293,12 @@ async def ws_generate(ws: WebSocket) -> None:
     """Stream one generation; a client that disconnects cancels it at the next token.
 
     One request per connection: any message the client sends during the generation cancels it,
-    and the connection closes with 1008 and :data:`ONE_REQUEST` (a second request on the same
-    socket has no id to tell its tokens from the first's). The exception is ``{"type": "cancel"}``
-    (``wire.MSG_CANCEL``): it is answered, once the job has stopped, by the ``done`` frame
-    (``stop_reason: "cancelled"``, the tokens so far) and a normal close.
+    and the connection closes with ``wire.CLOSE_PROTOCOL_MISUSE`` and :data:`ONE_REQUEST` (a
+    second request on the same socket has no id to tell its tokens from the first's). The
+    exception is ``{"type": "cancel"}`` (``wire.MSG_CANCEL``): it is answered, once the job has
+    stopped (at most :data:`CANCEL_WAIT_S` later), by the ``done`` frame (``stop_reason:
+    "cancelled"``, the tokens so far; none for a job cancelled while still queued) and a normal
+    close.
     """
     st = _state(ws)
     await ws.accept()
@@ -335,15 +347,15 @@ async def ws_generate(ws: WebSocket) -> None:
                 if not asked:
                     await asyncio.wait({done}, timeout=2)
                     if heard.result()["type"] != "websocket.disconnect":
-                        await ws.close(1008, ONE_REQUEST)
+                        await ws.close(wire.CLOSE_PROTOCOL_MISUSE, ONE_REQUEST)
                     return
                 # The protocol answers a close frame at once, so only a cancel can wait for the
                 # job: the done frame below ("cancelled") goes out once it is off /jobs.
-                await asyncio.wait({done})
+                await asyncio.wait({done}, timeout=CANCEL_WAIT_S)
             while not pieces.empty():
                 await ws.send_json({"type": wire.MSG_TOKEN, "text": pieces.get_nowait()})
             try:
-                stats = done.result()
+                stats = done.result() if done.done() and not done.cancelled() else _cancelled_stats()
             except BaseException as exc:
                 err = as_server_error(exc)
                 await _ws_error(ws, err.status, err.message)
@@ -381,10 +393,9 @@ async def session_upload(session_id: str, request: Request) -> Response:
     return JSONResponse({"upload": session.add_upload(frame.buffers)})
 
 
-HELLO_TIMEOUT_S = 10.0
-"""A session's hello must arrive within this: a socket that never completes one is closed."""
-
-TAKEN_OVER = "the session was taken over by another connection"
+TAKEN_OVER_CLOSE_S = 10.0
+"""How long the close frame of a taken-over socket may wait behind output its client has not
+read yet; past it the socket is dropped (its client is not reading anyway)."""
 
 
 async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:
@@ -401,18 +412,22 @@ async def _next_frame(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Frame:
 
 
 async def _send_frames(ws: WebSocket, live: Mailbox) -> None:
-    """Send what the session keeps for this socket, a bounded batch per step, until a newer
-    connection takes the session over (then close with ``wire.CLOSE_TAKEN_OVER``)."""
+    """Send what the session keeps for this socket, a bounded batch per step, until the client
+    goes or a newer connection takes the session over (`ws_session` then closes the socket)."""
     try:
         while True:
-            for frame in await live.take():
-                for message in wire.encode_frame(frame):
-                    await ws.send_bytes(message)  # type: ignore[arg-type]  # uvicorn takes a memoryview: no copy
+            await _send_batch(ws, await live.take())
             await asyncio.sleep(0)  # a send into a free socket does not yield: other clients' turn
-    except TakenOver:
-        await ws.close(wire.CLOSE_TAKEN_OVER, TAKEN_OVER)
-    except (WebSocketDisconnect, RuntimeError):  # the client is gone
+    except (TakenOver, WebSocketDisconnect, RuntimeError):  # taken over, or the client is gone
         pass
+
+
+async def _send_batch(ws: WebSocket, batch: list[wire.Frame]) -> None:
+    """A function of its own so that nothing of the batch outlives it: a loop variable would
+    hold the last frame sent (a result of gigabytes, maybe) while the sender waits for the next."""
+    for frame in batch:
+        for message in wire.encode_frame(frame):
+            await ws.send_bytes(message)  # type: ignore[arg-type]  # uvicorn takes a memoryview: no copy
 
 
 async def _receive_requests(ws: WebSocket, decoder: wire.FrameDecoder, session: Session, live: Mailbox) -> None:
@@ -446,9 +461,10 @@ async def ws_session(ws: WebSocket) -> None:
     await ws.accept()
     decoder = wire.FrameDecoder(max_size=st.settings.max_body)
     try:
-        hello, session_id, last_seq = await asyncio.wait_for(_hello(ws, decoder), HELLO_TIMEOUT_S)
+        hello, session_id, last_seq = await asyncio.wait_for(_hello(ws, decoder), wire.HELLO_TIMEOUT_S)
     except asyncio.TimeoutError:
-        await ws.close(1008, f"no complete hello within {HELLO_TIMEOUT_S:g} s; connect again")
+        reason = f"no complete hello within {wire.HELLO_TIMEOUT_S:g} s; connect again"
+        await ws.close(wire.CLOSE_PROTOCOL_MISUSE, reason)
         return
     except wire.WireFormatError as exc:
         await ws.close(_close_code(exc), str(exc)[:120])
@@ -463,13 +479,21 @@ async def ws_session(ws: WebSocket) -> None:
         for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
             await ws.send_bytes(bytes(message))
         tasks = {asyncio.ensure_future(_send_frames(ws, live)),
-                 asyncio.ensure_future(_receive_requests(ws, decoder, session, live))}
+                 asyncio.ensure_future(_receive_requests(ws, decoder, session, live)),
+                 asyncio.ensure_future(live.until_taken_over())}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
-    except (WebSocketDisconnect, RuntimeError):
+            await asyncio.wait(tasks)
+        if live.taken_over:
+            # Always a 4001 with its reason, also when the sender was waiting for a slow reader:
+            # a socket that just dropped would look like a lost link, and its client would
+            # reconnect and take the session back. The close goes out behind what the client
+            # has not read yet (the send was cancelled before it wrote anything).
+            await asyncio.wait_for(ws.close(wire.CLOSE_TAKEN_OVER, wire.TAKEN_OVER_REASON), TAKEN_OVER_CLOSE_S)
+    except (WebSocketDisconnect, RuntimeError, asyncio.TimeoutError):
         pass
     finally:
         session.detach(live)

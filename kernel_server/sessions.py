@@ -18,7 +18,7 @@ import functools
 import itertools
 import logging
 import platform
-import sys
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 from mymps_magic import wire
 
 from .errors import is_out_of_memory
-from .execution import Execution, Outlet, compile_cell, error_frame, new_namespace
+from .execution import (Execution, Outlet, compile_cell, error_frame, new_namespace, see_namespace, unpickle_error,
+                        value_frame)
 from .jobs import Job, JobQueue
-from .outbox import Mailbox, Outbox
-from .richrepr import mimebundle
+from .outbox import Mailbox, Outbox, Room
 
 if TYPE_CHECKING:
     from .device import Device
@@ -64,8 +64,10 @@ class Session:
         self._lane: asyncio.Queue[wire.Frame] = asyncio.Queue()
         self._in_lane: set[int] = set()  # request ids the lane has not handled yet
         self._dropped: set[int] = set()  # of those, the ones cancelled meanwhile
-        self._lane_task = asyncio.ensure_future(self._run_lane())
+        self._lane_task: asyncio.Task[None] | None = asyncio.ensure_future(self._run_lane())
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._room = Room(self.outbox.limit)
         # Buffers of large requests, sent as HTTP bodies (`PUT /session/{id}/upload`), until
         # the request that names them arrives.
         self.uploads: dict[str, list[Any]] = {}
@@ -76,11 +78,30 @@ class Session:
     def emit(self, frame: wire.Frame) -> None:
         """Number, keep and (if connected) send a frame; output past ``--session-buffer`` is
         dropped (see :mod:`.outbox`). Event loop thread only."""
-        if self.outbox.add(frame) and self._live is not None:
+        kept = self.outbox.add(frame)
+        self._room.held = self.outbox.nbytes
+        if kept and self._live is not None:
             self._live.wake()
 
     def emit_threadsafe(self, frame: wire.Frame) -> None:
         self._loop.call_soon_threadsafe(self.emit, frame)
+
+    def emit_output(self, job: Job, frame: wire.Frame) -> None:
+        """Send one output frame of a running request, from the thread that wrote it: first,
+        while a connected client acknowledges what it reads, wait for room (see :class:`.Room`).
+        Not on the event loop's thread (a library printing there while a cell's output is
+        captured): the acks that make room arrive on it, so its text goes on at once.
+
+        Raises:
+            Cancelled: the job was cancelled while its output waited.
+        """
+        may_wait = threading.get_ident() != self._loop_thread
+        size = self._room.wait(frame, lambda: may_wait and self._live is not None, job.check_cancelled, self.id)
+        self._loop.call_soon_threadsafe(self._emit_posted, frame, size)
+
+    def _emit_posted(self, frame: wire.Frame, size: int) -> None:
+        self._room.arrived(size)
+        self.emit(frame)
 
     def attach(self, last_seq: int) -> Mailbox:
         """Connect a new socket: returns its place in the outbox, just past what the client has.
@@ -97,16 +118,20 @@ class Session:
             log.info("session %s taken over by a new connection", self.id[:8])
         self._live = Mailbox(self.outbox, last_seq)
         self.disconnected_at = None
+        self._room.client_reads()
         return self._live
 
     def detach(self, live: Mailbox) -> None:
         if self._live is live:  # a newer socket may have taken over already
             self._live = None
             self.disconnected_at = time.time()
+            self._room.wake()  # output waiting for this client's acks is dropped from now on
             log.info("session %s disconnected; kept %g s for a reconnect", self.id[:8], self.manager.idle_s)
 
     def ack(self, seq: int) -> None:
-        self.outbox.ack(seq)
+        if self.outbox.ack(seq):
+            self._room.held = self.outbox.nbytes
+            self._room.client_reads()
 
     def add_upload(self, buffers: list[Any]) -> str:
         upload_id = str(next(self._upload_ids))
@@ -209,7 +234,7 @@ class Session:
     def _execute(self, job: Job, frame: wire.Frame) -> wire.Frame:
         """Run a ``run`` or ``cell`` request on the device worker; returns its final frame."""
         rid, manager = frame.id, self.manager
-        outlet = Outlet(self.emit_threadsafe, rid)
+        outlet = Outlet(functools.partial(self.emit_output, job), rid)
         try:
             if frame.type == "run":
                 try:
@@ -219,18 +244,18 @@ class Session:
                     else:
                         fn, args, kwargs = wire.loads(frame.buffers)
                 except Exception as exc:
-                    return error_frame(rid, _unpickle_error(exc), "pickle")
-                _see_namespace(fn, self.namespace)
+                    return error_frame(rid, unpickle_error(exc), "pickle")
+                see_namespace(fn, self.namespace)
                 with manager.execution.capture(outlet), job.user_code():
                     value = fn(*args, **kwargs)
-                return _value_frame(rid, value, None)
+                return value_frame(rid, value, None)
             body, last = compile_cell(str(frame["source"]))
             with manager.execution.capture(outlet), job.user_code():
                 exec(body, self.namespace)
                 value = eval(last, self.namespace) if last is not None else None
             if value is not None:
                 self.namespace["_"] = value
-            return _value_frame(rid, value, outlet)
+            return value_frame(rid, value, outlet)
         except BaseException as exc:
             if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
                 return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), "cancelled")
@@ -264,7 +289,7 @@ class Session:
         try:
             values = await asyncio.to_thread(wire.loads, frame.buffers)
         except Exception as exc:
-            self.emit(error_frame(frame.id, _unpickle_error(exc), "pickle"))
+            self.emit(error_frame(frame.id, unpickle_error(exc), "pickle"))
             return
         self.namespace.update(values)
         self.emit(wire.Frame("result", frame.id, {"fields": {"names": sorted(values)}}))
@@ -278,10 +303,14 @@ class Session:
                 "session; define it there first (a %%mymps cell or run) or push it"), "name"))
             return
         values = tuple(self.namespace[n] for n in names)
-        self.emit(await asyncio.to_thread(_value_frame, frame.id, values, None, names))
+        self.emit(await asyncio.to_thread(value_frame, frame.id, values, None, names))
 
     async def _reset(self, frame: wire.Frame) -> None:
-        self.namespace = self.manager.new_namespace()
+        # Emptied, not just replaced: functions defined in it refer to it as their globals, a
+        # cycle that would keep all of its values (gigabytes, maybe) until the cyclic collector
+        # runs. Safe: the lane waited for this session's jobs, so no code of it is running.
+        old, self.namespace = self.namespace, self.manager.new_namespace()
+        old.clear()
         self.emit(wire.Frame("result", frame.id, {"fields": {}}))
 
     def close(self) -> None:
@@ -292,8 +321,10 @@ class Session:
         refers to this session, and the functions defined in a namespace refer to it as their
         globals. So the task is let go of and the namespace emptied (unless a job still uses it).
         """
+        if self._lane_task is None:  # closed already
+            return
         self._lane_task.cancel()
-        del self._lane_task
+        self._lane_task = None
         self.uploads.clear()
         for job in self.jobs.values():
             self.manager.jobs.abandon(job, "cancelled: its session ended")
@@ -324,49 +355,6 @@ def _bad_request_id(rid: int, last: int) -> str | None:
         return (f"request id {rid} is not above {last}, the last id this session received: ids must increase "
                 "(after a hello, start above the welcome's last_request); the request was not run")
     return None
-
-
-def _see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
-    """Let a function sent by value see the session namespace (``DEVICE``, ``models``, pushed
-    variables...) for the names it does not define itself, as a cell would.
-
-    Only functions whose globals cloudpickle rebuilt are touched; a function pickled by
-    reference (``np.linalg.svd``) keeps its module's globals untouched.
-    """
-    globals_ = getattr(fn, "__globals__", None)
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    if globals_ is None or (module is not None and globals_ is vars(module)):
-        return
-    for name in wire.global_names(fn.__code__):  # only what the code can ask for: cheap in a big namespace
-        if name not in globals_ and name in namespace:
-            globals_[name] = namespace[name]
-
-
-def _unpickle_error(exc: BaseException) -> Exception:
-    hint = ""
-    if isinstance(exc, ModuleNotFoundError):
-        hint = (f"; the server cannot import {exc.name!r}: install it there, or define the code in the "
-                "notebook or your own module so it travels by value")
-    return RuntimeError(f"the server could not unpickle what was sent ({type(exc).__name__}: {exc}){hint}")
-
-
-def _value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | None = None) -> wire.Frame:
-    """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
-    fields: dict[str, Any] = {}
-    if outlet is not None and value is not None:
-        fields["mime"] = mimebundle(value)[0]
-    try:
-        buffers = wire.dumps(value)
-    except Exception as exc:
-        if outlet is not None:  # a cell's value still shows through its repr
-            return wire.Frame("result", rid, {**fields, "unpicklable": f"{type(value).__name__}: {exc}"})
-        what = f"{names[0]!r}" if names and len(names) == 1 else f"the {type(value).__name__} value"
-        if names and len(names) > 1:
-            what = "one of " + ", ".join(map(repr, names))
-        return error_frame(rid, TypeError(
-            f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
-            "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), "pickle")
-    return wire.Frame("result", rid, fields, buffers)
 
 
 class SessionManager:

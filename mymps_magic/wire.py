@@ -71,12 +71,14 @@ gets exactly what it missed):
                "cancelled", "session", "bad_request"
 =============  ==========================================================================
 
-Limits: a frame lists at most ``MAX_BUFFERS`` buffers; the hello must arrive within 10 s of the
-connection; request ids run from 1 to 2**63-1 and must increase (a bad one gets an ``error``
-naming it). A newer connection to the same session takes it over: the older socket is closed
-with ``CLOSE_TAKEN_OVER`` and a reason. Past ``--session-buffer`` of unacknowledged frames,
-output frames are dropped and one ``stream`` line (stderr) says how much, before the request's
-next frame; ``result`` and ``error`` frames are never dropped.
+Limits: a frame lists at most ``MAX_BUFFERS`` buffers; the hello must arrive within
+``HELLO_TIMEOUT_S`` of the connection (else the socket is closed with ``CLOSE_PROTOCOL_MISUSE``);
+request ids run from 1 to 2**63-1 and must increase (a bad one gets an ``error`` naming it). A
+newer connection to the same session takes it over: the older socket is closed with
+``CLOSE_TAKEN_OVER`` and a reason. Past ``--session-buffer`` of unacknowledged frames, the code
+printing waits while a connected client acknowledges as it reads; for a client that is away or
+has stopped acknowledging, output frames are dropped and one ``stream`` line (stderr) says how
+much, before the request's next frame; ``result`` and ``error`` frames are never dropped.
 """
 
 from __future__ import annotations
@@ -206,6 +208,20 @@ header cannot make the receiver allocate millions of (empty) buffers."""
 CLOSE_TAKEN_OVER = 4001
 """Close code of a session socket whose session a newer connection took over; a client that
 gets it must not reconnect (it would take the session back), and shows the reason."""
+
+TAKEN_OVER_REASON = "the session was taken over by another connection"
+"""The reason sent with :data:`CLOSE_TAKEN_OVER`."""
+
+CLOSE_PROTOCOL_MISUSE = 4002
+"""Close code for a client that broke the protocol (no complete hello in time, a second request
+on a ``/ws/generate`` socket); its reason says what to do. 1008 is kept for a refused token."""
+
+HELLO_TIMEOUT_S = 10.0
+"""A session's hello must arrive within this of the connection, or the socket is closed."""
+
+OUTPUT_FRAMES = frozenset({"stream", "display", "progress"})
+"""Session frame types that carry a request's output, not its start or end; the server may drop
+them past ``--session-buffer``, and a client shows them as they come."""
 
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 

@@ -247,9 +247,10 @@ def test_a_client_that_reads_gets_all_output_of_a_cell_printing_past_the_session
     make_server: MakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The session buffer bounds what a client has not read, not what a cell prints: a client
-    that reads acknowledges output as it goes, so a cell printing 5x the buffer loses nothing."""
-    server = make_server(session_buffer="4MiB")
-    lines = 20_000
+    that reads acknowledges output as it goes, and the printing waits for it: a cell printing
+    40x the buffer loses nothing, however fast it prints."""
+    server = make_server(session_buffer="1MiB")
+    lines = 40_000
     with Client(server.host, server.port, token=server.token) as c:
         assert c.run_cell(f"for i in range({lines}):\n    print(str(i).rjust(999, 'y'))\n'finished'") == "finished"
     out, err = capsys.readouterr()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -15,6 +16,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from kit import ServerProcess, TinyModels, auth
+from mymps_magic import wire
+from test_session_bad_input import RawSession
 
 MODEL = "faults-llama"
 # Greedy decoding of this prompt on the tiny Llama loops without EOS: it runs to max_new_tokens.
@@ -98,6 +101,32 @@ def test_a_second_message_mid_generation_cancels_it_and_closes_with_a_reason(
         assert json.loads(socket.recv(timeout=30))["type"] == "token"
         socket.send(second)
         code, reason = closed_with(socket)
-    assert code == 1008
+    assert code == wire.CLOSE_PROTOCOL_MISUSE  # not 1008, which clients take for a refused token
     assert reason == "send one request per connection; open a new one for the next generation"
+    assert_device_free_and_healthy(http)
+
+
+def test_a_cancelled_generation_still_queued_gets_its_done_frame(
+        server: ServerProcess, http: httpx.Client, loaded: None, tmp_path: Path) -> None:
+    """A cell holds the device; a generation queued behind it is cancelled by its client: the
+    answer is the documented ``done`` frame (cancelled, no tokens) and a normal close, not an
+    error frame, and the job is gone from /jobs."""
+    release = tmp_path / "release"
+    with RawSession(server) as cell:
+        cell.hello()
+        cell.send(wire.Frame("cell", 1, {"source": f"import os, time\nwhile not os.path.exists({str(release)!r}):\n"
+                                                  "    time.sleep(0.02)\n'released'"}))
+        wait_for(lambda: any(j["kind"] == "cell" and j["state"] == "running" for j in jobs(http)), 30, "the cell running")
+        with ws(server) as socket:
+            socket.send(json.dumps(LONG))
+            wait_for(lambda: any(j["kind"] == "generate" and j["state"] == "queued" for j in jobs(http)), 30,
+                     "the generation queued")
+            socket.send(json.dumps({"type": "cancel"}))
+            frame = json.loads(socket.recv(timeout=10))
+            assert frame["type"] == "done" and frame["stop_reason"] == "cancelled", frame
+            assert frame["tokens_generated"] == 0
+            assert closed_with(socket)[0] == 1000
+        assert not any(j["kind"] == "generate" for j in jobs(http))
+        release.touch()
+        assert wire.loads(cell.answer(1).buffers) == "released"
     assert_device_free_and_healthy(http)

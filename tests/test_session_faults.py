@@ -9,14 +9,22 @@ bad request id gets an answer that names it, and another client's ``/health`` ke
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+import numpy as np
 import psutil
 import pytest
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from kit import MakeServer, ServerProcess, auth
 from mymps_magic import wire
@@ -168,28 +176,168 @@ def test_a_reaped_session_frees_its_memory(make_server: MakeServer) -> None:
 # --- item 3: two connections to one session ------------------------------------------------------
 
 
-def test_a_second_attach_takes_the_session_over_and_answers_never_cross(server: ServerProcess) -> None:
+def test_a_second_attach_takes_the_session_over_and_its_new_socket_gets_the_replay(
+        server: ServerProcess, tmp_path: Path) -> None:
+    """The old connection is told why (4001 and one line) and gets nothing more; the new one is
+    sent everything past its hello's ``last_seq``, the first connection's answers included (the
+    session's frames go to whichever socket holds it), and a reused request id is an error that
+    names it. The first cell waits for a file the test creates once its assertions are done."""
+    release = tmp_path / "release"
     with RawSession(server) as first:
         session_id = first.hello()["session"]
-        first.send(wire.Frame("cell", 1, {"source": "import time\ntime.sleep(3)\n'first'"}))
+        first.send(wire.Frame("cell", 1, {"source": f"import os, time\nwhile not os.path.exists({str(release)!r}):\n"
+                                                   "    time.sleep(0.02)\n'first'"}))
         wait_for(lambda: any(j["state"] == "running" for j in jobs(server)), 30, "the first cell running")
         with RawSession(server) as second:
             welcome = second.hello(session=session_id)
             assert welcome["resumed"] is True and welcome["last_request"] == 1
-            # The old connection is told, in one line, and nothing more reaches it.
             code, reason = first.close_reason()
-            assert code == wire.CLOSE_TAKEN_OVER
-            assert reason == "the session was taken over by another connection"
-            # Reusing the first client's id is an error that names it, not the first's answer.
+            assert code == wire.CLOSE_TAKEN_OVER and reason == wire.TAKEN_OVER_REASON
+            # Reusing the first client's id is an error that names it, and the cell does not run.
             second.send(wire.Frame("cell", 1, {"source": "'second, reused id'"}))
             reused = second.answer(1)
             assert reused.type == "error" and reused["code"] == "bad_request"
             assert "request id 1 " in reused["evalue"]
-            # Its own requests, numbered after the welcome, get their own answers.
+            release.touch()
+            # The first cell's answer comes to the socket that holds the session now.
+            first_answer = second.answer(1)
+            assert first_answer.type == "result" and wire.loads(first_answer.buffers) == "first"
             assert second.value("cell", {"source": "'second'"}) == "second"
     with RawSession(server) as third:
         third.hello(session=session_id)
         assert third.value("cell", {"source": "_"}) == "second"  # the session went on
+
+
+class SocketSession:
+    """A ``/ws/session`` client on a plain socket (websockets' sans-I/O protocol), which reads
+    from the socket only when told: while it does not, the server's sends back up for real."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.sock = socket.create_connection((server.host, server.port), timeout=30)
+        self.protocol = ClientProtocol(parse_uri(server.ws_url("/ws/session")), max_size=None)
+        request = self.protocol.connect()
+        request.headers.update(auth(server.token))
+        self.protocol.send_request(request)
+        self._flush()
+        self.decoder = wire.FrameDecoder()
+        self.frames: list[wire.Frame] = []
+        while self.protocol.handshake_exc is None and self.protocol.state is not State.OPEN:
+            self._read()
+        assert self.protocol.handshake_exc is None, self.protocol.handshake_exc
+
+    def _flush(self) -> None:
+        self.sock.sendall(b"".join(self.protocol.data_to_send()))
+
+    def _read(self) -> None:
+        data = self.sock.recv(1 << 20)
+        self.protocol.receive_data(data) if data else self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, WsFrame) and event.opcode in (Opcode.BINARY, Opcode.CONT):
+                frame = self.decoder.feed(bytes(event.data))
+                if frame is not None:
+                    self.frames.append(frame)
+        self._flush()  # the protocol's answers (pong, the close reply)
+        if not data:
+            raise EOFError("the server dropped the socket without a close frame")
+
+    def send(self, frame: wire.Frame) -> None:
+        for message in wire.encode_frame(frame):
+            self.protocol.send_binary(bytes(message))
+        self._flush()
+
+    def read_until_closed(self) -> tuple[int, str, int]:
+        """Read everything until the server's close frame: its code and reason, and the bytes
+        of stream text received on the way."""
+        while self.protocol.close_rcvd is None:
+            self._read()
+        text = sum(len(frame.get("text") or "") for frame in self.frames)
+        return self.protocol.close_rcvd.code, self.protocol.close_rcvd.reason, text
+
+
+@pytest.mark.slow
+def test_a_connection_taken_over_while_it_reads_slowly_is_closed_with_4001(make_server: MakeServer) -> None:
+    """The old connection has not read 100 MB of output (the server's sender waits for room in
+    its socket) when a second attach takes the session over and the old client sends an ack:
+    the old connection must still get close code 4001 and the reason (a bare drop reads as a
+    lost link, and its client would reconnect and take the session back)."""
+    server = make_server(session_buffer="1GiB")
+    lines = 100_000
+    first = SocketSession(server)
+    try:
+        first.send(wire.Frame("hello", 0, {"session": None, "last_seq": 0, "python": wire.PYTHON_VERSION,
+                                           "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION}))
+        while not first.frames:
+            first._read()
+        session_id = first.frames[0]["session"]
+        first.send(wire.Frame("cell", 1, {"source": f"for i in range({lines}):\n    print('z' * 999)"}))
+        wait_for(lambda: jobs(server), 30, "the cell started")
+        wait_for(lambda: not jobs(server), 300, "the cell ended")  # far more than a socket holds is unread
+        with RawSession(server) as second:
+            second.hello(session=session_id)
+            first.send(wire.Frame("ack", 0, {"seq": 1}))  # the old client still talks as it reads
+            # Only once the server is surely past that ack (a round trip on the new socket later)
+            # does the old client read again.
+            assert second.value("cell", {"source": "'second'"}) == "second"
+            code, reason, received = first.read_until_closed()
+        assert (code, reason) == (wire.CLOSE_TAKEN_OVER, wire.TAKEN_OVER_REASON)
+        assert received < lines * 1000  # told at once, not after the whole backlog
+    finally:
+        first.sock.close()
+
+
+@pytest.mark.slow
+def test_a_reset_frees_the_old_namespace(make_server: MakeServer) -> None:
+    """A function defined in a namespace refers to it (a cycle): reset must still free it now."""
+    server = make_server()
+    baseline = rss(server)
+    with RawSession(server) as raw:
+        raw.hello()
+        source = "big = np.ones(50 * 2**20)\ndef size():\n    return big.nbytes\nsize()"
+        assert raw.value("cell", {"source": source}) == 400 * MiB
+        assert rss(server) - baseline > 300 * MiB
+        assert raw.call("reset").type == "result"
+        wait_for(lambda: rss(server) - baseline < 100 * MiB, 30, "the old namespace's 400 MiB freed by the reset")
+        assert raw.call("cell", {"source": "big"})["ename"] == "NameError"
+
+
+@pytest.mark.slow
+def test_a_large_result_is_freed_once_the_client_has_it(make_server: MakeServer) -> None:
+    """The device worker keeps nothing of a finished job: a 400 MiB result is freed once the
+    client has acknowledged it, not when the next job comes."""
+    server = make_server()
+    baseline = rss(server)
+    with RawSession(server) as raw:
+        raw.hello()
+        raw.send(wire.Frame("run", 1, {}, wire.dumps((np.ones, (50 * 2**20,), {}))))
+        answer = raw.answer(1)
+        assert answer.type == "result" and wire.loads(answer.buffers).nbytes == 400 * MiB
+        del answer
+        raw.send(wire.Frame("ack", 0, {"seq": 10**6}))
+        wait_for(lambda: rss(server) - baseline < 100 * MiB, 30, "the result's 400 MiB freed")
+
+
+@pytest.mark.slow
+def test_a_client_that_reads_and_acknowledges_gets_all_output_past_the_session_buffer(
+        make_server: MakeServer) -> None:
+    """A cell printing 40 times the session buffer to a client that reads and acknowledges as
+    it goes: the printing waits for the client, nothing is dropped, every line arrives in order."""
+    server = make_server(session_buffer="1MiB")
+    lines = 40_000
+    with RawSession(server) as raw:
+        raw.hello()
+        raw.send(wire.Frame("cell", 1, {"source": f"for i in range({lines}):\n    print(str(i).rjust(999, 'y'))\n'done'"}))
+        text: list[str] = []
+        while True:
+            frame = raw.receive()
+            raw.send(wire.Frame("ack", 0, {"seq": frame["seq"]}))
+            if frame.type == "stream":
+                text.append(frame["text"])
+            elif frame.type in ("result", "error"):
+                break
+    assert frame.type == "result" and wire.loads(frame.buffers) == "done"
+    printed = "".join(text)
+    assert "of output dropped" not in printed
+    assert printed.splitlines() == [str(i).rjust(999, "y") for i in range(lines)]
 
 
 def test_session_lines_in_the_server_log(make_server: MakeServer) -> None:
@@ -265,5 +413,5 @@ def test_a_hello_whose_data_never_comes_is_closed_with_a_reason(server: ServerPr
             raw.ws.recv(timeout=60)
     assert time.monotonic() - started < 50
     received = closed.value.rcvd
-    assert received is not None and received.code == 1008 and "hello" in received.reason
+    assert received is not None and received.code == wire.CLOSE_PROTOCOL_MISUSE and "hello" in received.reason
     assert_healthy(server)
