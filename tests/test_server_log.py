@@ -91,3 +91,18 @@ def test_the_401_message_names_the_servers_real_token_file(make_server: MakeServ
     assert refused.status_code == 401
     message = refused.json()["error"]
     assert str(expected) in message and "~/.mymps" not in message
+
+
+def test_the_log_holds_the_servers_lines_not_libraries_or_user_code(make_server: MakeServer) -> None:
+    """Lines of other loggers (a library's, the user's own) are not the server's to record: they
+    stay out of server.log (with no handler of their own, a user's warning reaches its cell)."""
+    server = make_server()
+    with Client(port=server.port, token=server.token) as client:
+        client.run_cell("import logging\nlogging.getLogger('httpx').warning('a library line')\n"
+                        "logging.getLogger().warning('a user line')")
+        client.reset()  # a server line written after the cell's
+    wait_for_line(server, "session")
+    server.stop()
+    log = server_log(server)
+    assert "stopped (SIGTERM)" in log
+    assert "a library line" not in log and "a user line" not in log, log[-2000:]
