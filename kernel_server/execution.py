@@ -364,3 +364,13 @@ def value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | 
             f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
             "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), "pickle")
     return wire.Frame("result", rid, fields, buffers)
+
+
+def versions_mismatch(python: str, cloudpickle: str) -> str | None:
+    """The one line a user reads when the two ends cannot exchange pickled code, or None."""
+    here_python, here_cp = wire.PYTHON_VERSION, wire.cloudpickle_version()
+    if python == here_python and cloudpickle == here_cp:
+        return None
+    return (f"Python {python} / cloudpickle {cloudpickle} here, Python {here_python} / cloudpickle {here_cp} "
+            "on the server: pickled code (run, submit, @remote) is refused; cells and plain data still work. "
+            f"Use Python {here_python} and `pip install cloudpickle=={here_cp}` on the notebook side")

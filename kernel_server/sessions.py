@@ -27,7 +27,7 @@ from mymps_magic import wire
 
 from .errors import is_out_of_memory
 from .execution import (Execution, Outlet, compile_cell, error_frame, new_namespace, see_namespace, unpickle_error,
-                        value_frame)
+                        value_frame, versions_mismatch)
 from .jobs import Job, JobQueue
 from .outbox import Mailbox, Outbox, Room
 
@@ -36,16 +36,6 @@ if TYPE_CHECKING:
     from .registry import Registry
 
 log = logging.getLogger("kernel_server.sessions")
-
-
-def versions_mismatch(python: str, cloudpickle: str) -> str | None:
-    """The one line a user reads when the two ends cannot exchange pickled code, or None."""
-    here_python, here_cp = wire.PYTHON_VERSION, wire.cloudpickle_version()
-    if python == here_python and cloudpickle == here_cp:
-        return None
-    return (f"Python {python} / cloudpickle {cloudpickle} here, Python {here_python} / cloudpickle {here_cp} "
-            "on the server: pickled code (run, submit, @remote) is refused; cells and plain data still work. "
-            f"Use Python {here_python} and `pip install cloudpickle=={here_cp}` on the notebook side")
 
 
 class Session:
@@ -346,8 +336,10 @@ def _bad_request_id(rid: int, last: int) -> str | None:
     reconnecting client ``last_request``, computed after its new socket took the session over
     (so the old socket can add nothing later), and the client resends only what lies above it.
     An id at or below it therefore never comes from a client that follows the protocol; it
-    comes from a second program using the same session id, whose request would otherwise get
-    the first one's answer.
+    comes from a second program using the same session id, and is refused, not run. That
+    program is still sent the first one's frames (a session's frames go to whichever socket
+    holds it, replayed from the hello's ``last_seq``), its answer for the same id included:
+    this error is how it learns that the id was not its own.
     """
     if not 0 < rid <= MAX_REQUEST_ID:
         return f"request id {rid} is out of range: ids run from 1 to 2**63-1 and increase; the request was not run"
