@@ -29,6 +29,7 @@ from .errors import is_out_of_memory
 from .execution import (Execution, Outlet, compile_cell, error_frame, new_namespace, see_namespace, unpickle_error,
                         value_frame, versions_mismatch)
 from .jobs import Job, JobQueue
+from .loopqueue import LoopQueue
 from .outbox import Mailbox, Outbox, Room
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Session:
         self._lane_task: asyncio.Task[None] | None = asyncio.ensure_future(self._run_lane())
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._posted = LoopQueue(self._loop)  # every frame from another thread, in order
         self._room = Room(self.outbox.limit)
         # Buffers of large requests, sent as HTTP bodies (`PUT /session/{id}/upload`), until
         # the request that names them arrives.
@@ -74,7 +76,7 @@ class Session:
             self._live.wake()
 
     def emit_threadsafe(self, frame: wire.Frame) -> None:
-        self._loop.call_soon_threadsafe(self.emit, frame)
+        self._posted.post(functools.partial(self.emit, frame))
 
     def emit_output(self, job: Job, frame: wire.Frame) -> None:
         """Send one output frame of a running request, from the thread that wrote it: first,
@@ -87,7 +89,7 @@ class Session:
         """
         may_wait = threading.get_ident() != self._loop_thread
         size = self._room.wait(frame, lambda: may_wait and self._live is not None, job.check_cancelled, self.id)
-        self._loop.call_soon_threadsafe(self._emit_posted, frame, size)
+        self._posted.post(functools.partial(self._emit_posted, frame, size))
 
     def _emit_posted(self, frame: wire.Frame, size: int) -> None:
         self._room.arrived(size)
@@ -215,11 +217,11 @@ class Session:
 
     def _job_done(self, rid: int, job: Job) -> None:
         if job.cancelled():
-            self._loop.call_soon_threadsafe(self.jobs.pop, rid, None)
+            self._posted.post(functools.partial(self.jobs.pop, rid, None))
             return
         exc = job.exception()
         frame = job.result() if exc is None else error_frame(rid, exc)
-        self._loop.call_soon_threadsafe(self._finish, rid, frame)
+        self._posted.post(functools.partial(self._finish, rid, frame))
 
     def _execute(self, job: Job, frame: wire.Frame) -> wire.Frame:
         """Run a ``run`` or ``cell`` request on the device worker; returns its final frame."""
