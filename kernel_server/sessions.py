@@ -92,8 +92,10 @@ class Session:
         self._posted.post(functools.partial(self._emit_posted, frame, size))
 
     def _emit_posted(self, frame: wire.Frame, size: int) -> None:
-        self._room.arrived(size)
+        # In the outbox (and `held`) before it leaves `posted`: counted twice for a moment, never
+        # not at all, or a writer could post into room that is not there and see it dropped.
         self.emit(frame)
+        self._room.arrived(size)
 
     def attach(self, last_seq: int) -> Mailbox:
         """Connect a new socket: returns its place in the outbox, just past what the client has.
@@ -386,6 +388,7 @@ class SessionManager:
             "session": session.id, "resumed": resumed, "python": wire.PYTHON_VERSION,
             "python_full": platform.python_version(), "cloudpickle": wire.cloudpickle_version(),
             "server": server_version(), "last_request": session.last_request, "mismatch": session.mismatch,
+            "session_buffer": self.buffer_bytes,
         })
 
     async def _reap(self) -> None:

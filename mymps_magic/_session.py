@@ -77,7 +77,6 @@ _ACK_EVERY = 256
 """Bytes and frames received without a request to carry their ack, before an ack frame of its
 own: they bound what the server keeps for a replay (far below its ``--session-buffer``)."""
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-_OUTPUT = frozenset({"stream", "display", "progress"})
 
 
 class _Request:
@@ -102,6 +101,7 @@ class SessionChannel:
         self._last_seq = 0
         self._acked = 0
         self._unacked_bytes = 0  # received since the last ack: the server keeps them till then
+        self._ack_bytes = _ACK_LARGE  # at most a quarter of the server's --session-buffer (welcome)
         self._ws: ClientWebSocket | None = None
         self._decoder = wire.FrameDecoder()
         self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
@@ -158,6 +158,8 @@ class SessionChannel:
         if self.welcome is None and welcome.get("mismatch"):
             print(f"mymps: {welcome['mismatch']}", file=sys.stderr)
         self.welcome, self.session_id = welcome, welcome["session"]
+        buffer = welcome.get("session_buffer")
+        self._ack_bytes = min(_ACK_LARGE, buffer // 4) if isinstance(buffer, int) and buffer > 0 else _ACK_LARGE
         self._acked = self._last_seq
         self._decoder = wire.FrameDecoder()
         with self._send_lock:  # no new request slips in before the resent ones: ids stay in order
@@ -522,13 +524,13 @@ class SessionChannel:
         # prints more than that must be acknowledged as it is read); otherwise the next request
         # carries the ack.
         self._unacked_bytes += sum(memoryview(b).nbytes for b in frame.buffers) + len(frame.get("text") or "")
-        if self._unacked_bytes >= _ACK_LARGE or self._last_seq - self._acked >= _ACK_EVERY:
+        if self._unacked_bytes >= self._ack_bytes or self._last_seq - self._acked >= _ACK_EVERY:
             self._acked = self._last_seq
             self._unacked_bytes = 0
             self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
 
     def _route(self, frame: wire.Frame) -> None:
-        final = frame.type not in _OUTPUT and frame.type != "started"
+        final = frame.type not in wire.OUTPUT_FRAMES and frame.type != "started"
         with self._lock:
             request = self._pending.get(frame.id)
             if request is None:
@@ -537,7 +539,7 @@ class SessionChannel:
                 del self._pending[frame.id]
                 if request.events is None:
                     self._unwatched -= 1
-        if frame.type in _OUTPUT:
+        if frame.type in wire.OUTPUT_FRAMES:
             events = request.events
             if events is None:  # nobody waits for it: shown from whichever thread reads
                 try:

@@ -58,7 +58,9 @@ gets exactly what it missed):
 =============  ==========================================================================
 ``welcome``    ``session``, ``resumed`` (bool), ``python``, ``cloudpickle``, ``server``
                (version), ``last_request`` (highest request id the server has received, so
-               the client resends only what never arrived), ``mismatch`` (a line or None)
+               the client resends only what never arrived), ``mismatch`` (a line or None),
+               ``session_buffer`` (bytes the server keeps unacknowledged: the client acks
+               at least every quarter of it)
 ``started``    the request left the queue and runs now; ``job`` is its id in ``/jobs``
                (sent only for requests that asked with ``notify_start``: futures)
 ``stream``     ``name`` ("stdout"/"stderr"), ``text``

@@ -243,13 +243,15 @@ def test_a_session_taken_over_says_so_and_does_not_take_it_back(server: ServerPr
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("buffer", ["1MiB", "256KiB"])
 def test_a_client_that_reads_gets_all_output_of_a_cell_printing_past_the_session_buffer(
-    make_server: MakeServer, capsys: pytest.CaptureFixture[str]
+    make_server: MakeServer, capsys: pytest.CaptureFixture[str], buffer: str
 ) -> None:
     """The session buffer bounds what a client has not read, not what a cell prints: a client
-    that reads acknowledges output as it goes, and the printing waits for it: a cell printing
-    40x the buffer loses nothing, however fast it prints."""
-    server = make_server(session_buffer="1MiB")
+    that reads acknowledges output as it goes (at least every quarter of the buffer, which the
+    welcome announces), and the printing waits for it: a cell printing 40x the buffer or more
+    loses nothing, however fast it prints."""
+    server = make_server(session_buffer=buffer)
     lines = 40_000
     with Client(server.host, server.port, token=server.token) as c:
         assert c.run_cell(f"for i in range({lines}):\n    print(str(i).rjust(999, 'y'))\n'finished'") == "finished"
