@@ -11,17 +11,14 @@ would turn any exception raised while it reads a body into a 400.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Awaitable, Callable, MutableMapping
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mymps_magic import wire
 
 # Paths anyone who reaches the port may call: they reveal no token and run nothing.
 PUBLIC_PATHS = frozenset({"/health"})
@@ -85,11 +82,11 @@ class GuardMiddleware:
                 return
         elif scope["type"] == "http":
             if scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
-                await _reject(send, 401, self._unauthorized)
+                await _reject(scope, receive, send, 401, self._unauthorized)
                 return
             length = _content_length(scope)
             if length is not None and length > self.max_body:
-                await _reject(send, 413, f"request body of {length} bytes is over the server's "
+                await _reject(scope, receive, send, 413, f"request body of {length} bytes is over the server's "
                               f"--max-body of {self.max_body} bytes")
                 return
             await self._limited(scope, receive, send)
@@ -110,7 +107,7 @@ class GuardMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     rejected = True
-                    await _reject(send, 413, f"request body is over the server's --max-body of {limit} bytes")
+                    await _reject(scope, receive, send, 413, f"request body is over the server's --max-body of {limit} bytes")
                     return {"type": "http.disconnect"}
             return message
 
@@ -131,11 +128,5 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body})
+async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+    await JSONResponse(wire.error_body(message), status_code=status)(scope, receive, send)

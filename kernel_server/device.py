@@ -47,6 +47,10 @@ class Device:
         process = psutil.Process().memory_info().rss
         return {"allocated": int(process), "driver": int(vm.total - vm.available), "total": int(vm.total)}
 
+    def describe(self) -> dict[str, Any]:
+        """Kind, name and memory figures in one dict, as ``/stats`` reports the device."""
+        return {"kind": self.kind, "name": self.name, **self.memory()}
+
     def free_memory(self) -> None:
         """Give cached blocks back to the device after an unload or a failed job."""
         if self.kind == "mps":
@@ -88,7 +92,3 @@ def select_device(requested: str = "auto", environ: MutableMapping[str, str] | N
     if kind == "cuda":
         return Device("cuda", torch.cuda.get_device_name(0), torch.device("cuda", 0))
     return Device("cpu", platform.processor() or platform.machine() or "cpu", torch.device("cpu"))
-
-
-def describe(device: Device) -> dict[str, Any]:
-    return {"kind": device.kind, "name": device.name, **device.memory()}

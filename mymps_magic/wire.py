@@ -229,8 +229,6 @@ PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 _HEADER_LEN = struct.Struct(">I")
 
-Buffer = "bytes | bytearray | memoryview | pickle.PickleBuffer"
-
 
 @dataclass
 class Frame:
