@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from .app import create_app, make_job_queue, server_version
+    from .app import create_app, make_job_queue
+    from .serverstate import server_version
     from .auth import load_or_create_token
     from .device import DeviceError, select_device
     from .jobs import INTERRUPT_SIGNAL

@@ -9,10 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -27,31 +24,14 @@ from .device import Device, select_device
 from .errors import ServerError, as_server_error
 from .jobs import Job, JobQueue
 from .registry import LoadRequest, Registry
+from .routes import router
 from .schemas import describe_validation_error
+from .serverstate import ServerState, server_version
 from .sessions import SessionManager
 from .settings import Settings
 from .state import ModelState
 
 log = logging.getLogger("kernel_server")
-
-
-def server_version() -> str:
-    try:
-        return metadata.version("mymps")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-@dataclass
-class ServerState:
-    """What the endpoints share; lives on ``app.state.mymps`` for the app's lifetime."""
-
-    settings: Settings
-    device: Device
-    registry: Registry
-    jobs: JobQueue
-    sessions: SessionManager
-    started_at: float = field(default_factory=time.time)
 
 
 def startup_requests(settings: Settings, restored: list[LoadRequest]) -> list[LoadRequest]:
@@ -103,7 +83,6 @@ def create_app(
         jobs: a queue whose worker the caller runs (``python -m kernel_server`` runs it on the
             main thread, so interrupts break sleeps); by default one with its own thread.
     """
-    from .routes import router
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from mymps_magic import wire
 
 from . import generation, inference
-from .app import ServerState, server_version
 from .errors import BadRequest, Cancelled, NotFound, ServerError, Unprocessable, as_server_error
 from .jobs import SHUTDOWN_REASON, Job
 from .registry import LoadRequest
 from .outbox import Mailbox, TakenOver
 from .sessions import Session
 from .schemas import GenerateBody, ImageBody, LoadBody, describe_validation_error
+from .serverstate import ServerState, server_version
 
 router = APIRouter()
 
@@ -71,7 +71,7 @@ async def stats(request: Request) -> dict[str, Any]:
     return {
         "cpu_percent": psutil.cpu_percent(interval=None),
         "ram": {"used": vm.total - vm.available, "total": vm.total},
-        "device": {"kind": st.device.kind, "name": st.device.name, **st.device.memory()},
+        "device": st.device.describe(),
         "jobs": st.jobs.counts(),
     }
 

@@ -31,6 +31,7 @@ from .execution import (Execution, Outlet, compile_cell, error_frame, new_namesp
 from .jobs import Job, JobQueue
 from .loopqueue import LoopQueue
 from .outbox import Mailbox, Outbox, Room
+from .serverstate import server_version
 
 if TYPE_CHECKING:
     from .device import Device
@@ -382,8 +383,6 @@ class SessionManager:
 
     def welcome(self, session: Session, resumed: bool, hello: wire.Frame) -> wire.Frame:
         session.mismatch = versions_mismatch(str(hello.get("python")), str(hello.get("cloudpickle")))
-        from .app import server_version
-
         return wire.Frame("welcome", 0, {
             "session": session.id, "resumed": resumed, "python": wire.PYTHON_VERSION,
             "python_full": platform.python_version(), "cloudpickle": wire.cloudpickle_version(),
