@@ -15,7 +15,7 @@ import linecache
 import re
 import sys
 from types import BuiltinFunctionType, FunctionType, ModuleType
-from typing import Any
+from typing import Any, Callable, Collection, NamedTuple
 
 from mymps_magic import wire
 
@@ -96,13 +96,33 @@ def _state(fn: FunctionType, names: tuple[str, ...]) -> list[Any] | None:
 def _imports() -> tuple[int, int]:
     """Modules imported, and modules registered for pickling by value: when either count moves,
     a function may pickle differently (its submodules, or by value instead of by reference)."""
-    return len(sys.modules), len(_by_value_modules())
+    return len(sys.modules), len(cloudpickle_internals().by_value_modules)
 
 
-def _by_value_modules() -> Any:
+class CloudpickleInternals(NamedTuple):
+    """What the cache needs to know of cloudpickle that cloudpickle keeps private."""
+
+    by_value_modules: Collection[str]
+    """Names of the modules ``cloudpickle.register_pickle_by_value`` registered."""
+    pickled_by_reference: Callable[[Any], bool]
+    """Whether cloudpickle pickles a class or function by reference (its import path)."""
+
+
+def cloudpickle_internals() -> CloudpickleInternals:
+    """The only place that reaches into cloudpickle's private names.
+
+    Checked against cloudpickle 3.1.3; ``tests/test_cloudpickle_contract.py`` fails when a
+    release renames them or changes what they mean. Should they vanish, nothing breaks: no
+    module counts as registered and nothing counts as pickled by reference, so no function is
+    cached and every call is pickled afresh.
+    """
     import cloudpickle
 
-    return getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", ())
+    module = cloudpickle.cloudpickle
+    return CloudpickleInternals(
+        by_value_modules=getattr(module, "_PICKLE_BY_VALUE_MODULES", ()),
+        pickled_by_reference=getattr(module, "_should_pickle_by_reference", lambda obj: False),
+    )
 
 
 def _stable(value: Any) -> bool:
@@ -115,10 +135,7 @@ def _stable(value: Any) -> bool:
     if type(value) in (tuple, frozenset):
         return all(_stable(item) for item in value)
     if isinstance(value, (type, FunctionType)):
-        import cloudpickle
-
-        by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
-        return by_reference is not None and bool(by_reference(value))
+        return bool(cloudpickle_internals().pickled_by_reference(value))
     return False
 
 
