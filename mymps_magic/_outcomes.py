@@ -7,33 +7,36 @@ request; this module turns it into what the caller gets.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from mymps_magic import errors, wire
 from mymps_magic._functions import fill_sources
 from mymps_magic.display import RemoteValue
 from mymps_magic.remote import _remote_error
 
-if TYPE_CHECKING:
-    from mymps_magic._session import SessionChannel
-
 
 class RemoteFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """The outcome of a remote call; ``cancel()`` drops it from the server's queue if it has
-    not started, and returns False once it runs, as ``concurrent.futures`` does."""
+    not started, and returns False once it runs, as ``concurrent.futures`` does.
 
-    def __init__(self, channel: SessionChannel, request_id: int) -> None:
+    Args:
+        request_id: the session request it waits for.
+        withdraw: asks the server to drop a request that has not started and, if it did, stops
+            waiting for it; True then. Handed in by the session channel, which makes the future,
+            so this module never calls back into the channel's.
+    """
+
+    def __init__(self, request_id: int, withdraw: Callable[[int], bool]) -> None:
         super().__init__()
-        self._channel = channel
         self.request_id = request_id
         self.job_id: str | None = None
+        self._withdraw = withdraw
 
     def cancel(self) -> bool:
         if self.done():
             return self.cancelled()
-        if self.running() or not self._channel.cancel_queued(self.request_id):
+        if self.running() or not self._withdraw(self.request_id):
             return False
-        self._channel.forget(self.request_id)
         return super().cancel()
 
 

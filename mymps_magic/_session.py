@@ -292,7 +292,7 @@ class SessionChannel:
             # of its own on the way of a quick call.
             self._acked, self._unacked_bytes = self._last_seq, 0
             frame = wire.Frame(kind, rid, {**(fields or {}), "ack": self._acked}, buffers or [])
-            request = _Request(frame, RemoteFuture(self, rid), waiter, source)
+            request = _Request(frame, RemoteFuture(rid, self.withdraw), waiter, source)
             with self._lock:
                 self._pending[rid] = request
                 if not waiter:
@@ -384,12 +384,17 @@ class SessionChannel:
             return False
         return bool(answer.get("cancelled"))
 
-    def forget(self, rid: int) -> None:
+    def withdraw(self, rid: int) -> bool:
+        """Drop a request that never ran: the server's queue forgets it, then this channel does;
+        True if it did (the future then cancels itself)."""
+        if not self.cancel_queued(rid):
+            return False
         with self._lock:
             request = self._pending.pop(rid, None)
             if request is not None and request.events is None:
                 self._unwatched -= 1
             self._role.notify_all()
+        return True
 
     # -- the reader role -------------------------------------------------------------------------
 
