@@ -6,27 +6,67 @@ it must install and import in well under a second on a machine that has none of 
 
 from __future__ import annotations
 
+import importlib as _importlib
 import importlib.metadata as _metadata
+import typing as _typing
 
-from mymps_magic._outcomes import RemoteFuture as RemoteFuture
-from mymps_magic._stream import TokenStream as TokenStream
-from mymps_magic.client import Client as Client
-from mymps_magic.client import MympsClient as MympsClient
-from mymps_magic.errors import AuthError as AuthError
-from mymps_magic.errors import BadRequestError as BadRequestError
-from mymps_magic.errors import CancelledError as CancelledError
-from mymps_magic.errors import ClosedError as ClosedError
-from mymps_magic.errors import ConnectionError as ConnectionError
-from mymps_magic.errors import MympsError as MympsError
-from mymps_magic.errors import NotFoundError as NotFoundError
-from mymps_magic.errors import PicklingError as PicklingError
-from mymps_magic.errors import RemoteError as RemoteError
-from mymps_magic.errors import RemoteNameError as RemoteNameError
-from mymps_magic.errors import ServerError as ServerError
-from mymps_magic.errors import ServerGoneError as ServerGoneError
-from mymps_magic.errors import SessionLostError as SessionLostError
-from mymps_magic.errors import TimeoutError as TimeoutError
-from mymps_magic.errors import VersionMismatchError as VersionMismatchError
+if _typing.TYPE_CHECKING:
+    from mymps_magic._outcomes import RemoteFuture as RemoteFuture
+    from mymps_magic._stream import TokenStream as TokenStream
+    from mymps_magic.client import Client as Client
+    from mymps_magic.client import MympsClient as MympsClient
+    from mymps_magic.errors import AuthError as AuthError
+    from mymps_magic.errors import BadRequestError as BadRequestError
+    from mymps_magic.errors import CancelledError as CancelledError
+    from mymps_magic.errors import ClosedError as ClosedError
+    from mymps_magic.errors import ConnectionError as ConnectionError
+    from mymps_magic.errors import MympsError as MympsError
+    from mymps_magic.errors import NotFoundError as NotFoundError
+    from mymps_magic.errors import PicklingError as PicklingError
+    from mymps_magic.errors import RemoteError as RemoteError
+    from mymps_magic.errors import RemoteNameError as RemoteNameError
+    from mymps_magic.errors import ServerError as ServerError
+    from mymps_magic.errors import ServerGoneError as ServerGoneError
+    from mymps_magic.errors import SessionLostError as SessionLostError
+    from mymps_magic.errors import TimeoutError as TimeoutError
+    from mymps_magic.errors import VersionMismatchError as VersionMismatchError
+
+# Where each public name lives, imported on first use (PEP 562): ``import mymps_magic.wire``, which
+# the server does, must not bring the client's HTTP and WebSocket stack along.
+_LAZY = {
+    "Client": "mymps_magic.client",
+    "MympsClient": "mymps_magic.client",
+    "RemoteFuture": "mymps_magic._outcomes",
+    "TokenStream": "mymps_magic._stream",
+    "AuthError": "mymps_magic.errors",
+    "BadRequestError": "mymps_magic.errors",
+    "CancelledError": "mymps_magic.errors",
+    "ClosedError": "mymps_magic.errors",
+    "ConnectionError": "mymps_magic.errors",
+    "MympsError": "mymps_magic.errors",
+    "NotFoundError": "mymps_magic.errors",
+    "PicklingError": "mymps_magic.errors",
+    "RemoteError": "mymps_magic.errors",
+    "RemoteNameError": "mymps_magic.errors",
+    "ServerError": "mymps_magic.errors",
+    "ServerGoneError": "mymps_magic.errors",
+    "SessionLostError": "mymps_magic.errors",
+    "TimeoutError": "mymps_magic.errors",
+    "VersionMismatchError": "mymps_magic.errors",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mymps_magic' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 try:
     __version__ = _metadata.version("mymps")

@@ -9,6 +9,9 @@ from the sources with `ast`, so nothing is imported to check it.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +156,18 @@ def test_no_import_circles() -> None:
                for component in find_cycles(graph)]
     assert not circles, "import circles between the project's modules:\n" + "\n".join(circles)
 
+
+LIGHT_PROBE = """
+import json, sys
+import {module}
+print(json.dumps([m for m in ("httpx", "websockets") if m in sys.modules]))
+"""
+
+
+def test_the_server_reaches_wire_without_the_client_machinery() -> None:
+    """``kernel_server`` imports ``mymps_magic.wire``; that must not bring the client's HTTP and
+    WebSocket stack (httpx, websockets, the session channel) into the server process."""
+    for module in ("mymps_magic.wire", "kernel_server.sessions"):
+        out = subprocess.run([sys.executable, "-c", LIGHT_PROBE.format(module=module)], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        assert json.loads(out) == [], module
