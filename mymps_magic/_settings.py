@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from mymps_magic.errors import AuthError, BadRequestError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5555
+SERVER_PORT_VARIABLES = ("MYMPS_SERVER_PORT", "MYMPS_PORT")
+"""Where the local port of the server is set, in order; ``MYMPS_PORT`` is the original's."""
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,7 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         resolved_host = host or env.get("MYMPS_SERVER_HOST") or DEFAULT_HOST
-        if port is not None:
-            resolved_port = parse_port(port, "port")
-        elif env.get("MYMPS_SERVER_PORT"):
-            resolved_port = parse_port(env["MYMPS_SERVER_PORT"], "MYMPS_SERVER_PORT")
-        elif env.get("MYMPS_PORT"):
-            resolved_port = parse_port(env["MYMPS_PORT"], "MYMPS_PORT")
-        else:
-            resolved_port = DEFAULT_PORT
+        resolved_port = resolve_port(port, "port", env)
 
         path = Path(token_file).expanduser() if token_file is not None else default_token_file(env)
         if token:
@@ -112,15 +107,41 @@ def default_token_file(environ: Mapping[str, str]) -> Path:
     return home / "token"
 
 
-def parse_port(value: int | str, source: str, error: type[Exception] = BadRequestError) -> int:
-    """A port number from ``source`` (a flag or variable name, for the message); ``error`` is
-    the type raised otherwise (the CLI raises its own)."""
+def resolve_port(
+    value: int | str | None, source: str, environ: Mapping[str, str], variables: Sequence[str] = SERVER_PORT_VARIABLES
+) -> int:
+    """``value``, else the first of ``variables`` set in ``environ``, else 5555: the one order
+    in which `Client`, `mymps tunnel` and the magics find a port.
+
+    Args:
+        value: an explicit port (an argument or flag); None means "look further".
+        source: the name of the argument or flag, for the message.
+        environ: the environment to read.
+        variables: the variables to try, in order.
+
+    Raises:
+        BadRequestError: the port found is not a number in 1..65535; the message names its source.
+    """
+    if value is not None:
+        return parse_port(value, source)
+    for name in variables:
+        if environ.get(name):
+            return parse_port(environ[name], name)
+    return DEFAULT_PORT
+
+
+def parse_port(value: int | str, source: str) -> int:
+    """A port number from ``source`` (a flag or variable name, for the message).
+
+    Raises:
+        BadRequestError: ``value`` is not a number in 1..65535.
+    """
     try:
         port = int(value)
     except (TypeError, ValueError):
         port = 0
     if not 1 <= port <= 65535:
-        raise error(f"{source} must be a port number from 1 to 65535, not {value!r}.")
+        raise BadRequestError(f"{source} must be a port number from 1 to 65535, not {value!r}.")
     return port
 
 

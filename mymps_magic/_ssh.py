@@ -8,14 +8,11 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from mymps_magic import _settings
+from mymps_magic.errors import CommandError
 
 # Every ssh that mymps runs: a config's RemoteCommand or forced terminal must not replace ours,
 # and a host that does not answer must not hang a command for minutes.
 SSH_BASE_OPTIONS = ("-o", "ConnectTimeout=10", "-o", "RemoteCommand=none")
-
-
-class CommandError(Exception):
-    """A problem that stops `mymps tunnel` or `mymps deploy`; the message is the one line to print."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +52,11 @@ class SSH:
         """The flags over ``MYMPS_USER``, ``MYMPS_HOST`` and ``MYMPS_SSH_PORT``.
 
         Raises:
-            CommandError: no host, or ``MYMPS_SSH_PORT`` is not a port number.
+            CommandError: no host.
+            BadRequestError: ``MYMPS_SSH_PORT`` is not a port number.
         """
         if port is None and environ.get("MYMPS_SSH_PORT"):
-            port = parse_port(environ["MYMPS_SSH_PORT"], "MYMPS_SSH_PORT")
+            port = _settings.parse_port(environ["MYMPS_SSH_PORT"], "MYMPS_SSH_PORT")
         return cls(ssh_destination(destination, environ), port, tuple(options))
 
 
@@ -73,11 +71,6 @@ def ssh_destination(destination: str | None, environ: Mapping[str, str]) -> str:
         raise CommandError("no host given; pass user@host, or set MYMPS_HOST (and MYMPS_USER).")
     user = environ.get("MYMPS_USER")
     return f"{user}@{host}" if user and "@" not in host else host
-
-
-def parse_port(value: int | str, source: str) -> int:
-    """A port number from ``source`` (a flag or variable name, for the message)."""
-    return _settings.parse_port(value, source, CommandError)
 
 
 def remote_path(path: str) -> str:

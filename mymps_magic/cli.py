@@ -137,7 +137,7 @@ def _demo() -> int:
 
 def _tunnel(args: argparse.Namespace) -> int:
     from mymps_magic import tunnel
-    from mymps_magic._ssh import CommandError
+    from mymps_magic.errors import MympsError
 
     try:
         if args.check:
@@ -150,7 +150,7 @@ def _tunnel(args: argparse.Namespace) -> int:
             remote_port=args.remote_port,
             remote_home=args.remote_home,
         )
-    except CommandError as exc:
+    except MympsError as exc:  # a `CommandError`, or a `BadRequestError` naming a bad port
         print(f"mymps tunnel: {exc}", file=sys.stderr)
         return 2
     return tunnel.Tunnel(settings).run()
@@ -158,7 +158,7 @@ def _tunnel(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from mymps_magic import deploy
-    from mymps_magic._ssh import CommandError
+    from mymps_magic.errors import MympsError
 
     try:
         plan = deploy.DeployPlan.resolve(
@@ -171,7 +171,7 @@ def _deploy(args: argparse.Namespace) -> int:
             pip_args=args.pip_args,
             source=args.source,
         )
-    except CommandError as exc:
+    except MympsError as exc:  # a `CommandError`, or a `BadRequestError` naming a bad port
         print(f"mymps deploy: {exc}", file=sys.stderr)
         return 2
     return deploy.run(plan, dry_run=args.dry_run)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mymps_magic._ssh import SSH, CommandError, remote_path
+from mymps_magic._ssh import SSH, remote_path
+from mymps_magic.errors import CommandError
 
 DEFAULT_REMOTE_DIR = "~/mymps"
 DEFAULT_PYTHON = "python3"
@@ -79,7 +80,8 @@ class DeployPlan:
         """Apply the flags over ``MYMPS_USER``, ``MYMPS_HOST`` and ``MYMPS_SSH_PORT``.
 
         Raises:
-            CommandError: no host, a bad port or remote directory, or no project to copy.
+            CommandError: no host, a bad remote directory, or no project to copy.
+            BadRequestError: ``MYMPS_SSH_PORT`` is not a port number.
         """
         return cls(
             ssh=SSH.resolve(destination, ssh_port, ssh_options, os.environ if environ is None else environ),

@@ -15,8 +15,9 @@ MympsError
 ├── VersionMismatchError                               Python/cloudpickle differ: pickled code refused
 ├── CancelledError     (also concurrent.futures.CancelledError)  the call was cancelled before it ran
 ├── ClosedError        (a ConnectionError)             the server closed the connection and said why
-└── SessionLostError   (a ConnectionError)             the server no longer has this session
-    └── ServerGoneError                                its process ended while running a call
+├── SessionLostError   (a ConnectionError)             the server no longer has this session
+│   └── ServerGoneError                                its process ended while running a call
+└── CommandError                                       `mymps tunnel` or `mymps deploy` cannot go on
 ```
 
 In IPython every one of them shows as its one line (``_render_traceback_``), not as a stack of
@@ -40,6 +41,7 @@ __all__ = [
     "BadRequestError",
     "CancelledError",
     "ClosedError",
+    "CommandError",
     "ConnectionError",
     "MympsError",
     "NotFoundError",
@@ -93,6 +95,11 @@ class NotFoundError(MympsError, LookupError):
 
 class BadRequestError(MympsError, ValueError):
     """An argument or setting is wrong: found locally, or rejected by the server (400, 413, 422)."""
+
+
+class CommandError(MympsError):
+    """A `mymps` verb (``tunnel``, ``deploy``) cannot go on: ssh failed, no host was given, or
+    there is nothing to deploy. The CLI prints the message as its one line and exits non-zero."""
 
 
 class ServerError(MympsError):

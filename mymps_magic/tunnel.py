@@ -34,10 +34,10 @@ from types import FrameType
 from typing import IO, Iterator, Mapping, NoReturn, Sequence
 
 from mymps_magic import errors
-from mymps_magic._settings import default_token_file as local_token_file
-from mymps_magic._ssh import SSH, CommandError, parse_port, remote_path
+from mymps_magic._settings import default_token_file as local_token_file, resolve_port
+from mymps_magic._ssh import SSH, remote_path
+from mymps_magic.errors import CommandError
 
-DEFAULT_PORT = 5555
 LOCAL_HOST = "127.0.0.1"
 
 # The tunnel's own ssh. The terminal turns Nagle off (see the module docstring); no shared
@@ -96,13 +96,14 @@ class TunnelSettings:
         """Apply the flags over ``MYMPS_USER``/``MYMPS_HOST``/``MYMPS_SSH_PORT``/``MYMPS_PORT``.
 
         Raises:
-            CommandError: no host, or a port that is not a port number (the message names it).
+            CommandError: no host.
+            BadRequestError: a port that is not a port number (the message names it).
         """
         env = os.environ if environ is None else environ
         return cls(
             ssh=SSH.resolve(destination, ssh_port, ssh_options, env),
             local_port=resolve_local_port(local_port, env),
-            remote_port=_first_port(remote_port, "--remote-port", env, "MYMPS_PORT"),
+            remote_port=resolve_port(remote_port, "--remote-port", env, ["MYMPS_PORT"]),
             remote_home=remote_home,
             token_file=local_token_file(env),
         )
@@ -125,17 +126,7 @@ class TunnelSettings:
 def resolve_local_port(flag: int | None, environ: Mapping[str, str] | None = None) -> int:
     """The tunnel's local port: ``--local-port``, else ``MYMPS_SERVER_PORT``, else ``MYMPS_PORT``,
     else 5555 -- the port a `Client` made with no arguments connects to."""
-    env = os.environ if environ is None else environ
-    return _first_port(flag, "--local-port", env, "MYMPS_SERVER_PORT", "MYMPS_PORT")
-
-
-def _first_port(flag: int | None, flag_name: str, env: Mapping[str, str], *names: str) -> int:
-    if flag is not None:
-        return parse_port(flag, flag_name)
-    for name in names:
-        if env.get(name):
-            return parse_port(env[name], name)
-    return DEFAULT_PORT
+    return resolve_port(flag, "--local-port", os.environ if environ is None else environ)
 
 
 def say(message: str) -> None:

@@ -71,6 +71,11 @@ def test_errors_survive_pickling() -> None:
     assert type(server) is ServerError and server.status_code == 507
 
 
+def test_the_cli_error_joins_the_tree_and_prints_one_line() -> None:
+    assert issubclass(errors.CommandError, MympsError)
+    assert errors.CommandError("no host given")._render_traceback_() == ["CommandError: no host given"]
+
+
 def test_module_all_lists_the_tree() -> None:
     assert set(errors.__all__) >= {"MympsError", "ConnectionError", "TimeoutError", "AuthError",
                                    "NotFoundError", "BadRequestError", "ServerError", "RemoteError"}
