@@ -142,9 +142,9 @@ class RemoteError(MympsError):
         return self.evalue if type(self).__name__ == self.ename else self.message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        from mymps_magic.remote import _remote_error
-
-        return _remote_error, (self.ename, self.evalue, self._traceback)
+        # By its own class: one of ``mymps_magic.remote``'s pickles by reference to that module,
+        # whose ``__getattr__`` makes it again; so this module never imports that one back.
+        return type(self), (self.ename, self.evalue, self._traceback)
 
     def _render_traceback_(self) -> list[str]:
         lines = [line for chunk in self.traceback for line in chunk.splitlines()]
