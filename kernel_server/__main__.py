@@ -1,7 +1,8 @@
 """``python -m kernel_server`` (also ``mymps serve``): options -> Settings -> uvicorn.
 
-Start-up problems (a bad option, a non-loopback bind, a busy port, a missing device) end the
-process with one line on stderr and exit status 2, never a traceback.
+Start-up problems (a bad option, a non-loopback bind, a busy port, a missing device, an empty
+token file: each a ``ServerStartError``) end the process with one line on stderr and exit status
+2, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import threading
 import time
 
 from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
-from .settings import Settings, SettingsError, is_loopback, parse_preload, parse_seconds, parse_size
+from .errors import ServerStartError, SettingsError
+from .settings import Settings, is_loopback, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
 
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
         sock = _bind(settings.host, settings.port)
-    except SettingsError as exc:
+    except ServerStartError as exc:
         print(f"mymps serve: {exc}", file=sys.stderr)
         return 2
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -101,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     from .app import create_app, make_job_queue
     from .serverstate import server_version
     from .auth import load_or_create_token
-    from .device import DeviceError, select_device
+    from .device import select_device
     from .jobs import INTERRUPT_SIGNAL
 
     try:
         device = select_device(settings.device)
         token = load_or_create_token(settings.resolved_token_file, settings.token)
-    except (DeviceError, RuntimeError, OSError) as exc:
+    except (ServerStartError, OSError) as exc:
         print(f"mymps serve: {exc}", file=sys.stderr)
         sock.close()
         return 2

@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mymps_magic import wire
 
+from .errors import TokenFileError
+
 # Paths anyone who reaches the port may call: they reveal no token and run nothing.
 PUBLIC_PATHS = frozenset({"/health"})
 
@@ -30,6 +32,10 @@ def load_or_create_token(token_file: Path, token: str | None) -> str:
     ``MYMPS_TOKEN`` wins when set. Otherwise the file is created with mode 0600 (``O_EXCL``, so
     a file planted by someone else is never silently trusted with wider permissions) and read on
     later starts; a file others can read is narrowed to 0600.
+
+    Raises:
+        TokenFileError: the token file exists but is empty.
+        OSError: the token file cannot be created or read.
     """
     if token:
         return token
@@ -41,7 +47,7 @@ def load_or_create_token(token_file: Path, token: str | None) -> str:
             token_file.chmod(0o600)
         value = token_file.read_text().strip()
         if not value:
-            raise RuntimeError(f"the token file {token_file} is empty; delete it and start again") from None
+            raise TokenFileError(f"the token file {token_file} is empty; delete it and start again") from None
         return value
     value = new_token()
     with os.fdopen(fd, "w") as fh:

@@ -10,9 +10,7 @@ from typing import Any, MutableMapping
 import psutil
 import torch
 
-
-class DeviceError(RuntimeError):
-    """The requested device is not available here; the message lists what is."""
+from .errors import DeviceError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,16 @@
-"""Errors the server turns into ``{"error": "..."}`` answers with a fitting status.
+"""The server's errors: those that stop it starting, and those it answers a request with.
 
-Anything raised while serving a request that is not one of these becomes a 500 whose message
-still names the exception; none of them ever stops the server or unloads a model.
+A `ServerStartError` ends ``mymps serve`` before it listens, with its message as the one line on
+stderr and exit status 2, never a traceback:
+
+    ServerStartError
+    ├── SettingsError (also ValueError)     a bad option or variable, a non-loopback bind, a busy port
+    ├── DeviceError (also RuntimeError)     the requested device is not available here
+    └── TokenFileError                      the token file is empty
+
+A `ServerError` is turned into an ``{"error": "..."}`` answer with its status. Anything raised
+while serving a request that is not one of these becomes a 500 whose message still names the
+exception; none of them ever stops the server or unloads a model.
 
     ServerError (500)
     ├── BadRequest (400)      malformed body, input the model rejects
@@ -20,7 +29,25 @@ import concurrent.futures
 from mymps_magic import wire
 
 
+class ServerStartError(Exception):
+    """The server cannot start; the message is the one line ``mymps serve`` prints."""
+
+
+class SettingsError(ServerStartError, ValueError):
+    """A setting has a bad value; the message names where it came from and what is allowed."""
+
+
+class DeviceError(ServerStartError, RuntimeError):
+    """The requested device is not available here; the message lists what is."""
+
+
+class TokenFileError(ServerStartError):
+    """The token file holds no token; the message names the file and what to do."""
+
+
 class ServerError(Exception):
+    """A request failed; ``status`` is the HTTP status of the answer, ``message`` its ``error``."""
+
     status = 500
     code: str | None = None  # the body's ``code``, where the status alone is ambiguous
 

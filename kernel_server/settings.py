@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, get_args
 
+from .errors import SettingsError
 from .schemas import DType, Kind
 
 KINDS = get_args(Kind)
@@ -25,10 +26,6 @@ _UNITS = {
     "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
     "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }
-
-
-class SettingsError(ValueError):
-    """A setting has a bad value; the message names where it came from and what is allowed."""
 
 
 def parse_size(text: str, source: str = "size") -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from kernel_server.__main__ import settings_from
 from kernel_server.auth import load_or_create_token
+from kernel_server.errors import DeviceError, ServerError, ServerStartError, TokenFileError
 from kernel_server.settings import Settings, SettingsError, parse_size
 from kit import REPO_ROOT, MakeServer, free_port
 
@@ -107,6 +108,19 @@ def test_a_busy_port_is_refused_in_one_line(make_server: MakeServer, tmp_path: P
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{server.port}" in lines[0], result.stderr
+
+
+def test_an_empty_token_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("")
+    result = _serve("--port", str(free_port()), "--home", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the token file {tmp_path / 'token'} is empty" in lines[0], result.stderr
+
+
+def test_every_start_up_failure_is_a_server_start_error() -> None:
+    assert all(issubclass(cls, ServerStartError) for cls in (SettingsError, DeviceError, TokenFileError))
+    assert not issubclass(ServerError, ServerStartError)
 
 
 @pytest.mark.parametrize(("variable", "bad", "flag", "good", "field", "value"), [
