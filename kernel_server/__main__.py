@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = select_device(settings.device)
         token = load_or_create_token(settings.resolved_token_file, settings.token)
-    except (ServerStartError, OSError) as exc:
+    except (ServerStartError, OSError, RuntimeError) as exc:  # RuntimeError: torch's own, e.g. a broken driver
         print(f"mymps serve: {exc}", file=sys.stderr)
         sock.close()
         return 2
