@@ -1,4 +1,4 @@
-"""What a session request ends as: a future, a value, a cell's result, or a mymps error.
+"""What a session request ends as: a future, a value, a cell's `RemoteValue`, or a mymps error.
 
 The session channel (``_session.py``) reads the final ``result`` or ``error`` frame of each
 request; this module turns it into what the caller gets.
@@ -63,7 +63,7 @@ def _result_value(frame: wire.Frame) -> Any:
     if "fields" in frame.fields:
         return frame["fields"]
     if frame.get("unpicklable"):
-        return RemoteValue(frame.get("mime") or {}, frame["unpicklable"])
+        return RemoteValue(frame.get("mime") or {}, reason=frame["unpicklable"])
     try:
         value = wire.loads(frame.buffers)
     except Exception as exc:
@@ -71,16 +71,8 @@ def _result_value(frame: wire.Frame) -> Any:
             f"The server's answer could not be unpickled here ({type(exc).__name__}: {exc}); "
             "install the same packages on both sides, or send plain data") from None
     if frame.get("mime") is not None:
-        return CellResult(value, frame["mime"])
+        return RemoteValue(frame["mime"], value=value)
     return value
-
-
-class CellResult:
-    """A cell's last value and the rich repr the server made of it."""
-
-    def __init__(self, value: Any, mime: dict[str, Any]) -> None:
-        self.value = value
-        self.mime = mime
 
 
 _ERRORS: dict[str, Callable[[str], errors.MympsError]] = {

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from mymps_magic import errors, wire
 from mymps_magic._functions import PickledFunctions, filled
-from mymps_magic._outcomes import CellResult, RemoteFuture
+from mymps_magic._outcomes import RemoteFuture
 from mymps_magic._session import SessionChannel
-from mymps_magic.display import OutputSink
+from mymps_magic.display import OutputSink, RemoteValue
 
 if TYPE_CHECKING:
     from mymps_magic._connection import Connection
@@ -38,9 +38,12 @@ class RemoteExecution:
     """The remote-execution half of `Client` (mixed in; see `Client` for the connection)."""
 
     _connection: Connection
-    _channel: SessionChannel | None = None
 
-    _channel_lock = threading.Lock()
+    def __init__(self) -> None:
+        # Per instance: one lock shared by the class would make every Client in the process
+        # wait on another's connect.
+        self._channel: SessionChannel | None = None
+        self._channel_lock = threading.Lock()
 
     @property
     def session(self) -> SessionChannel:
@@ -148,8 +151,8 @@ class RemoteExecution:
     def run_cell(self, source: str, *, timeout: float | None = None) -> Any:
         """Run Python source in the remote namespace, as a notebook cell runs.
 
-        Output shows while it runs; the value of the last expression is returned (an object
-        that shows its remote rich repr if the value itself cannot be pickled).
+        Output shows while it runs; the value of the last expression is returned (a
+        `RemoteValue`, which shows the remote rich repr, if the value itself cannot be pickled).
 
         Args:
             source: the cell's code.
@@ -158,11 +161,27 @@ class RemoteExecution:
         Raises:
             RemoteError: the cell raised (``KeyboardInterrupt`` after an interrupt or timeout).
         """
-        result = self._run_cell(source, timeout=timeout)
-        return result.value if isinstance(result, CellResult) else result
+        result = self.run_cell_rich(source, timeout=timeout)
+        return result.value if result is not None and result.arrived else result
 
-    def _run_cell(self, source: str, *, timeout: float | None = None) -> Any:
-        return self.session.call("cell", {"source": source}, timeout=timeout)
+    def run_cell_rich(self, source: str, *, timeout: float | None = None) -> RemoteValue | None:
+        """Run a cell as `run_cell` does, but keep the rich repr the server made of its value.
+
+        This is what ``%%mymps`` shows: the notebook displays the returned object through the
+        server's mimebundle (an image, a table), whether or not the value could come back.
+
+        Args:
+            source: the cell's code.
+            timeout: seconds after which the remote code is interrupted.
+
+        Returns:
+            The last expression's `RemoteValue`; None when the cell ends without a value.
+
+        Raises:
+            RemoteError: the cell raised (``KeyboardInterrupt`` after an interrupt or timeout).
+        """
+        result = self.session.call("cell", {"source": source}, timeout=timeout)
+        return result if isinstance(result, RemoteValue) else None
 
     def interrupt(self) -> None:
         """Raise ``KeyboardInterrupt`` in this session's running remote code (if any)."""

@@ -65,6 +65,7 @@ class Client(RemoteExecution):
         token_file: str | os.PathLike[str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        super().__init__()
         self.settings = Settings.resolve(host, port, token, token_file=token_file)
         self._connection = Connection(self.settings, timeout)
 

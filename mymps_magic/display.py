@@ -26,16 +26,26 @@ def in_kernel() -> bool:
 
 
 class RemoteValue:
-    """A remote cell's value as the notebook shows it: through the rich repr the server made.
+    """A remote cell's last value, shown through the rich repr the server made of it.
 
-    ``value`` is the value itself where it could be pickled and unpickled here, else None
-    (``reason`` says why).
+    `Client.run_cell_rich` and ``%%mymps`` return it, so the notebook shows a remote image or
+    table even when the object itself cannot travel; `Client.run_cell` returns it only then.
+
+    Args:
+        mime: the server's mimebundle of the value (``text/plain`` at least).
+        value: the value itself, where it was pickled there and unpickled here.
+        reason: why the value did not come back (empty when it did).
     """
 
-    def __init__(self, mime: dict[str, Any], reason: str = "", value: Any = None) -> None:
+    def __init__(self, mime: dict[str, Any], value: Any = None, reason: str = "") -> None:
         self.mime = mime
-        self.reason = reason
         self.value = value
+        self.reason = reason
+
+    @property
+    def arrived(self) -> bool:
+        """Whether ``value`` holds the object itself, rather than None for one left remote."""
+        return not self.reason
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return dict(self.mime)

@@ -20,7 +20,6 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Image, display
 
-from mymps_magic._outcomes import CellResult
 from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
 
@@ -296,16 +295,14 @@ class MympsMagics(Magics):
 
     # -- the cell magic --------------------------------------------------------------------------
 
-    def _cell(self, line: str, cell: str) -> Any:
+    def _cell(self, line: str, cell: str) -> RemoteValue | None:
         args = self._cell_parser.parse_argstring(line)
         pushes, pulls = _names(args.push), _names(args.pull)
         c = self.connected
         if pushes:
             c.push(**self._local(pushes))
-        result = c._run_cell(cell, timeout=args.timeout)
+        result = c.run_cell_rich(cell, timeout=args.timeout)
         if pulls:
             values = c.pull(*pulls)
             self.shell.user_ns.update(zip(pulls, values if len(pulls) > 1 else (values,)))
-        if isinstance(result, CellResult) and result.value is not None:
-            return RemoteValue(result.mime, "", result.value)
-        return result if isinstance(result, RemoteValue) else None
+        return result
