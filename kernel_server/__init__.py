@@ -7,14 +7,14 @@ and a bad option should not wait for.
 
 from __future__ import annotations
 
-from typing import Any
+import typing as _typing
 
 from .settings import Settings
 
 __all__ = ["Settings", "create_app"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     if name == "create_app":
         from .app import create_app
 

@@ -57,3 +57,20 @@ def test_mympsclient_is_a_true_alias() -> None:
 
 def test_version_is_a_string() -> None:
     assert isinstance(mymps_magic.__version__, str) and mymps_magic.__version__
+
+
+SERVER_API = ["Settings", "create_app"]
+
+
+def test_the_servers_all_is_exactly_its_public_api() -> None:
+    import kernel_server
+
+    assert kernel_server.__all__ == SERVER_API
+    for name in kernel_server.__all__:
+        assert getattr(kernel_server, name) is not None, name
+    public = {
+        name
+        for name, value in vars(kernel_server).items()
+        if not name.startswith("_") and not isinstance(value, (ModuleType, __future__._Feature))
+    }
+    assert public <= set(kernel_server.__all__), public - set(kernel_server.__all__)
