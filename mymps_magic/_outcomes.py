@@ -10,7 +10,7 @@ import concurrent.futures
 from typing import Any, Callable
 
 from mymps_magic import errors, wire
-from mymps_magic._functions import fill_sources
+from mymps_magic._pickling import fill_sources
 from mymps_magic.display import RemoteValue
 from mymps_magic.remote import _remote_error
 

@@ -16,7 +16,7 @@ from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from mymps_magic import errors, wire
-from mymps_magic._functions import PickledFunctions, filled
+from mymps_magic._pickling import PickledFunctions, filled
 from mymps_magic._outcomes import RemoteFuture
 from mymps_magic._session import SessionChannel
 from mymps_magic.display import OutputSink, RemoteValue

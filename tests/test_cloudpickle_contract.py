@@ -1,4 +1,4 @@
-"""What ``mymps_magic._functions`` relies on of cloudpickle's private names still holds.
+"""What ``mymps_magic._pickling`` relies on of cloudpickle's private names still holds.
 
 The pickle cache reaches into cloudpickle through ``cloudpickle_internals()`` alone. When a
 cloudpickle release renames or changes those names, the cache quietly stops caching; these
@@ -16,7 +16,7 @@ from typing import Iterator
 import cloudpickle
 import pytest
 
-from mymps_magic._functions import cloudpickle_internals
+from mymps_magic._pickling import cloudpickle_internals
 
 
 @pytest.fixture
