@@ -23,7 +23,7 @@ def build_long_model(directory: Path, *, hidden: int = 512, layers: int = 8) -> 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mymps_magic.demo import build_tiny_text_model
+    from mymps_magic.cli.demo import build_tiny_text_model
 
     path = build_tiny_text_model(directory, arch="llama")
     config = LlamaConfig.from_pretrained(path)

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Callable, Iterator, Mapping
 
-from mymps_magic.demo import build_tiny_text_model
+from mymps_magic.cli.demo import build_tiny_text_model
 
 __all__ = [
     "CHECKPOINT_CLASS",

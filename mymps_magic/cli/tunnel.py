@@ -28,17 +28,14 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import IO, Iterator, Mapping, NoReturn, Sequence
+from typing import IO, Iterator, NoReturn
 
 from mymps_magic import errors
-from mymps_magic._settings import default_token_file as local_token_file, resolve_port
-from mymps_magic._ssh import SSH, remote_path
+from mymps_magic.cli.tunnelcheck import PROBE_TIMEOUT_S, describe, health, say
+from mymps_magic.cli.tunnelsettings import LOCAL_HOST, TunnelSettings
 from mymps_magic.errors import CommandError
-
-LOCAL_HOST = "127.0.0.1"
 
 # The tunnel's own ssh. The terminal turns Nagle off (see the module docstring); no shared
 # ControlMaster connection, so that killing this ssh really drops the forward and a new one is
@@ -56,82 +53,8 @@ TUNNEL_OPTIONS = (
 WAIT_FOREVER = "exec sleep 2147483647"
 
 PROBE_INTERVAL_S = 5.0
-PROBE_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 30.0
 BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0)
-
-
-@dataclass(frozen=True)
-class TunnelSettings:
-    """What `mymps tunnel` needs, resolved once from its flags over the environment.
-
-    Attributes:
-        ssh: the remote machine.
-        local_port: the local end (``--local-port``, else ``MYMPS_SERVER_PORT``, else
-            ``MYMPS_PORT``, else 5555): where `Client` looks by default.
-        remote_port: the server's port there (``--remote-port``, else ``MYMPS_PORT``, else 5555).
-        remote_home: the server's ``MYMPS_HOME`` there; None means the remote's own
-            ``$MYMPS_HOME``, else ``~/.mymps``.
-        token_file: the local token file the token is copied into.
-    """
-
-    ssh: SSH
-    local_port: int
-    remote_port: int
-    remote_home: str | None
-    token_file: Path
-
-    @classmethod
-    def resolve(
-        cls,
-        destination: str | None,
-        *,
-        ssh_port: int | None = None,
-        ssh_options: Sequence[str] = (),
-        local_port: int | None = None,
-        remote_port: int | None = None,
-        remote_home: str | None = None,
-        environ: Mapping[str, str] | None = None,
-    ) -> TunnelSettings:
-        """Apply the flags over ``MYMPS_USER``/``MYMPS_HOST``/``MYMPS_SSH_PORT``/``MYMPS_PORT``.
-
-        Raises:
-            CommandError: no host.
-            BadRequestError: a port that is not a port number (the message names it).
-        """
-        env = os.environ if environ is None else environ
-        return cls(
-            ssh=SSH.resolve(destination, ssh_port, ssh_options, env),
-            local_port=resolve_local_port(local_port, env),
-            remote_port=resolve_port(remote_port, "--remote-port", env, ["MYMPS_PORT"]),
-            remote_home=remote_home,
-            token_file=local_token_file(env),
-        )
-
-    @property
-    def local_address(self) -> str:
-        return f"{LOCAL_HOST}:{self.local_port}"
-
-    @property
-    def remote_address(self) -> str:
-        return f"{self.ssh.destination}:{self.remote_port}"
-
-    @property
-    def remote_token(self) -> str:
-        """The remote token file as a shell word: the remote's ``$MYMPS_HOME`` unless given."""
-        home = remote_path(self.remote_home) if self.remote_home else '"${MYMPS_HOME:-$HOME/.mymps}"'
-        return f"{home}/token"
-
-
-def resolve_local_port(flag: int | None, environ: Mapping[str, str] | None = None) -> int:
-    """The tunnel's local port: ``--local-port``, else ``MYMPS_SERVER_PORT``, else ``MYMPS_PORT``,
-    else 5555 -- the port a `Client` made with no arguments connects to."""
-    return resolve_port(flag, "--local-port", os.environ if environ is None else environ)
-
-
-def say(message: str) -> None:
-    """One status line on stdout, flushed at once: the tunnel runs for hours under a log."""
-    print(f"mymps tunnel: {message}", flush=True)
 
 
 class _Stopped(BaseException):
@@ -289,7 +212,7 @@ class Tunnel:
                 self._reconnect(f"ssh {_exit_status(self.process.returncode)}{self.last_words()}")
                 continue
             try:
-                self._health()
+                health(self.settings.local_port)
             except errors.TimeoutError:
                 self._stop_ssh(hung=True)
                 self._reconnect(f"no answer through the tunnel within {PROBE_TIMEOUT_S:g} s")
@@ -319,54 +242,18 @@ class Tunnel:
             say(f"{reason}; reconnected in {time.monotonic() - lost:.2f} s.")
             return
 
-    def _health(self) -> dict[str, object]:
-        from mymps_magic.client import Client
-
-        with Client(LOCAL_HOST, self.settings.local_port, timeout=PROBE_TIMEOUT_S) as client:
-            return client.health()
-
     def _report_up(self, *, first: bool) -> bool:
         """Say in one line that the tunnel is up, with the server and device; False if no server."""
         s = self.settings
         try:
-            health = self._health()
+            answer = health(s.local_port)
         except errors.MympsError:
             say(f"{s.local_address} -> {s.remote_address} is open, but no mymps server answers there yet; "
                 "start it (`mymps serve`). Ctrl-C stops the tunnel.")
             return False
         ending = f"; token in {s.token_file}. Ctrl-C stops it." if first else "."
-        say(f"{s.local_address} -> {s.remote_address} up: {describe(health)}{ending}")
+        say(f"{s.local_address} -> {s.remote_address} up: {describe(answer)}{ending}")
         return True
-
-
-def describe(health: Mapping[str, object]) -> str:
-    """The server and its device in a few words, from a ``/health`` answer."""
-    models = health.get("models") or []
-    count = len(models) if isinstance(models, list) else 0
-    return (f"mymps {health.get('version')} on {health.get('device')} ({health.get('device_name')}), "
-            f"torch {health.get('torch')}, {count} model{'' if count == 1 else 's'} loaded")
-
-
-def check(port: int) -> int:
-    """`mymps tunnel --check`: is a mymps server reachable at the local end, with our token?
-
-    Prints one line. Returns 0 when ``/health`` answers and the token is accepted, else 1.
-    """
-    from mymps_magic.client import Client
-
-    address = f"{LOCAL_HOST}:{port}"
-    try:
-        with Client(LOCAL_HOST, port, timeout=PROBE_TIMEOUT_S) as client:
-            health = client.health()
-            client.models()
-    except errors.AuthError as exc:
-        say(f"up at {address}; {exc}")
-        return 1
-    except errors.MympsError:
-        say(f"down: nothing answers at {address}; start the tunnel with `mymps tunnel user@host`.")
-        return 1
-    say(f"up at {address}: {describe(health)}.")
-    return 0
 
 
 def write_token(path: Path, token: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mymps_magic._ssh import SSH, remote_path
+from mymps_magic.cli.ssh import SSH, remote_path
 from mymps_magic.errors import CommandError
 
 DEFAULT_REMOTE_DIR = "~/mymps"

@@ -1,7 +1,9 @@
 """The ``mymps`` command: one verb per task of running mymps.
 
 Each verb imports what it needs when it runs, so ``mymps --help`` stays instant and the light
-client install can run every verb that does not need the server extra.
+client install can run every verb that does not need the server extra. The verbs' modules live
+beside this one: `tunnel` (with `tunnelsettings` and `tunnelcheck`), `deploy`, `demo` (over
+`localserver`), and `ssh`, the OpenSSH command lines that tunnel and deploy share.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import sys
 
 import mymps_magic
+
+__all__ = ["main"]
 
 SERVER_EXTRA_HINT = "This needs the server extra: pip install '.[server]' (or 'mymps[server]')."
 
@@ -130,19 +134,21 @@ def _serve(argv: list[str]) -> int:
 
 
 def _demo() -> int:
-    from mymps_magic import demo
+    from mymps_magic.cli import demo
 
     return demo.run()
 
 
 def _tunnel(args: argparse.Namespace) -> int:
-    from mymps_magic import tunnel
+    from mymps_magic.cli.tunnel import Tunnel
+    from mymps_magic.cli.tunnelcheck import check
+    from mymps_magic.cli.tunnelsettings import TunnelSettings, resolve_local_port
     from mymps_magic.errors import MympsError
 
     try:
         if args.check:
-            return tunnel.check(tunnel.resolve_local_port(args.local_port))
-        settings = tunnel.TunnelSettings.resolve(
+            return check(resolve_local_port(args.local_port))
+        settings = TunnelSettings.resolve(
             args.destination,
             ssh_port=args.ssh_port,
             ssh_options=_ssh_flags(args),
@@ -153,11 +159,11 @@ def _tunnel(args: argparse.Namespace) -> int:
     except MympsError as exc:  # a `CommandError`, or a `BadRequestError` naming a bad port
         print(f"mymps tunnel: {exc}", file=sys.stderr)
         return 2
-    return tunnel.Tunnel(settings).run()
+    return Tunnel(settings).run()
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from mymps_magic import deploy
+    from mymps_magic.cli import deploy
     from mymps_magic.errors import MympsError
 
     try:
@@ -176,6 +182,3 @@ def _deploy(args: argparse.Namespace) -> int:
         return 2
     return deploy.run(plan, dry_run=args.dry_run)
 
-
-if __name__ == "__main__":  # `python -m mymps_magic.cli`, where no `mymps` script is on PATH
-    sys.exit(main())
