@@ -1,5 +1,5 @@
 """Functions sent by value: their pickles, kept while nothing they captured can have changed,
-and their source lines, put back into remote tracebacks.
+the user's own modules they need, and their source lines, put back into remote tracebacks.
 
 cloudpickle rebuilds a notebook function from scratch on every call, and on a quick call that is
 a good part of the client's time. A function whose pickle depends only on things that cannot
@@ -11,13 +11,16 @@ notebook function) is pickled afresh every time, so a call always sees the curre
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import re
 import sys
+import sysconfig
+from pathlib import Path
 from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import Any, Callable, Collection, NamedTuple
 
-from mymps_magic import wire
+from mymps_magic import errors, wire
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _MAX_ENTRIES = 256
@@ -137,6 +140,119 @@ def _stable(value: Any) -> bool:
     if isinstance(value, (type, FunctionType)):
         return bool(cloudpickle_internals().pickled_by_reference(value))
     return False
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+_FUNCTIONS = PickledFunctions()
+
+
+def pickle_call(fn: Callable[..., Any], args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """The fields and buffers of a ``run`` request: the function's own pickle stream, reused
+    while valid, and the arguments' buffers; or, for a function that cannot be kept, all
+    three pickled together.
+
+    Raises:
+        PicklingError: ``fn`` or an argument cannot be pickled.
+    """
+    try:
+        pickled = _FUNCTIONS.lookup(fn)
+        if pickled is None:
+            _send_local_modules_by_value(fn)
+            pickled = _FUNCTIONS.fill(fn)
+        if args or kwargs:
+            _send_local_modules_by_value(*args, *kwargs.values())
+        if pickled is not None:
+            return {"fn": pickled}, wire.dumps((args, kwargs))
+        return {}, wire.dumps((fn, args, kwargs))
+    except Exception as exc:
+        raise errors.PicklingError(
+            f"Cannot send {getattr(fn, '__name__', fn)!r} or its arguments: {type(exc).__name__}: {exc}. "
+            "Send plain data (numbers, lists, arrays, tensors) or write the code in a %%mymps cell"
+        ) from None
+
+
+def pickle_values(values: dict[str, Any]) -> list[Any]:
+    """The buffers of a ``push`` request.
+
+    Raises:
+        PicklingError: a value cannot be pickled; the message names each one that cannot.
+    """
+    _send_local_modules_by_value(*values.values())
+    try:
+        return wire.dumps(values)
+    except Exception as exc:
+        bad = [name for name, v in values.items() if not _picklable(v)]
+        raise errors.PicklingError(
+            f"Cannot push {', '.join(map(repr, bad)) or 'the values'}: {type(exc).__name__}: {exc}. "
+            "Push plain data (numbers, lists, arrays, tensors) or build the object remotely in a %%mymps cell"
+        ) from None
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        wire.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+# -- the user's own modules ---------------------------------------------------------------------
+
+_INSTALLED = tuple(
+    str(Path(p).resolve()) for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (p := sysconfig.get_paths().get(key))
+)
+
+
+def _is_local(module: ModuleType | None) -> bool:
+    """A module of the user's own (not installed, not the standard library), which the server
+    cannot be expected to import: it must travel by value."""
+    if module is None or module.__name__ in ("__main__", "builtins") or module.__name__.startswith("mymps_magic"):
+        return False
+    file = getattr(module, "__file__", None)
+    if not file:
+        return False
+    return not str(Path(file).resolve()).startswith(_INSTALLED)
+
+
+_SCAN_LIMIT = 1000
+"""Items of a container looked at for local classes: enough for real data, bounded for huge lists."""
+
+
+def _send_local_modules_by_value(*objs: Any) -> None:
+    """Register the user's own modules that these objects (and the functions they call) come from
+    with cloudpickle's pickle-by-value, so the server needs no copy of them."""
+    import cloudpickle
+
+    seen: set[int] = set()
+    todo = list(objs)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        module = obj if isinstance(obj, ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
+        if module is None and not isinstance(obj, FunctionType):
+            module = sys.modules.get(type(obj).__module__)
+        if _is_local(module):
+            assert module is not None
+            top = sys.modules.get(module.__name__.split(".")[0], module)
+            try:
+                cloudpickle.register_pickle_by_value(top)
+            except ValueError:
+                cloudpickle.register_pickle_by_value(module)
+        if isinstance(obj, FunctionType):
+            # The names of nested code too (comprehensions, lambdas, inner functions): the same
+            # walk that the pickle cache and the traceback sources use.
+            names = wire.global_names(obj.__code__)
+            todo.extend(obj.__globals__[n] for n in names if n in obj.__globals__)
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if filled(cell))
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(itertools.islice(obj, _SCAN_LIMIT))  # instances of local classes inside
+        elif isinstance(obj, dict):
+            todo.extend(itertools.islice(obj.values(), _SCAN_LIMIT))
 
 
 # -- tracebacks ---------------------------------------------------------------------------------

@@ -4,31 +4,39 @@ Every method is a plain blocking call, safe inside a Jupyter kernel whose event 
 running (nothing here calls ``asyncio.run``). The HTTP connection is kept alive across calls.
 Streams are the one exception to "plain": `stream_generate` returns a `TokenStream`, which is
 also the original client's async iterator.
+
+`Client` declares every public method and its promises, and delegates to two parts: `RestCalls`
+(``_rest.py``, the HTTP endpoints) and `SessionExecution` (``_execution.py``, code run in the
+remote session over ``/ws/session``), which share one `Connection`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import functools
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
-from mymps_magic import errors, wire
 from mymps_magic._connection import Connection
-from mymps_magic._remote import RemoteExecution
+from mymps_magic._execution import SessionExecution
+from mymps_magic._rest import RestCalls
 from mymps_magic._settings import Settings
-from mymps_magic._stream import TokenStream
 
 if TYPE_CHECKING:
     import numpy as np
     from PIL.Image import Image
 
+    from mymps_magic._outcomes import RemoteFuture
+    from mymps_magic._session import SessionChannel
+    from mymps_magic._stream import TokenStream
+    from mymps_magic.display import RemoteValue
+
+F = TypeVar("F", bound=Callable[..., Any])
+
 DEFAULT_TIMEOUT = 30.0
 
 
-class Client(RemoteExecution):
+class Client:
     """A connection to a mymps server, usually through the SSH tunnel on localhost.
 
     Example:
@@ -56,18 +64,12 @@ class Client(RemoteExecution):
         AuthError: the token file exists but cannot be read, or ``token_file`` does not exist.
     """
 
-    def __init__(
-        self,
-        host: str | None = None,
-        port: int | None = None,
-        *,
-        token: str | None = None,
-        token_file: str | os.PathLike[str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__()
+    def __init__(self, host: str | None = None, port: int | None = None, *, token: str | None = None,
+                 token_file: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.settings = Settings.resolve(host, port, token, token_file=token_file)
         self._connection = Connection(self.settings, timeout)
+        self._rest = RestCalls(self._connection)
+        self._execution = SessionExecution(self._connection)
 
     @property
     def host(self) -> str:
@@ -91,7 +93,7 @@ class Client(RemoteExecution):
     def close(self) -> None:
         """Close the connections. Models stay loaded on the server; a session's namespace is
         kept for ``--session-idle`` seconds."""
-        self._close_session()
+        self._execution.close()
         self._connection.close()
 
     # Server and device.
@@ -106,7 +108,7 @@ class Client(RemoteExecution):
         Raises:
             ConnectionError: the server cannot be reached (tunnel down, server not started).
         """
-        return self._connection.json("GET", "/health")
+        return self._rest.health()
 
     def stats(self) -> dict[str, Any]:
         """CPU, RAM and device memory (bytes), and how many jobs run and wait.
@@ -118,7 +120,7 @@ class Client(RemoteExecution):
         Raises:
             AuthError: the token is missing or wrong.
         """
-        return self._connection.json("GET", "/stats")
+        return self._rest.stats()
 
     def jobs(self) -> list[dict[str, Any]]:
         """The running and queued jobs, each ``{"id", "kind", "session", "model", "state", ...}``.
@@ -126,7 +128,7 @@ class Client(RemoteExecution):
         Raises:
             AuthError: the token is missing or wrong.
         """
-        return list(self._connection.json("GET", "/jobs")["jobs"])
+        return self._rest.jobs()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one is dropped, a running generation stops at its next token.
@@ -140,7 +142,7 @@ class Client(RemoteExecution):
         Raises:
             NotFoundError: no such job (it may have finished already).
         """
-        return self._connection.json("DELETE", f"/jobs/{_path_segment(job_id)}")
+        return self._rest.cancel(job_id)
 
     # Models.
 
@@ -151,19 +153,11 @@ class Client(RemoteExecution):
         Raises:
             AuthError: the token is missing or wrong.
         """
-        return list(self._connection.json("GET", "/models")["models"])
+        return self._rest.models()
 
-    def load_model(
-        self,
-        name: str,
-        kind: str | None = None,
-        dtype: str = "auto",
-        *,
-        path: str | None = None,
-        model_class: str | None = None,
-        trust_remote_code: bool = False,
-        progress: bool = True,
-    ) -> dict[str, Any]:
+    def load_model(self, name: str, kind: str | None = None, dtype: str = "auto", *, path: str | None = None,
+                   model_class: str | None = None, trust_remote_code: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
         """Load a model onto the server's device, where it stays until unloaded.
 
         Loading a name that is already loaded does nothing and says so (``already_loaded``).
@@ -190,39 +184,7 @@ class Client(RemoteExecution):
             ServerError: the load failed on the server; 507 means out of device memory (the
                 other models stay loaded).
         """
-        body: dict[str, Any] = {"name": name, "kind": kind, "dtype": dtype, "trust_remote_code": trust_remote_code}
-        if path is not None:
-            body["path"] = path
-        if model_class is not None:
-            body["model_class"] = model_class
-        if not progress:
-            return self._connection.json("POST", "/models/load", json_body=body, wait=True)
-        return self._load_with_progress(body)
-
-    def _load_with_progress(self, body: dict[str, Any]) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        # The bar appears with the first progress event, so that a request the server rejects
-        # at once (bad kind, unknown path) prints only its error.
-        bar: tqdm[Any] | None = None
-        final: dict[str, Any] | None = None
-        try:
-            for event in self._connection.ndjson("POST", "/models/load", json_body=body):
-                if event.get("event") != wire.EVENT_PROGRESS:
-                    final = event
-                    continue
-                if bar is None:
-                    bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
-                bar.set_postfix_str(str(event.get("message") or event.get("stage") or ""), refresh=False)
-                bar.update(max(0, round(float(event.get("progress", 0)) * 100) - bar.n))
-            if bar is not None and final is not None:
-                bar.update(100 - bar.n)
-        finally:
-            if bar is not None:
-                bar.close()
-        if final is None:
-            raise errors.ServerError("The server ended the load without saying how it went; see its log.")
-        return final
+        return self._rest.load_model(name, kind, dtype, path, model_class, trust_remote_code, progress)
 
     def unload_model(self, name: str) -> dict[str, Any]:
         """Unload a model and give its device memory back.
@@ -233,7 +195,7 @@ class Client(RemoteExecution):
         Raises:
             NotFoundError: no model of that name is loaded (the message lists the loaded ones).
         """
-        return self._connection.json("DELETE", f"/models/{_path_segment(name)}")
+        return self._rest.unload_model(name)
 
     def model_info(self, name: str) -> dict[str, Any]:
         """One loaded model's metadata and configuration.
@@ -244,21 +206,13 @@ class Client(RemoteExecution):
         Raises:
             NotFoundError: no model of that name is loaded.
         """
-        return self._connection.json("GET", f"/models/{_path_segment(name)}/info")
+        return self._rest.model_info(name)
 
     # Work on the device.
 
-    def generate(
-        self,
-        model: str,
-        prompt: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        *,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> dict[str, Any]:
+    def generate(self, model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.7,
+                 top_p: float = 0.9, *, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> dict[str, Any]:
         """Generate text and return it when done (see `stream_generate` for pieces as they come).
 
         Args:
@@ -278,20 +232,11 @@ class Client(RemoteExecution):
             NotFoundError: the model is not loaded.
             BadRequestError: an argument out of range.
         """
-        body = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
-        return self._connection.json("POST", "/generate", json_body=body, wait=True)
+        return self._rest.generate(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
 
-    def stream_generate(
-        self,
-        model: str,
-        prompt: str,
-        max_new_tokens: int = 64,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        *,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> TokenStream:
+    def stream_generate(self, model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.7,
+                        top_p: float = 0.9, *, seed: int | None = None,
+                        stop: str | Sequence[str] | None = None) -> TokenStream:
         """Generate text and receive it piece by piece.
 
         Nothing is sent until the stream is used. Use it with ``for piece in ...`` or, as in
@@ -305,21 +250,11 @@ class Client(RemoteExecution):
             A `TokenStream` of text pieces; errors (unknown model, bad argument) are raised
             while iterating it.
         """
-        request = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
-        return TokenStream(self._connection, request)
+        return self._rest.stream_generate(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
 
-    def image(
-        self,
-        model: str,
-        prompt: str,
-        steps: int = 20,
-        *,
-        seed: int | None = None,
-        guidance_scale: float | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        num_images: int = 1,
-    ) -> list[Image]:
+    def image(self, model: str, prompt: str, steps: int = 20, *, seed: int | None = None,
+              guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
+              num_images: int = 1) -> list[Image]:
         """Generate images with a loaded diffusion pipeline.
 
         Args:
@@ -337,19 +272,7 @@ class Client(RemoteExecution):
             NotFoundError: the model is not loaded.
             BadRequestError: an argument out of range, or the model is not a diffusion pipeline.
         """
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "steps": steps, "num_images": num_images}
-        optional = {"seed": seed, "guidance_scale": guidance_scale, "width": width, "height": height}
-        body.update({key: value for key, value in optional.items() if value is not None})
-        answer = self._connection.json("POST", "/image", json_body=body, wait=True)
-
-        from PIL import Image as PILImage
-
-        images: list[Image] = []
-        for encoded in answer["images"]:
-            image = PILImage.open(io.BytesIO(base64.b64decode(encoded)))
-            image.load()
-            images.append(image)
-        return images
+        return self._rest.image(model, prompt, steps, seed, guidance_scale, width, height, num_images)
 
     def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run a loaded model's forward pass on arrays (the original's ``/infer``).
@@ -366,46 +289,110 @@ class Client(RemoteExecution):
             NotFoundError: the model is not loaded.
             BadRequestError: inputs of the wrong names, shapes or dtypes for the model.
         """
-        headers = {"content-type": wire.MSGPACK, wire.HEADER_MODEL: model}
-        response = self._connection.request("POST", "/infer", content=wire.pack_tensors(inputs), headers=headers, wait=True)
-        try:
-            return wire.unpack_tensors(response.content)
-        except wire.WireFormatError as exc:
-            raise errors.ServerError(f"The server's answer to /infer is not a tensor map ({exc}).") from None
+        return self._rest.infer(model, inputs)
 
+
+    # Code in the remote session.
+
+    @property
+    def session(self) -> SessionChannel:
+        """The session channel, connected on first use (once, however many threads ask)."""
+        return self._execution.session
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on the server and return its value.
+
+        Printed output and ``display(...)`` calls show here while it runs. Ctrl-C (the
+        notebook's stop button) raises ``KeyboardInterrupt`` in the remote code.
+
+        Raises:
+            RemoteError: ``fn`` raised on the server (remote type, message and traceback).
+            PicklingError: ``fn``, an argument or the return value cannot be pickled.
+            VersionMismatchError: the two ends run different Python or cloudpickle versions.
+        """
+        return self._execution.run(fn, args, kwargs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> RemoteFuture:
+        """Queue ``fn(*args, **kwargs)`` on the server and return at once.
+
+        Returns:
+            A ``concurrent.futures.Future``: ``result(timeout)``, ``done()``, ``cancel()``
+            (True only while it is still queued; a running call is stopped with `interrupt`).
+            Its ``job_id`` is the id ``/jobs`` shows once it runs.
+        """
+        return self._execution.submit(fn, args, kwargs)
+
+    def remote(self, fn: F) -> F:
+        """Decorator: calling the function runs it on the server (``run``), with the same args."""
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.run(fn, *args, **kwargs)
+
+        return call  # type: ignore[return-value]
+
+    def push(self, **values: Any) -> None:
+        """Set names in the remote namespace: ``c.push(x=arr, y=2)``.
+
+        Raises:
+            PicklingError: a value cannot be pickled.
+        """
+        self._execution.push(values)
+
+    def pull(self, *names: str) -> Any:
+        """Get values from the remote namespace: one name returns the value, several a tuple.
+
+        Raises:
+            RemoteNameError: a name is not defined remotely.
+            PicklingError: a value cannot be pickled (keep it remote; pull plain data).
+        """
+        return self._execution.pull(names)
+
+    def run_cell(self, source: str, *, timeout: float | None = None) -> Any:
+        """Run Python source in the remote namespace, as a notebook cell runs.
+
+        Output shows while it runs; the value of the last expression is returned (a
+        `RemoteValue`, which shows the remote rich repr, if the value itself cannot be pickled).
+
+        Args:
+            source: the cell's code.
+            timeout: seconds after which the remote code is interrupted.
+
+        Raises:
+            RemoteError: the cell raised (``KeyboardInterrupt`` after an interrupt or timeout).
+        """
+        return self._execution.run_cell(source, timeout)
+
+    def run_cell_rich(self, source: str, *, timeout: float | None = None) -> RemoteValue | None:
+        """Run a cell as `run_cell` does, but keep the rich repr the server made of its value.
+
+        This is what ``%%mymps`` shows: the notebook displays the returned object through the
+        server's mimebundle (an image, a table), whether or not the value could come back.
+
+        Args:
+            source: the cell's code.
+            timeout: seconds after which the remote code is interrupted.
+
+        Returns:
+            The last expression's `RemoteValue`; None when the cell ends without a value.
+
+        Raises:
+            RemoteError: the cell raised (``KeyboardInterrupt`` after an interrupt or timeout).
+        """
+        return self._execution.run_cell_rich(source, timeout)
+
+    def interrupt(self) -> None:
+        """Raise ``KeyboardInterrupt`` in this session's running remote code (if any)."""
+        self._execution.interrupt()
+
+    def reset(self) -> None:
+        """Clear the remote namespace. The loaded models stay loaded.
+
+        After a `SessionLostError` (the server restarted, or crashed: `ServerGoneError`) every
+        session call raises it again until this is called: then calls go on in a fresh session.
+        """
+        self._execution.reset()
 
 MympsClient = Client
 """The original client's name, kept as a true alias so its examples run unchanged."""
 
-
-def _generation_request(
-    model: str,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
-) -> dict[str, Any]:
-    """The body of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
-    request: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-    }
-    if seed is not None:
-        request["seed"] = seed
-    if stop is not None:
-        request["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    return request
-
-
-def _path_segment(name: str) -> str:
-    """``name`` escaped for a URL path, slashes kept (hub ids and server paths contain them).
-
-    A ``.`` or ``..`` segment is escaped too, or the URL would be normalised and lose it.
-    """
-    segments = [quote(part, safe="") for part in name.split("/")]
-    return "/".join(part.replace(".", "%2E") if part in (".", "..") else part for part in segments)

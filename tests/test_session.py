@@ -105,7 +105,7 @@ class RecordingSink(OutputSink):
 
 def _stop_leftovers(client: Client) -> None:
     """Stop any job this client's session still runs or queues (a failed test's leftovers)."""
-    if client._channel is None:
+    if client._execution.channel is None:
         return
     sid = client.session.session_id
     deadline = time.monotonic() + PATIENCE_S
@@ -740,7 +740,7 @@ def test_version_mismatch_refuses_pickled_code_and_keeps_cells_and_data(
     client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(wire, "PYTHON_VERSION", "3.8")
-    assert client._channel is None  # the session connects below, with the patched version
+    assert client._execution.channel is None  # the session connects below, with the patched version
     mismatch = client.session.mismatch
     assert mismatch and "3.8" in mismatch and f"{sys.version_info[0]}.{sys.version_info[1]}" in mismatch
     warning = capsys.readouterr().err

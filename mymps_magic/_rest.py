@@ -1,0 +1,158 @@
+"""`RestCalls`: the part of a `Client` that calls the server's HTTP endpoints.
+
+Each method builds one request body, sends it through the `Connection` (where transport errors
+become `MympsError`s) and turns the answer into what `Client` promises: PIL images, numpy
+arrays, a load's progress bar. `Client` declares the public methods and delegates here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from urllib.parse import quote
+
+from mymps_magic import errors, wire
+from mymps_magic._stream import TokenStream
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL.Image import Image
+
+    from mymps_magic._connection import Connection
+
+
+class RestCalls:
+    """The server's HTTP endpoints, one method each.
+
+    Args:
+        connection: the client's transport (kept-alive HTTP, its timeouts and token).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def health(self) -> dict[str, Any]:
+        return self._connection.json("GET", "/health")
+
+    def stats(self) -> dict[str, Any]:
+        return self._connection.json("GET", "/stats")
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self._connection.json("GET", "/jobs")["jobs"])
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._connection.json("DELETE", f"/jobs/{_path_segment(job_id)}")
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._connection.json("GET", "/models")["models"])
+
+    def load_model(self, name: str, kind: str | None, dtype: str, path: str | None, model_class: str | None,
+                   trust_remote_code: bool, progress: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "kind": kind, "dtype": dtype, "trust_remote_code": trust_remote_code}
+        if path is not None:
+            body["path"] = path
+        if model_class is not None:
+            body["model_class"] = model_class
+        if not progress:
+            return self._connection.json("POST", "/models/load", json_body=body, wait=True)
+        return self._load_with_progress(body)
+
+    def _load_with_progress(self, body: dict[str, Any]) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        # The bar appears with the first progress event, so that a request the server rejects
+        # at once (bad kind, unknown path) prints only its error.
+        bar: tqdm[Any] | None = None
+        final: dict[str, Any] | None = None
+        try:
+            for event in self._connection.ndjson("POST", "/models/load", json_body=body):
+                if event.get("event") != wire.EVENT_PROGRESS:
+                    final = event
+                    continue
+                if bar is None:
+                    bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
+                bar.set_postfix_str(str(event.get("message") or event.get("stage") or ""), refresh=False)
+                bar.update(max(0, round(float(event.get("progress", 0)) * 100) - bar.n))
+            if bar is not None and final is not None:
+                bar.update(100 - bar.n)
+        finally:
+            if bar is not None:
+                bar.close()
+        if final is None:
+            raise errors.ServerError("The server ended the load without saying how it went; see its log.")
+        return final
+
+    def unload_model(self, name: str) -> dict[str, Any]:
+        return self._connection.json("DELETE", f"/models/{_path_segment(name)}")
+
+    def model_info(self, name: str) -> dict[str, Any]:
+        return self._connection.json("GET", f"/models/{_path_segment(name)}/info")
+
+    def generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, stop: str | Sequence[str] | None) -> dict[str, Any]:
+        body = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+        return self._connection.json("POST", "/generate", json_body=body, wait=True)
+
+    def stream_generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int | None, stop: str | Sequence[str] | None) -> TokenStream:
+        request = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+        return TokenStream(self._connection, request)
+
+    def image(self, model: str, prompt: str, steps: int, seed: int | None, guidance_scale: float | None,
+              width: int | None, height: int | None, num_images: int) -> list[Image]:
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "steps": steps, "num_images": num_images}
+        optional = {"seed": seed, "guidance_scale": guidance_scale, "width": width, "height": height}
+        body.update({key: value for key, value in optional.items() if value is not None})
+        answer = self._connection.json("POST", "/image", json_body=body, wait=True)
+
+        from PIL import Image as PILImage
+
+        images: list[Image] = []
+        for encoded in answer["images"]:
+            image = PILImage.open(io.BytesIO(base64.b64decode(encoded)))
+            image.load()
+            images.append(image)
+        return images
+
+    def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        headers = {"content-type": wire.MSGPACK, wire.HEADER_MODEL: model}
+        content = wire.pack_tensors(inputs)
+        response = self._connection.request("POST", "/infer", content=content, headers=headers, wait=True)
+        try:
+            return wire.unpack_tensors(response.content)
+        except wire.WireFormatError as exc:
+            raise errors.ServerError(f"The server's answer to /infer is not a tensor map ({exc}).") from None
+
+
+def _generation_request(
+    model: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+) -> dict[str, Any]:
+    """The body of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
+    request: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+    }
+    if seed is not None:
+        request["seed"] = seed
+    if stop is not None:
+        request["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    return request
+
+
+def _path_segment(name: str) -> str:
+    """``name`` escaped for a URL path, slashes kept (hub ids and server paths contain them).
+
+    A ``.`` or ``..`` segment is escaped too, or the URL would be normalised and lose it.
+    """
+    segments = [quote(part, safe="") for part in name.split("/")]
+    return "/".join(part.replace(".", "%2E") if part in (".", "..") else part for part in segments)
