@@ -27,7 +27,7 @@ Emit = Callable[[wire.Frame], None]
 """Sends a frame to the session; safe to call from any thread."""
 
 _SERVER_DIR = str(Path(__file__).resolve().parent)
-_WIRE_FILE = str(Path(wire.__file__).resolve())
+_WIRE_DIR = str(Path(wire.__file__).resolve().parent)
 
 
 class Outlet:
@@ -311,7 +311,7 @@ def _files_in(line: str) -> list[str]:
 
 
 def _is_server_frame(filename: str) -> bool:
-    return filename.startswith(_SERVER_DIR) or filename == _WIRE_FILE
+    return filename.startswith((_SERVER_DIR, _WIRE_DIR))
 
 
 def error_frame(request_id: int, exc: BaseException, code: str = "remote") -> wire.Frame:

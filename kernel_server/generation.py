@@ -10,25 +10,16 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from mymps_magic import wire
 
 from .errors import BadRequest
 from .registry import LoadedModel
 
 OnText = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    prompt: str
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int | None = None
-    stop: Sequence[str] = ()
 
 
 def _eos_ids(model: Any) -> set[int]:
@@ -138,7 +129,7 @@ class _Detokenizer:
 
 def generate(
     loaded: LoadedModel,
-    params: GenerateParams,
+    params: wire.GenerateRequest,
     is_cancelled: Callable[[], bool],
     on_text: OnText | None = None,
     on_progress: Callable[[float], None] | None = None,

@@ -192,10 +192,7 @@ async def infer(request: Request) -> Response:
 
 
 def _generation_job(st: ServerState, body: GenerateBody, on_text: Callable[[str], None] | None) -> Callable[[Job], Any]:
-    params = generation.GenerateParams(
-        prompt=body.prompt, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-        top_p=body.top_p, seed=body.seed, stop=tuple(body.stop),
-    )
+    params = body.request()
 
     def work(job: Job) -> dict[str, Any]:
         loaded = st.registry.get(body.model, ("text",))

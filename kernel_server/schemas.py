@@ -6,10 +6,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mymps_magic import wire
+
 Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
-
-MAX_NEW_TOKENS = 8192
 
 
 class LoadBody(BaseModel):
@@ -25,16 +25,26 @@ class LoadBody(BaseModel):
     trust_remote_code: bool = False
 
 
+_GENERATE = wire.GenerateRequest
+
+
 class GenerateBody(BaseModel):
+    """``wire.GenerateRequest`` as pydantic sees it, for the 422 that names a bad field and for
+    the OpenAPI schema; its defaults and limits are the wire's."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(min_length=1)
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.7, ge=0.0, le=10.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    max_new_tokens: int = Field(_GENERATE.max_new_tokens, ge=1, le=wire.MAX_NEW_TOKENS)
+    temperature: float = Field(_GENERATE.temperature, ge=0.0, le=wire.MAX_TEMPERATURE)
+    top_p: float = Field(_GENERATE.top_p, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
+    stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
+
+    def request(self) -> wire.GenerateRequest:
+        """The wire's request, read by the wire's reader (so both ends agree on what it holds)."""
+        return wire.GenerateRequest.from_json(self.model_dump())
 
 
 class ImageBody(BaseModel):

@@ -152,7 +152,7 @@ def test_a_close_that_would_repeat_shows_the_servers_reason_and_is_not_retried(
         server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     with Proxy(server.port) as proxy, Client(port=proxy.port, token=server.token) as c:
         c.push(kept=1)
-        monkeypatch.setattr(wire, "PROTOCOL_VERSION", 99)  # the next hello speaks another protocol
+        monkeypatch.setattr(wire.frames, "PROTOCOL_VERSION", 99)  # the next hello speaks another protocol
         proxy.sever()
         started = time.monotonic()
         with pytest.raises(ClosedError) as info:

@@ -1,0 +1,87 @@
+"""The wire format: the one package both the client and the server import.
+
+Everything that crosses the connection is built and read here, so the two ends cannot drift
+apart. This package must stay importable without torch: the client never has it. Its modules:
+:mod:`.rest` (HTTP bodies), :mod:`.frames` (session frames as messages), :mod:`.pickling`
+(values), :mod:`.errors` (a payload that breaks the format).
+
+Formats: ``/infer``, ``/models/load``, error bodies and generation in :mod:`.rest`;
+``/ws/session`` frames (SPEC 4), below.
+
+The session channel
+-------------------
+Frames (:mod:`.frames`) carry a header and buffers; values are pickled by :mod:`.pickling`.
+
+Client -> server (``id`` is the client's request number, increasing within a session; every
+request carries ``ack``, the last server frame the client has, so the server can forget it):
+
+=============  ==========================================================================
+``hello``      first frame: ``session`` (id to resume, or None), ``last_seq`` (last server
+               frame seen), ``python`` ("3.11"), ``cloudpickle`` (version), ``protocol``
+``run``        ``fn``: the function's own pickle stream, buffers: pickled ``(args, kwargs)``;
+               or, without ``fn`` (a function whose pickle has out-of-band buffers), buffers:
+               pickled ``(fn, args, kwargs)``. The value comes back in ``result``
+``cell``       ``source``: Python source run in the namespace; ``result`` carries the value of
+               the last expression (pickled, when it pickles) and its ``mime`` bundle
+``push``       buffers: a pickled ``dict`` merged into the namespace
+``pull``       ``names``: list of names; ``result`` carries a pickled tuple of values
+``interrupt``  raise ``KeyboardInterrupt`` in this session's running code (``target`` request
+               id, or 0 for whatever of this session runs)
+``cancel``     ``target``: drop that queued request; ``result`` ``{cancelled: bool}``
+``reset``      clear the namespace (the models stay loaded)
+``ack``        ``seq``: as a request's ``ack``, when many frames arrived without a request
+=============  ==========================================================================
+
+Any request may carry ``upload`` instead of buffers: the id ``PUT /session/{id}/upload``
+answered for a body written by :func:`encode_stream`. The client does this when a request's
+buffers pass ``CHUNK``: an HTTP body is read straight into the buffers it fills, where
+WebSocket messages from a client are masked and then copied several times on the way.
+
+Server -> client (each has ``seq``, increasing within a session, so a client that reconnects
+gets exactly what it missed):
+
+=============  ==========================================================================
+``welcome``    ``session``, ``resumed`` (bool), ``python``, ``cloudpickle``, ``server``
+               (version), ``last_request`` (highest request id the server has received, so
+               the client resends only what never arrived), ``mismatch`` (a line or None),
+               ``session_buffer`` (bytes the server keeps unacknowledged: the client acks
+               at least every quarter of it)
+``started``    the request left the queue and runs now; ``job`` is its id in ``/jobs``
+               (sent only for requests that asked with ``notify_start``: futures)
+``stream``     ``name`` ("stdout"/"stderr"), ``text``
+``display``    ``data`` (mimebundle: mime -> str or bytes), ``metadata``
+``progress``   ``bar`` (id), ``n``, ``total``, ``desc``, ``unit``, ``elapsed``, ``closed``
+``result``     the request's outcome; buffers: the pickled value where there is one;
+               ``mime``: rich repr of a cell's last value; ``fields`` for small plain answers
+``error``      ``ename``, ``evalue``, ``traceback`` (lines, server frames trimmed), and
+               ``code``: "remote" (the user's code raised), "pickle", "name", "version",
+               "cancelled", "session", "bad_request"
+=============  ==========================================================================
+
+Limits: a frame lists at most ``MAX_BUFFERS`` buffers; the hello must arrive within
+``HELLO_TIMEOUT_S`` of the connection (else the socket is closed with ``CLOSE_PROTOCOL_MISUSE``);
+request ids run from 1 to 2**63-1 and must increase (a bad one gets an ``error`` naming it). A
+newer connection to the same session takes it over: the older socket is closed with
+``CLOSE_TAKEN_OVER`` and a reason. Past ``--session-buffer`` of unacknowledged frames, the code
+printing waits while a connected client acknowledges as it reads; for a client that is away or
+has stopped acknowledging, output frames are dropped and one ``stream`` line (stderr) says how
+much, before the request's next frame; ``result`` and ``error`` frames are never dropped.
+"""
+
+from __future__ import annotations
+
+from .errors import FrameTooLarge as FrameTooLarge, WireFormatError as WireFormatError
+from .frames import (CHUNK as CHUNK, CLOSE_PROTOCOL_MISUSE as CLOSE_PROTOCOL_MISUSE,
+                     CLOSE_TAKEN_OVER as CLOSE_TAKEN_OVER, HELLO_TIMEOUT_S as HELLO_TIMEOUT_S,
+                     MAX_BUFFERS as MAX_BUFFERS, OUTPUT_FRAMES as OUTPUT_FRAMES, PROTOCOL_VERSION as PROTOCOL_VERSION,
+                     PYTHON_VERSION as PYTHON_VERSION, TAKEN_OVER_REASON as TAKEN_OVER_REASON, Frame as Frame,
+                     FrameDecoder as FrameDecoder, cloudpickle_version as cloudpickle_version,
+                     encode_frame as encode_frame, encode_stream as encode_stream)
+from .pickling import dumps as dumps, global_names as global_names, loads as loads
+from .rest import (EVENT_PROGRESS as EVENT_PROGRESS, HEADER_MODEL as HEADER_MODEL, MAX_NEW_TOKENS as MAX_NEW_TOKENS,
+                   MAX_SEED as MAX_SEED, MAX_STOP_STRINGS as MAX_STOP_STRINGS, MAX_TEMPERATURE as MAX_TEMPERATURE,
+                   MSG_CANCEL as MSG_CANCEL, MSG_DONE as MSG_DONE, MSG_ERROR as MSG_ERROR, MSG_TOKEN as MSG_TOKEN,
+                   MSGPACK as MSGPACK, NDJSON as NDJSON, GenerateRequest as GenerateRequest, error_body as error_body,
+                   ndjson_line as ndjson_line, pack_tensors as pack_tensors, progress_event as progress_event,
+                   unpack_tensors as unpack_tensors)
+from .codes import ERROR_CONFLICT as ERROR_CONFLICT
