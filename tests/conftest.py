@@ -7,13 +7,14 @@ device is faked. See ``kit.py`` for the builders and `ServerProcess`.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import httpx
 import pytest
 
-from kernels import Kernel
+from kernels import CellRun, Kernel, notebook, ok
 from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, auth, build_tiny_models
 
 if TYPE_CHECKING:
@@ -99,3 +100,63 @@ def kernel(tmp_path: Path) -> Iterator[Kernel]:
     started = Kernel(tmp_path / "kernel")
     yield started
     started.close()
+
+
+@pytest.fixture
+def own_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
+    """A factory for a test's own kernels (extension loaded), for tests that replace the client
+    or must break it from the start: ``own_kernel(setup, **env)``, where ``setup`` runs before
+    ``%load_ext`` and ``env`` is the kernel's environment."""
+    started: list[Kernel] = []
+
+    def make(setup: str = "", **env: str) -> Kernel:
+        kernel = Kernel(tmp_path / f"kernel-{len(started)}", env=env)
+        started.append(kernel)
+        ok(kernel.execute(setup + "\n%load_ext mymps_magic"))
+        return kernel
+
+    yield make
+    for kernel in started:
+        kernel.close()
+
+
+# -- the module's notebook and the models it loads --------------------------------------------------
+
+
+def _module_name(request: pytest.FixtureRequest) -> str:
+    """``magics`` for ``test_magics``: names a module's kernel and models, so that modules sharing
+    the session's server never share a loaded model."""
+    return request.module.__name__.removeprefix("test_").replace("_", "-")
+
+
+@pytest.fixture(scope="module")
+def nb(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory,
+       request: pytest.FixtureRequest) -> Iterator[Kernel]:
+    """The module's notebook: a real kernel with the extension loaded, on the shared server."""
+    with notebook(tmp_path_factory.mktemp(f"{_module_name(request)}-kernel"), server) as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def llama_load(nb: Kernel, tiny_models: TinyModels, request: pytest.FixtureRequest) -> Iterator[CellRun]:
+    """The tiny Llama loaded into `nb` through ``%mymps load``, named as `llama` says; the load
+    cell's run (its progress bar and its "Loaded" line). Unloaded when the module ends."""
+    name = f"{_module_name(request)}-llama"
+    run = ok(nb.execute(f"%mymps load {name} --path {shlex.quote(str(tiny_models.text_llama))}"))
+    yield run
+    nb.execute(f"%mymps unload {name}")
+
+
+@pytest.fixture(scope="module")
+def llama(llama_load: CellRun, request: pytest.FixtureRequest) -> str:
+    """The name of the tiny Llama loaded in `nb` (``magics-llama`` in ``test_magics``)."""
+    return f"{_module_name(request)}-llama"
+
+
+@pytest.fixture(scope="module")
+def diffusion(nb: Kernel, tiny_models: TinyModels, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The name of the tiny DDPM pipeline loaded in `nb`; unloaded when the module ends."""
+    name = f"{_module_name(request)}-ddpm"
+    ok(nb.execute(f"%mymps load {name} --path {shlex.quote(str(tiny_models.diffusion))} --kind diffusion"))
+    yield name
+    nb.execute(f"%mymps unload {name}")

@@ -14,14 +14,14 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
-from kernels import CellRun, Kernel, notebook, ok
-from kit import ServerProcess, TinyModels, free_port
+from kernels import CellRun, Kernel, ok
+from kit import ServerProcess
+from mymps_magic.cli.localserver import free_port
 
-LLAMA = "errors-llama"
 CLIENT_FRAMES = ("mymps_magic", "_session.py", "_stream.py", "magics.py", "client.py", "site-packages",
                  "websockets", "kernel_server", "Traceback (most recent call last)")
 SERVER_FRAMES = ("kernel_server", "site-packages", "/lib/python3")
@@ -44,35 +44,6 @@ def one_line(run: CellRun, ename: str) -> str:
     for word in CLIENT_FRAMES:
         assert word not in line, line
     return line
-
-
-@pytest.fixture(scope="module")
-def nb(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    with notebook(tmp_path_factory.mktemp("errors-kernel"), server) as kernel:
-        yield kernel
-
-
-@pytest.fixture(scope="module")
-def llama(nb: Kernel, tiny_models: TinyModels) -> Iterator[str]:
-    ok(nb.execute(f"%mymps load {LLAMA} --path {shlex.quote(str(tiny_models.text_llama))}"))
-    yield LLAMA
-    nb.execute(f"%mymps unload {LLAMA}")
-
-
-@pytest.fixture
-def own_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
-    """A factory for a test's own kernels; ``setup`` runs before ``%load_ext``."""
-    started: list[Kernel] = []
-
-    def make(setup: str = "", **env: str) -> Kernel:
-        kernel = Kernel(tmp_path / f"kernel-{len(started)}", env=env)
-        started.append(kernel)
-        ok(kernel.execute(setup + "\n%load_ext mymps_magic"))
-        return kernel
-
-    yield make
-    for kernel in started:
-        kernel.close()
 
 
 # -- the server cannot be reached, or refuses the token ----------------------------------------------

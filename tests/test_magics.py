@@ -16,17 +16,14 @@ import io
 import re
 import shlex
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 from PIL import Image
 
-from kernels import CellRun, Kernel, notebook, ok
+from kernels import CellRun, Kernel, ok
 from kit import MakeServer, ServerProcess, TinyModels
 
-LLAMA = "magics-llama"
-DIFFUSION = "magics-ddpm"
 GPT2 = "magics-gpt2-unload"
 SUBCOMMANDS = ["connect", "status", "health", "models", "stats", "jobs", "load", "unload", "generate",
                "image", "push", "pull", "reset", "interrupt"]
@@ -92,47 +89,6 @@ def progress_updates(run: CellRun, total: int) -> list[tuple[float, float]]:
                 and "value" in m["content"]["data"].get("state", {})]
     return [(t, float(n)) for t, text in stream_times(run, "stderr")
             for n in re.findall(rf"(\d+)/{total}\b", text)]
-
-
-# -- fixtures ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def nb(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
-    """The module's notebook: a real kernel with the extension loaded, on the shared server."""
-    with notebook(tmp_path_factory.mktemp("magics-kernel"), server) as kernel:
-        yield kernel
-
-
-@pytest.fixture(scope="module")
-def llama(nb: Kernel, tiny_models: TinyModels) -> Iterator[CellRun]:
-    """The tiny Llama loaded as LLAMA through ``%mymps load``; the load cell's run."""
-    run = ok(nb.execute(f"%mymps load {LLAMA} --path {shlex.quote(str(tiny_models.text_llama))}"))
-    yield run
-    nb.execute(f"%mymps unload {LLAMA}")
-
-
-@pytest.fixture(scope="module")
-def diffusion(nb: Kernel, tiny_models: TinyModels) -> Iterator[str]:
-    ok(nb.execute(f"%mymps load {DIFFUSION} --path {shlex.quote(str(tiny_models.diffusion))} --kind diffusion"))
-    yield DIFFUSION
-    nb.execute(f"%mymps unload {DIFFUSION}")
-
-
-@pytest.fixture
-def own_kernel(tmp_path: Path) -> Iterator[Callable[..., Kernel]]:
-    """A factory for a test's own kernels (extension loaded), for tests that replace the client."""
-    started: list[Kernel] = []
-
-    def make(**env: str) -> Kernel:
-        kernel = Kernel(tmp_path / f"kernel-{len(started)}", env=env)
-        started.append(kernel)
-        ok(kernel.execute("%load_ext mymps_magic"))
-        return kernel
-
-    yield make
-    for kernel in started:
-        kernel.close()
 
 
 # -- the extension and its help ----------------------------------------------------------------------
@@ -323,24 +279,24 @@ def test_stop_button_is_a_real_remote_keyboard_interrupt(nb: Kernel) -> None:
 # -- %mymps subcommands ------------------------------------------------------------------------------
 
 
-def test_load_shows_a_progress_bar_and_a_loaded_line(nb: Kernel, llama: CellRun) -> None:
-    bar_texts = [m["content"]["data"].get("text/plain", "") for m in llama.of_type("display_data")]
-    assert any(text.startswith(f"Loading {LLAMA}") for text in bar_texts) or f"Loading {LLAMA}" in llama.stderr, \
-        (bar_texts, llama.stderr)
-    assert re.fullmatch(rf"Loaded {LLAMA} on cpu \(float32\) in \d+\.\d s\.\n", llama.stdout), llama.stdout
-    again = ok(nb.execute(f"%mymps load {LLAMA}"))
-    assert again.stdout == f"{LLAMA} was already loaded.\n"
+def test_load_shows_a_progress_bar_and_a_loaded_line(nb: Kernel, llama_load: CellRun, llama: str) -> None:
+    bar_texts = [m["content"]["data"].get("text/plain", "") for m in llama_load.of_type("display_data")]
+    assert any(text.startswith(f"Loading {llama}") for text in bar_texts) or f"Loading {llama}" in llama_load.stderr, \
+        (bar_texts, llama_load.stderr)
+    assert re.fullmatch(rf"Loaded {llama} on cpu \(float32\) in \d+\.\d s\.\n", llama_load.stdout), llama_load.stdout
+    again = ok(nb.execute(f"%mymps load {llama}"))
+    assert again.stdout == f"{llama} was already loaded.\n"
 
 
-def test_generate_streams_tokens_into_the_cell(nb: Kernel, llama: CellRun) -> None:
+def test_generate_streams_tokens_into_the_cell(nb: Kernel, llama: str) -> None:
     start = time.monotonic()
-    run = ok(nb.execute(f"%mymps generate {LLAMA} '{LOOP_PROMPT}' --temperature 0 --max-new-tokens 120"))
+    run = ok(nb.execute(f"%mymps generate {llama} '{LOOP_PROMPT}' --temperature 0 --max-new-tokens 120"))
     pieces = stream_times(run)
     assert len(pieces) > 20, f"tokens should arrive as they come, not at once: {len(pieces)} stream messages"
     assert pieces[0][0] - start < 0.5 * (run.reply_at - start), "the first tokens arrive early"
     streamed, stats = split_stats(run)
 
-    once = ok(nb.execute(f"%mymps generate {LLAMA} '{LOOP_PROMPT}' --temperature 0 --max-new-tokens 120 --no-stream"))
+    once = ok(nb.execute(f"%mymps generate {llama} '{LOOP_PROMPT}' --temperature 0 --max-new-tokens 120 --no-stream"))
     text, _ = split_stats(once)
     assert stream_times(once)[0][1].startswith(text), "--no-stream prints the text once, then the stats line"
     assert text == streamed, "the same greedy text either way"
@@ -365,15 +321,15 @@ def test_image_displays_the_images(nb: Kernel, diffusion: str) -> None:
     assert again.of_type("display_data")[0]["content"]["data"]["image/png"] == first, "--seed repeats an image"
 
 
-def test_health_models_stats_jobs_and_status_print_tables(nb: Kernel, server: ServerProcess, llama: CellRun) -> None:
+def test_health_models_stats_jobs_and_status_print_tables(nb: Kernel, server: ServerProcess, llama: str) -> None:
     health = ok(nb.execute("%mymps health")).stdout.splitlines()
     assert re.match(r"ok  mymps \S+  python 3\.\d+\.\d+  torch \S+", health[0]), health
     assert health[1].startswith("device  cpu ")
-    assert health[2].startswith("models  ") and LLAMA in health[2]
+    assert health[2].startswith("models  ") and llama in health[2]
 
     models = ok(nb.execute("%mymps models")).stdout.splitlines()
     assert models[0].split() == ["name", "kind", "dtype", "device", "params", "size", "used"]
-    row = next(line.split() for line in models[1:] if line.startswith(LLAMA + " "))
+    row = next(line.split() for line in models[1:] if line.startswith(llama + " "))
     assert row[1:4] == ["text", "float32", "cpu"]
     assert re.fullmatch(r"\d{1,3}(,\d{3})*", row[4]) and row[6] in ("KiB", "MiB"), row
 
@@ -389,7 +345,7 @@ def test_health_models_stats_jobs_and_status_print_tables(nb: Kernel, server: Se
     status = ok(nb.execute("%mymps status")).stdout
     assert re.match(rf"Server  127\.0\.0\.1:{server.port}  mymps \S+  \([\d.]+ ms round trip\)\n", status), status
     assert "\ndevice  cpu" in status and "\njobs    " in status
-    assert re.search(r"^name +kind +dtype", status, re.M) and re.search(rf"^{LLAMA} ", status, re.M)
+    assert re.search(r"^name +kind +dtype", status, re.M) and re.search(rf"^{llama} ", status, re.M)
     assert status.rstrip().endswith("No jobs.") or re.search(r"^id +kind +state", status, re.M)
 
 
@@ -426,12 +382,12 @@ def test_line_push_and_pull(nb: Kernel) -> None:
     assert ok(nb.execute("print(lp_x, lp_z)")).stdout == "[1, 2, 3] zed\n"
 
 
-def test_reset_empties_the_remote_namespace_and_keeps_models(nb: Kernel, llama: CellRun) -> None:
+def test_reset_empties_the_remote_namespace_and_keeps_models(nb: Kernel, llama: str) -> None:
     ok(nb.execute("%%mymps\nreset_me = 1"))
     assert ok(nb.execute("%mymps reset")).stdout == "The remote namespace is empty again (models stay loaded).\n"
     gone = traceback_text(nb.execute("%%mymps\nreset_me"))
     assert "NameError: name 'reset_me' is not defined" in gone
-    kept = ok(nb.execute(f"%%mymps\n{LLAMA!r} in list(models), DEVICE.type"))
+    kept = ok(nb.execute(f"%%mymps\n{llama!r} in list(models), DEVICE.type"))
     assert kept.result == {"text/plain": "(True, 'cpu')"}
 
 
