@@ -125,28 +125,11 @@ class RestCalls:
             raise errors.ServerError(f"The server's answer to /infer is not a tensor map ({exc}).") from None
 
 
-def _generation_request(
-    model: str,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int | None,
-    stop: str | Sequence[str] | None,
-) -> dict[str, Any]:
+def _generation_request(model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                        seed: int | None, stop: str | Sequence[str] | None) -> dict[str, Any]:
     """The body of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
-    request: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-    }
-    if seed is not None:
-        request["seed"] = seed
-    if stop is not None:
-        request["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    return request
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops).to_json()
 
 
 def _path_segment(name: str) -> str:

@@ -21,6 +21,7 @@ from mymps_magic._connection import Connection
 from mymps_magic._execution import SessionExecution
 from mymps_magic._rest import RestCalls
 from mymps_magic._settings import Settings
+from mymps_magic.wire import GenerateRequest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -210,9 +211,9 @@ class Client:
 
     # Work on the device.
 
-    def generate(self, model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.7,
-                 top_p: float = 0.9, *, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> dict[str, Any]:
+    def generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
+                 temperature: float = GenerateRequest.temperature, top_p: float = GenerateRequest.top_p, *,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None) -> dict[str, Any]:
         """Generate text and return it when done (see `stream_generate` for pieces as they come).
 
         Args:
@@ -234,9 +235,9 @@ class Client:
         """
         return self._rest.generate(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
 
-    def stream_generate(self, model: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.7,
-                        top_p: float = 0.9, *, seed: int | None = None,
-                        stop: str | Sequence[str] | None = None) -> TokenStream:
+    def stream_generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
+                        temperature: float = GenerateRequest.temperature, top_p: float = GenerateRequest.top_p, *,
+                        seed: int | None = None, stop: str | Sequence[str] | None = None) -> TokenStream:
         """Generate text and receive it piece by piece.
 
         Nothing is sent until the stream is used. Use it with ``for piece in ...`` or, as in

@@ -22,6 +22,7 @@ from IPython.display import Image, display
 
 from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
+from mymps_magic.wire import GenerateRequest
 
 _EXAMPLES = """\
 Examples:
@@ -72,9 +73,9 @@ def _parser() -> MagicArgumentParser:
     gen = sub.add_parser("generate", help="generate text, streamed into the cell")
     gen.add_argument("name")
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--max-new-tokens", type=int, default=GenerateRequest.max_new_tokens)
+    gen.add_argument("--temperature", type=float, default=GenerateRequest.temperature)
+    gen.add_argument("--top-p", type=float, default=GenerateRequest.top_p)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
     img = sub.add_parser("image", help="make images with a diffusion model and show them")
