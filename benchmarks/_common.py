@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: the test kit's real server and a model that can talk long."""
+"""Shared by the benchmark scripts: the real server (the kit's `ServerProcess`, over the launcher `mymps demo` uses) and a model that can talk long."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def build_long_model(directory: Path, *, hidden: int = 512, layers: int = 8) -> 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mymps_magic.cli.demo import build_tiny_text_model
+    from kernel_server.tinymodels import build_tiny_text_model
 
     path = build_tiny_text_model(directory, arch="llama")
     config = LlamaConfig.from_pretrained(path)

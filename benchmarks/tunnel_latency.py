@@ -28,7 +28,7 @@ from typing import Callable
 
 from _common import QUIET_ENV, ROOT, ServerProcess, summary
 
-from kit import free_port  # noqa: E402  (tests/ is on the path: _common puts it there)
+from mymps_magic.cli.localserver import free_port  # noqa: E402
 from sshd import SSHServer, missing_tools  # noqa: E402
 
 os.environ.update(QUIET_ENV)

@@ -1,5 +1,9 @@
 """The test kit: tiny local models of every kind and the real server as a subprocess.
 
+The text model and the server launcher are the ones `mymps demo` uses
+(`kernel_server.tinymodels`, `mymps_magic.cli.localserver`); this kit adds the other kinds and
+the tests' environment.
+
 Tests and benchmarks import it (``tests/`` is on their path), so that they run offline, on CPU, in
 seconds, against the same artifacts a user would load: every model is written with the library's
 own ``save_pretrained`` / ``torch.save`` / ``torch.jit.save`` and read back by the server through
@@ -13,21 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
-from mymps_magic.cli.demo import build_tiny_text_model
+from mymps_magic.cli.localserver import LocalServer
 
 __all__ = [
     "CHECKPOINT_CLASS",
@@ -36,14 +31,13 @@ __all__ = [
     "REPO_ROOT",
     "TESTS_DIR",
     "ServerProcess",
-    "ServerStartError",
     "TinyModels",
+    "auth",
     "build_tiny_auto_model",
     "build_tiny_checkpoint",
     "build_tiny_diffusion",
     "build_tiny_models",
     "build_tiny_torchscript",
-    "free_port",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -63,9 +57,6 @@ QUIET_ENV: Mapping[str, str] = {
 """Environment for the test process and every server it starts: offline and quiet."""
 
 _SEED = 0
-_HEALTH_TIMEOUT_S = 60.0
-_STOP_TIMEOUT_S = 10.0
-_LOG_TAIL_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -104,6 +95,8 @@ def build_tiny_models(root: str | Path) -> TinyModels:
     Returns:
         The paths, as a `TinyModels`.
     """
+    from kernel_server.tinymodels import build_tiny_text_model
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     checkpoint, checkpoint_safetensors = build_tiny_checkpoint(root / "checkpoint")
@@ -259,52 +252,24 @@ def build_tiny_auto_model(directory: str | Path) -> Path:
     return directory
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerStartError(RuntimeError):
-    """The server did not answer ``GET /health``; the message ends with its log tail.
-
-    Attributes:
-        returncode: the exit status if the process ended, else ``None`` (it was still starting).
-        log: the whole log of the process.
-    """
-
-    def __init__(self, message: str, returncode: int | None, log: str) -> None:
-        super().__init__(f"{message}\n--- server log (tail) ---\n{log[-_LOG_TAIL_CHARS:]}")
-        self.returncode = returncode
-        self.log = log
-
-
 def auth(token: str) -> dict[str, str]:
     """The header that carries ``token``, as every client sends it."""
     return {"Authorization": f"Bearer {token}"}
 
 
-class ServerProcess:
-    """The real ``python -m kernel_server`` on a loopback port, as tests and benchmarks use it.
+class ServerProcess(LocalServer):
+    """The real server as tests and benchmarks run it: `LocalServer` in the test environment.
 
-    The process gets a random ``MYMPS_TOKEN``, ``--device cpu``, its own ``--home``, the quiet
-    offline environment and a ``PYTHONPATH`` with the repository and ``tests/`` (for
-    ``kitmodels``). Inherited ``MYMPS_*`` variables are dropped so the developer's own settings
-    never leak into a test. Its stdout and stderr go to ``HOME/server-process.log``, appended
-    across restarts, so a test can read what it printed.
-
-    `start` may be called again after `stop` (same home, port and token): that is how tests of
-    ``--restore`` restart a server.
+    On top of `LocalServer`, the process runs in the repository with `QUIET_ENV` and a
+    ``PYTHONPATH`` holding the repository and ``tests/``, where the server finds ``kitmodels``
+    (the checkpoints' class) as it would a user's own package.
 
     Args:
         home: the server's ``--home``; created if missing.
         port: the port to listen on; a free one by default.
-        options: more command-line options, ``max_body="1KiB"`` -> ``--max-body 1KiB``;
-            ``True`` gives a bare flag, ``False``/``None`` omits it, a list or tuple repeats it.
+        options: more command-line options, as `LocalServer` takes them.
         env: extra environment variables for the process (e.g. ``MYMPS_PRELOAD``).
-        token_file: when true, no ``MYMPS_TOKEN`` is given: the server uses its token file
-            (created on first start) and `token` is read from ``HOME/token`` once it is up.
+        token_file: as `LocalServer`: the server makes and uses its token file.
     """
 
     def __init__(
@@ -316,152 +281,17 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         token_file: bool = False,
     ) -> None:
-        self.home = Path(home)
-        self.port = port if port is not None else free_port()
-        self.host = "127.0.0.1"
-        self.options = dict(options or {})
-        self.extra_env = dict(env or {})
-        self.token_file = token_file
-        self.token = "" if token_file else secrets.token_hex(24)  # as the server makes them: never a leading "-"
-        self.log_path = self.home / "server-process.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``, without a trailing slash."""
-        return f"http://{self.host}:{self.port}"
-
-    def ws_url(self, path: str = "/ws/generate") -> str:
-        """The ``ws://`` address of one of its WebSocket endpoints."""
-        return f"ws://{self.host}:{self.port}{path}"
-
-    @property
-    def command(self) -> list[str]:
-        """The command line that `start` runs."""
-        args = [sys.executable, "-m", "kernel_server", "--host", self.host, "--port", str(self.port)]
-        args += ["--home", str(self.home), "--device", "cpu"]
-        for name, value in self.options.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    args += [flag, str(item)]
-            elif value is not None and value is not False:
-                args += [flag, str(value)]
-        return args
-
-    def environment(self) -> dict[str, str]:
-        """The process environment: ours minus ``MYMPS_*``, plus the kit's settings."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("MYMPS_")}
-        env.update(QUIET_ENV)
         path = [str(REPO_ROOT), str(TESTS_DIR)]
         if os.environ.get("PYTHONPATH"):
             path.append(os.environ["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(path)
-        if not self.token_file:
-            env["MYMPS_TOKEN"] = self.token
-        env.update(self.extra_env)
-        return env
-
-    def start(self, timeout: float = _HEALTH_TIMEOUT_S) -> ServerProcess:
-        """Start the process and wait until ``GET /health`` answers 200.
-
-        Returns:
-            ``self``, for ``server = ServerProcess(home).start()``.
-
-        Raises:
-            ServerStartError: the process exited, or did not answer within ``timeout`` seconds
-                (it is then stopped); the message carries the log tail.
-        """
-        if self.process is not None:
-            raise RuntimeError(f"the server on port {self.port} is already started")
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.command,
+        super().__init__(
+            home,
+            port=port,
+            options=options,
+            env={**QUIET_ENV, "PYTHONPATH": os.pathsep.join(path), **(env or {})},
+            token_file=token_file,
             cwd=REPO_ROOT,
-            env=self.environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + timeout
-        while not self._healthy():
-            returncode = self.process.poll()
-            if returncode is not None:
-                self._close()
-                raise ServerStartError(f"the server exited with status {returncode}", returncode, self.log_text())
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerStartError(f"no answer from {self.url}/health in {timeout:g} s", None, self.log_text())
-            time.sleep(0.05)
-        if self.token_file:
-            self.token = (self.home / "token").read_text().strip()
-        return self
-
-    def _healthy(self) -> bool:
-        # No proxy handler: a proxy from the environment must never see loopback test traffic.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(f"{self.url}/health", timeout=1.0) as answer:
-                return bool(answer.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def stop(self) -> int | None:
-        """Stop the process: SIGTERM, then SIGKILL after 10 s. Safe to call twice.
-
-        Returns:
-            The exit status, or ``None`` if it was not running.
-        """
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self._close()
-
-    def _close(self) -> int | None:
-        assert self.process is not None
-        returncode = self.process.returncode
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return returncode
-
-    @property
-    def running(self) -> bool:
-        """Whether the process is started and has not exited."""
-        return self.process is not None and self.process.poll() is None
-
-    def log_text(self) -> str:
-        """Everything the process has printed so far (all starts), or ``""``."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<ServerProcess {self.url} home={str(self.home)!r} {state}>"
 
 
 MakeServer = Callable[..., ServerProcess]

@@ -26,7 +26,7 @@ from typing import IO, Iterator, Mapping
 
 import pytest
 
-from kit import free_port
+from mymps_magic.cli.localserver import free_port
 
 __all__ = ["SSHD", "SSHServer", "SSHStartError", "missing_tools", "sshd"]
 

@@ -22,8 +22,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from kit import ServerProcess, TinyModels, auth, free_port
+from kit import ServerProcess, TinyModels, auth
 from mymps_magic import wire
+from mymps_magic.cli.localserver import free_port
 
 LLAMA = "bad-llama"
 TORCHSCRIPT = "bad-torchscript"

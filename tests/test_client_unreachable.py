@@ -10,8 +10,8 @@ from typing import Iterator
 
 import pytest
 
-from kit import free_port
 from mymps_magic import Client, ConnectionError
+from mymps_magic.cli.localserver import free_port
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import uvicorn
 
 from kernel_server import Settings, create_app
 from kernel_server.device import DeviceError, select_device
-from kit import free_port
+from mymps_magic.cli.localserver import free_port
 
 GIB = 1024**3
 

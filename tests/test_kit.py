@@ -20,12 +20,11 @@ from kit import (
     CHECKPOINT_CLASS,
     MakeServer,
     ServerProcess,
-    ServerStartError,
     TinyModels,
     build_tiny_checkpoint,
     build_tiny_models,
-    free_port,
 )
+from mymps_magic.cli.localserver import ServerStartError, free_port
 
 if TYPE_CHECKING:
     from mymps_magic import Client

@@ -14,7 +14,8 @@ from kernel_server.__main__ import settings_from
 from kernel_server.auth import load_or_create_token
 from kernel_server.errors import DeviceError, ServerError, ServerStartError, TokenFileError
 from kernel_server.settings import Settings, SettingsError, parse_size
-from kit import REPO_ROOT, MakeServer, free_port
+from kit import REPO_ROOT, MakeServer
+from mymps_magic.cli.localserver import free_port
 
 
 def test_env_vars_fill_every_option(tmp_path: Path) -> None:

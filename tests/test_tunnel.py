@@ -20,8 +20,9 @@ from typing import Iterator
 import psutil
 import pytest
 
-from kit import REPO_ROOT, ServerProcess, free_port
+from kit import REPO_ROOT, ServerProcess
 from mymps_magic import Client
+from mymps_magic.cli.localserver import free_port
 from sshd import SSHServer, sshd  # noqa: F401  (the fixture)
 
 LINE_TIMEOUT_S = 30.0
