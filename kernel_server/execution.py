@@ -1,8 +1,8 @@
-"""Running the user's functions and cells: namespace, live output, displays, progress, errors.
+"""Running the user's functions and cells: unpickling, the namespace, and the frame that ends it.
 
-User code runs on the device worker (see ``jobs.py``). While it runs, what it prints, displays
-and reports as progress goes to an :class:`Outlet`, which sends it to the session as frames
-straight away; nothing waits for the code to finish.
+A ``run`` or ``cell`` request runs here, on the device worker (see ``jobs.py``), inside the
+output capture of :mod:`.capture`; its value or error becomes the request's last frame.
+The session (``sessions.py``) only decides when it runs.
 """
 
 from __future__ import annotations
@@ -12,215 +12,58 @@ import io
 import itertools
 import linecache
 import sys
-import threading
 import tokenize
 import traceback
 from pathlib import Path
 from types import CodeType, TracebackType
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from mymps_magic import wire
 
+from .capture import Execution, Outlet, progress
+from .errors import is_out_of_memory
 from .richrepr import mimebundle
 
-Emit = Callable[[wire.Frame], None]
-"""Sends a frame to the session; safe to call from any thread."""
+if TYPE_CHECKING:
+    from .device import Device
+    from .jobs import Job
 
 _SERVER_DIR = str(Path(__file__).resolve().parent)
 _WIRE_DIR = str(Path(wire.__file__).resolve().parent)
 
 
-class Outlet:
-    """Where one request's output goes: stream text, displays and progress bars as frames."""
-
-    def __init__(self, emit: Emit, request_id: int) -> None:
-        self.emit = emit
-        self.request_id = request_id
-        self._bars = itertools.count(1)
-        self._partial: dict[str, str] = {}  # per stream, text written after its last newline
-
-    def stream(self, name: str, text: str) -> None:
-        """Send whole lines at once; the rest of a line waits for its newline, a flush, or the
-        next display or progress, as on a line-buffered terminal. So ``print``'s text and the
-        newline it writes apart travel (and show in the notebook) as one piece."""
-        text = self._partial.pop(name, "") + text
-        cut = text.rfind("\n") + 1
-        if cut < len(text):
-            self._partial[name] = text[cut:]
-        if cut:
-            self.emit(wire.Frame("stream", self.request_id, {"name": name, "text": text[:cut]}))
-
-    def flush(self, name: str | None = None) -> None:
-        """Send what waits for a newline (of one stream, or of both)."""
-        for key in [name] if name is not None else list(self._partial):
-            text = self._partial.pop(key, "")
-            if text:
-                self.emit(wire.Frame("stream", self.request_id, {"name": key, "text": text}))
-
-    def display(self, *objs: Any) -> None:
-        self.flush()
-        for obj in objs:
-            data, metadata = mimebundle(obj)
-            self.emit(wire.Frame("display", self.request_id, {"data": data, "metadata": metadata}))
-
-    def new_bar(self) -> int:
-        return next(self._bars)
-
-    def progress(self, bar: int, fields: dict[str, Any]) -> None:
-        self.flush()
-        self.emit(wire.Frame("progress", self.request_id, {"bar": bar, **fields}))
-
-
-class OutputRouter(io.TextIOBase):
-    """Installed once as ``sys.stdout`` / ``sys.stderr``: text written while user code runs goes
-    to that request's outlet (from any thread the code started), the rest to the real stream."""
-
-    def __init__(self, name: str, real: TextIO) -> None:
-        self.name = name
-        self.real = real
-        self.outlet: Outlet | None = None
-
-    def write(self, text: str) -> int:
-        outlet = self.outlet
-        if outlet is None:
-            return self.real.write(text)
-        outlet.stream(self.name, text)
-        return len(text)
-
-    def flush(self) -> None:
-        outlet = self.outlet
-        if outlet is None:
-            self.real.flush()
-        else:
-            outlet.flush(self.name)
-
-    def isatty(self) -> bool:
-        return False
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def fileno(self) -> int:
-        return self.real.fileno()
-
-
-class Execution:
-    """The server's side of running user code: the output routers and the tqdm hook.
-
-    Both are process-wide (``sys.stdout`` and the ``tqdm`` class are), so they are installed
-    once per process, by the first open Execution, and shared by every Execution open at the
-    same time (two apps built in one process); the last one to close puts the originals back.
-    Installing them per Execution instead made a second app's hook wrap the first's, whose
-    leftover ``__init__`` then overwrote the bar's outlet: a second app lost its progress bars.
-    """
-
-    _open = 0
-    _lock = threading.Lock()
-    _stdout: OutputRouter
-    _stderr: OutputRouter
-    _unhook_tqdm: Callable[[], None]
-
-    def __init__(self) -> None:
-        cls = Execution
-        with cls._lock:
-            if cls._open == 0:
-                cls._stdout = OutputRouter("stdout", sys.stdout)
-                cls._stderr = OutputRouter("stderr", sys.stderr)
-                sys.stdout, sys.stderr = cls._stdout, cls._stderr  # type: ignore[assignment]
-                cls._unhook_tqdm = _hook_tqdm()
-            cls._open += 1
-        self.stdout, self.stderr = cls._stdout, cls._stderr
-        self._closed = False
-
-    @property
-    def current(self) -> Outlet | None:
-        """The outlet of the user code running now, if any."""
-        return self.stdout.outlet
-
-    def close(self) -> None:
-        cls = Execution
-        with cls._lock:
-            if self._closed:
-                return
-            self._closed = True
-            cls._open -= 1
-            if cls._open == 0:
-                sys.stdout, sys.stderr = self.stdout.real, self.stderr.real
-                cls._unhook_tqdm()
-
-    def capture(self, outlet: Outlet) -> _Capture:
-        return _Capture(self, outlet)
-
-
-class _Capture:
-    def __init__(self, execution: Execution, outlet: Outlet) -> None:
-        self.execution = execution
-        self.outlet = outlet
-
-    def __enter__(self) -> Outlet:
-        ex = self.execution
-        ex.stdout.outlet = ex.stderr.outlet = self.outlet
-        return self.outlet
-
-    def __exit__(self, *exc: object) -> None:
-        ex = self.execution
-        ex.stdout.outlet = ex.stderr.outlet = None
-        self.outlet.flush()  # a last line without its newline, before the result
-
-
-def _hook_tqdm() -> Callable[[], None]:
-    """Make tqdm bars of remote code report to the client instead of drawing on stderr.
-
-    tqdm calls ``display`` whenever a bar should redraw (already rate-limited by its own
-    ``mininterval``) and ``close`` at the end; both are rerouted while user code runs.
-
-    Returns:
-        A function that puts tqdm's own methods back.
-    """
-    from tqdm import std
-
-    original_init, original_display, original_close = std.tqdm.__init__, std.tqdm.display, std.tqdm.close
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        outlet = Execution._stdout.outlet  # the routers are shared: the code running now
-        self._mymps_outlet = outlet
-        if outlet is not None:
-            self._mymps_bar = outlet.new_bar()
-            kwargs["file"] = io.StringIO()  # nothing to draw here: the client draws
-        original_init(self, *args, **kwargs)
-
-    def fields(self: Any, closed: bool) -> dict[str, Any]:
-        d = self.format_dict
-        return {"n": d.get("n", 0), "total": d.get("total"), "desc": d.get("prefix") or "",
-                "unit": d.get("unit", "it"), "elapsed": round(d.get("elapsed", 0.0), 3), "closed": closed}
-
-    def display(self: Any, msg: str | None = None, pos: int | None = None) -> Any:
-        outlet = getattr(self, "_mymps_outlet", None)
-        if outlet is None:
-            return original_display(self, msg, pos)
-        outlet.progress(self._mymps_bar, fields(self, False))
-        return True
-
-    def close(self: Any) -> None:
-        outlet = getattr(self, "_mymps_outlet", None)
-        done = getattr(self, "disable", True)
-        original_close(self)
-        if outlet is not None and not done:
-            outlet.progress(self._mymps_bar, fields(self, True))
-
-    def unhook() -> None:
-        std.tqdm.__init__, std.tqdm.display, std.tqdm.close = original_init, original_display, original_close
-
-    std.tqdm.__init__, std.tqdm.display, std.tqdm.close = __init__, display, close
-    return unhook
-
-
-def progress(iterable: Any = None, total: int | None = None, desc: str | None = None, **kwargs: Any) -> Any:
-    """A tqdm bar whose progress shows in the notebook; use it like ``tqdm``."""
-    from tqdm import std
-
-    return std.tqdm(iterable, total=total, desc=desc, mininterval=0.1, **kwargs)
+def run_request(job: Job, frame: wire.Frame, namespace: dict[str, Any], execution: Execution, outlet: Outlet,
+                device: Device) -> wire.Frame:
+    """Run a ``run`` or ``cell`` request in ``namespace``, its output going to ``outlet``;
+    returns its final frame (never raises: a failure is an ``error`` frame)."""
+    rid = frame.id
+    try:
+        if frame.type == "run":
+            try:
+                if "fn" in frame.fields:  # the function's own stream, apart from its arguments
+                    fn = wire.loads([frame["fn"]])
+                    args, kwargs = wire.loads(frame.buffers)
+                else:
+                    fn, args, kwargs = wire.loads(frame.buffers)
+            except Exception as exc:
+                return error_frame(rid, unpickle_error(exc), wire.ERROR_PICKLE)
+            see_namespace(fn, namespace)
+            with execution.capture(outlet), job.user_code():
+                value = fn(*args, **kwargs)
+            return value_frame(rid, value, None)
+        body, last = compile_cell(wire.read_source(frame))
+        with execution.capture(outlet), job.user_code():
+            exec(body, namespace)
+            value = eval(last, namespace) if last is not None else None
+        if value is not None:
+            namespace["_"] = value
+        return value_frame(rid, value, outlet)
+    except BaseException as exc:
+        if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
+            return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), wire.ERROR_CANCELLED)
+        if is_out_of_memory(exc):
+            device.free_memory()
+        return error_frame(rid, exc)
 
 
 class ModelsView(Mapping[str, Any]):
@@ -314,13 +157,10 @@ def _is_server_frame(filename: str) -> bool:
     return filename.startswith((_SERVER_DIR, _WIRE_DIR))
 
 
-def error_frame(request_id: int, exc: BaseException, code: str = "remote") -> wire.Frame:
-    return wire.Frame("error", request_id, {
-        "ename": type(exc).__name__,
-        "evalue": str(exc),
-        "traceback": remote_traceback(exc) if code == "remote" else [],
-        "code": code,
-    })
+def error_frame(request_id: int, exc: BaseException, code: str = wire.ERROR_REMOTE) -> wire.Frame:
+    """The ``error`` frame for ``exc``; only the user's own errors carry their traceback."""
+    traceback = remote_traceback(exc) if code == wire.ERROR_REMOTE else []
+    return wire.error(request_id, type(exc).__name__, str(exc), traceback, code)
 
 
 def see_namespace(fn: Any, namespace: dict[str, Any]) -> None:
@@ -349,21 +189,19 @@ def unpickle_error(exc: BaseException) -> Exception:
 
 def value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | None = None) -> wire.Frame:
     """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
-    fields: dict[str, Any] = {}
-    if outlet is not None and value is not None:
-        fields["mime"] = mimebundle(value)[0]
+    mime = mimebundle(value)[0] if outlet is not None and value is not None else None
     try:
         buffers = wire.dumps(value)
     except Exception as exc:
         if outlet is not None:  # a cell's value still shows through its repr
-            return wire.Frame("result", rid, {**fields, "unpicklable": f"{type(value).__name__}: {exc}"})
+            return wire.unpicklable(rid, f"{type(value).__name__}: {exc}", mime)
         what = f"{names[0]!r}" if names and len(names) == 1 else f"the {type(value).__name__} value"
         if names and len(names) > 1:
             what = "one of " + ", ".join(map(repr, names))
         return error_frame(rid, TypeError(
             f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
-            "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), "pickle")
-    return wire.Frame("result", rid, fields, buffers)
+            "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), wire.ERROR_PICKLE)
+    return wire.result(rid, buffers, mime)
 
 
 def versions_mismatch(python: str, cloudpickle: str) -> str | None:

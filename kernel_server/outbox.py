@@ -33,6 +33,7 @@ read (or a tunnel that is down while a cell prints):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import bisect
 import logging
 import threading
@@ -101,7 +102,7 @@ class _Dropped:
         if self.others:
             what += f" and {self.others:,} displays or progress updates"
         text = f"[mymps: {what} ({_human(self.nbytes)}) of output dropped: the client was not reading]\n"
-        return wire.Frame("stream", rid, {"name": "stderr", "text": text})
+        return wire.stream(rid, "stderr", text)
 
 
 class Outbox:
@@ -292,5 +293,5 @@ def merge_streams(frames: list[wire.Frame]) -> list[wire.Frame]:
             runs[-1].append(frame)
         else:
             runs.append([frame])
-    return [run[0] if len(run) == 1 else wire.Frame(
-        "stream", run[-1].id, {**run[-1].fields, "text": "".join(f.fields["text"] for f in run)}) for run in runs]
+    return [run[0] if len(run) == 1 else dataclasses.replace(
+        run[-1], fields={**run[-1].fields, "text": "".join(f.fields["text"] for f in run)}) for run in runs]

@@ -441,14 +441,8 @@ async def _receive_requests(ws: WebSocket, decoder: wire.FrameDecoder, session: 
         pass
 
 
-async def _hello(ws: WebSocket, decoder: wire.FrameDecoder) -> tuple[wire.Frame, str | None, int]:
-    hello = await _next_frame(ws, decoder)
-    if hello.type != "hello":
-        raise wire.WireFormatError("the first frame must be 'hello'")
-    session_id, last_seq = hello.get("session"), hello.get("last_seq") or 0
-    if not isinstance(session_id, (str, type(None))) or not isinstance(last_seq, int):
-        raise wire.WireFormatError("hello's session must be a string or null and last_seq a number")
-    return hello, session_id, last_seq
+async def _hello(ws: WebSocket, decoder: wire.FrameDecoder) -> wire.Hello:
+    return wire.read_hello(await _next_frame(ws, decoder))
 
 
 @router.websocket("/ws/session")
@@ -458,7 +452,7 @@ async def ws_session(ws: WebSocket) -> None:
     await ws.accept()
     decoder = wire.FrameDecoder(max_size=st.settings.max_body)
     try:
-        hello, session_id, last_seq = await asyncio.wait_for(_hello(ws, decoder), wire.HELLO_TIMEOUT_S)
+        hello = await asyncio.wait_for(_hello(ws, decoder), wire.HELLO_TIMEOUT_S)
     except asyncio.TimeoutError:
         reason = f"no complete hello within {wire.HELLO_TIMEOUT_S:g} s; connect again"
         await ws.close(wire.CLOSE_PROTOCOL_MISUSE, reason)
@@ -468,10 +462,10 @@ async def ws_session(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    session, resumed = st.sessions.open(session_id)
+    session, resumed = st.sessions.open(hello.session)
     # Attached before the welcome is built: its last_request then counts nothing an older
     # socket of this session could still add (see sessions._bad_request_id).
-    live = session.attach(last_seq if resumed else 0)
+    live = session.attach(hello.last_seq if resumed else 0)
     try:
         for message in wire.encode_frame(st.sessions.welcome(session, resumed, hello)):
             await ws.send_bytes(bytes(message))

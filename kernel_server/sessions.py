@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from mymps_magic import wire
 
-from .errors import is_out_of_memory
-from .execution import (Execution, Outlet, compile_cell, error_frame, new_namespace, see_namespace, unpickle_error,
-                        value_frame, versions_mismatch)
+from .capture import Execution, Outlet
+from .execution import error_frame, new_namespace, run_request, unpickle_error, value_frame, versions_mismatch
 from .jobs import Job, JobQueue
 from .loopqueue import LoopQueue
 from .outbox import Mailbox, Outbox, Room
@@ -140,17 +139,17 @@ class Session:
         try:
             self._receive(frame)
         except (TypeError, ValueError) as exc:
-            self.emit(error_frame(frame.id, ValueError(f"malformed {frame.type!r} request: {exc}"), "bad_request"))
+            self.emit(error_frame(frame.id, ValueError(f"malformed {frame.type!r} request: {exc}"), wire.ERROR_BAD_REQUEST))
 
     def _receive(self, frame: wire.Frame) -> None:
+        seq = wire.read_ack(frame)  # requests carry the client's ack too
+        if seq is not None:
+            self.ack(seq)
         if frame.type == "ack":
-            self.ack(int(frame.get("seq", 0)))
             return
-        if "ack" in frame.fields:  # requests carry the client's ack
-            self.ack(int(frame.fields["ack"]))
         bad_id = _bad_request_id(frame.id, self.last_request)
         if bad_id:
-            self.emit(error_frame(frame.id, ValueError(bad_id), "bad_request"))
+            self.emit(error_frame(frame.id, ValueError(bad_id), wire.ERROR_BAD_REQUEST))
             return
         self.last_request = frame.id
         if "upload" in frame.fields:  # its buffers came as an HTTP body
@@ -158,21 +157,21 @@ class Session:
             if buffers is None:
                 self.emit(error_frame(frame.id, ValueError(
                     f"upload {frame.fields['upload']!r} is not on the server (used already, or sent to another "
-                    "session); send the request again"), "bad_request"))
+                    "session); send the request again"), wire.ERROR_BAD_REQUEST))
                 return
             frame.buffers = buffers
         if frame.type == "interrupt":
-            self._interrupt(int(frame.get("target", 0)))
-            self.emit(wire.Frame("result", frame.id, {"fields": {}}))
+            self._interrupt(wire.read_target(frame))
+            self.emit(wire.answer(frame.id))
         elif frame.type == "cancel":
-            self._cancel(frame.id, int(frame.get("target", 0)))
+            self._cancel(frame.id, wire.read_target(frame))
         elif frame.type in ("run", "cell") and not self._in_lane:
             self._submit(frame)  # nothing of this session waits in its lane: queue the job now
         elif frame.type in ("run", "cell", "push", "pull", "reset"):
             self._in_lane.add(frame.id)
             self._lane.put_nowait(frame)
         else:
-            self.emit(error_frame(frame.id, ValueError(f"unknown request type {frame.type!r}"), "bad_request"))
+            self.emit(error_frame(frame.id, ValueError(f"unknown request type {frame.type!r}"), wire.ERROR_BAD_REQUEST))
 
     async def _run_lane(self) -> None:
         while True:
@@ -189,7 +188,7 @@ class Session:
                     await getattr(self, f"_{frame.type}")(frame)
             except Exception as exc:  # one bad request must not stop the lane
                 log.exception("session %s: request %s failed", self.id[:8], frame.id)
-                self.emit(error_frame(frame.id, exc, "bad_request"))
+                self.emit(error_frame(frame.id, exc, wire.ERROR_BAD_REQUEST))
             finally:
                 self._in_lane.discard(frame.id)
 
@@ -200,17 +199,21 @@ class Session:
 
     def _submit(self, frame: wire.Frame) -> None:
         if frame.type == "run" and self.mismatch:
-            self.emit(error_frame(frame.id, RuntimeError(self.mismatch), "version"))
+            self.emit(error_frame(frame.id, RuntimeError(self.mismatch), wire.ERROR_VERSION))
             return
-        if frame.type == "cell" and not isinstance(frame.get("source"), str):
-            self.emit(error_frame(frame.id, ValueError("a cell request needs its source as a string"), "bad_request"))
-            return
-        rid = frame.id
+        if frame.type == "cell":
+            try:
+                wire.read_source(frame)
+            except ValueError as exc:
+                self.emit(error_frame(frame.id, exc, wire.ERROR_BAD_REQUEST))
+                return
+        rid, manager = frame.id, self.manager
 
         def work(job: Job) -> wire.Frame:
             if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
-                self.emit_threadsafe(wire.Frame("started", rid, {"job": job.id}))
-            return self._execute(job, frame)
+                self.emit_threadsafe(wire.started(rid, job.id))
+            outlet = Outlet(functools.partial(self.emit_output, job), rid)
+            return run_request(job, frame, self.namespace, manager.execution, outlet, manager.device)
 
         job = self.manager.jobs.submit(work, frame.type, session=self.id)
         self.jobs[rid] = job
@@ -225,38 +228,6 @@ class Session:
         exc = job.exception()
         frame = job.result() if exc is None else error_frame(rid, exc)
         self._posted.post(functools.partial(self._finish, rid, frame))
-
-    def _execute(self, job: Job, frame: wire.Frame) -> wire.Frame:
-        """Run a ``run`` or ``cell`` request on the device worker; returns its final frame."""
-        rid, manager = frame.id, self.manager
-        outlet = Outlet(functools.partial(self.emit_output, job), rid)
-        try:
-            if frame.type == "run":
-                try:
-                    if "fn" in frame.fields:  # the function's own stream, apart from its arguments
-                        fn = wire.loads([frame["fn"]])
-                        args, kwargs = wire.loads(frame.buffers)
-                    else:
-                        fn, args, kwargs = wire.loads(frame.buffers)
-                except Exception as exc:
-                    return error_frame(rid, unpickle_error(exc), "pickle")
-                see_namespace(fn, self.namespace)
-                with manager.execution.capture(outlet), job.user_code():
-                    value = fn(*args, **kwargs)
-                return value_frame(rid, value, None)
-            body, last = compile_cell(str(frame["source"]))
-            with manager.execution.capture(outlet), job.user_code():
-                exec(body, self.namespace)
-                value = eval(last, self.namespace) if last is not None else None
-            if value is not None:
-                self.namespace["_"] = value
-            return value_frame(rid, value, outlet)
-        except BaseException as exc:
-            if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
-                return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), "cancelled")
-            if is_out_of_memory(exc):
-                manager.device.free_memory()
-            return error_frame(rid, exc)
 
     def _finish(self, rid: int, frame: wire.Frame) -> None:
         """The request's last frame; its job leaves the session's list in the same loop turn."""
@@ -278,24 +249,24 @@ class Session:
             cancelled = target in self._in_lane and target not in self._dropped
             if cancelled:
                 self._dropped.add(target)
-        self.emit(wire.Frame("result", rid, {"fields": {"cancelled": bool(cancelled)}}))
+        self.emit(wire.answer(rid, cancelled=bool(cancelled)))
 
     async def _push(self, frame: wire.Frame) -> None:
         try:
             values = await asyncio.to_thread(wire.loads, frame.buffers)
         except Exception as exc:
-            self.emit(error_frame(frame.id, unpickle_error(exc), "pickle"))
+            self.emit(error_frame(frame.id, unpickle_error(exc), wire.ERROR_PICKLE))
             return
         self.namespace.update(values)
-        self.emit(wire.Frame("result", frame.id, {"fields": {"names": sorted(values)}}))
+        self.emit(wire.answer(frame.id, names=sorted(values)))
 
     async def _pull(self, frame: wire.Frame) -> None:
-        names = [str(n) for n in frame.get("names", [])]
+        names = wire.read_names(frame)
         missing = [n for n in names if n not in self.namespace]
         if missing:
             self.emit(error_frame(frame.id, NameError(
                 f"{', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} not defined in the remote "
-                "session; define it there first (a %%mymps cell or run) or push it"), "name"))
+                "session; define it there first (a %%mymps cell or run) or push it"), wire.ERROR_NAME))
             return
         values = tuple(self.namespace[n] for n in names)
         self.emit(await asyncio.to_thread(value_frame, frame.id, values, None, names))
@@ -306,7 +277,7 @@ class Session:
         # runs. Safe: the lane waited for this session's jobs, so no code of it is running.
         old, self.namespace = self.namespace, self.manager.new_namespace()
         old.clear()
-        self.emit(wire.Frame("result", frame.id, {"fields": {}}))
+        self.emit(wire.answer(frame.id))
 
     def close(self) -> None:
         """End the session and free what it holds now, not at the next garbage collection.
@@ -381,14 +352,10 @@ class SessionManager:
         log.info("session %s opened", session.id[:8])
         return session, False
 
-    def welcome(self, session: Session, resumed: bool, hello: wire.Frame) -> wire.Frame:
-        session.mismatch = versions_mismatch(str(hello.get("python")), str(hello.get("cloudpickle")))
-        return wire.Frame("welcome", 0, {
-            "session": session.id, "resumed": resumed, "python": wire.PYTHON_VERSION,
-            "python_full": platform.python_version(), "cloudpickle": wire.cloudpickle_version(),
-            "server": server_version(), "last_request": session.last_request, "mismatch": session.mismatch,
-            "session_buffer": self.buffer_bytes,
-        })
+    def welcome(self, session: Session, resumed: bool, hello: wire.Hello) -> wire.Frame:
+        session.mismatch = versions_mismatch(hello.python, hello.cloudpickle)
+        return wire.welcome(session.id, resumed, platform.python_version(), server_version(), session.last_request,
+                            session.mismatch, self.buffer_bytes)
 
     async def _reap(self) -> None:
         while True:

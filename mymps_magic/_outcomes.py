@@ -60,32 +60,34 @@ def settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
 
 
 def _result_value(frame: wire.Frame) -> Any:
-    if "fields" in frame.fields:
-        return frame["fields"]
-    if frame.get("unpicklable"):
-        return RemoteValue(frame.get("mime") or {}, reason=frame["unpicklable"])
+    result = wire.read_result(frame)
+    if result.fields is not None:
+        return result.fields
+    if result.unpicklable is not None:
+        return RemoteValue(result.mime or {}, reason=result.unpicklable)
     try:
-        value = wire.loads(frame.buffers)
+        value = wire.loads(result.buffers)
     except Exception as exc:
         raise errors.PicklingError(
             f"The server's answer could not be unpickled here ({type(exc).__name__}: {exc}); "
             "install the same packages on both sides, or send plain data") from None
-    if frame.get("mime") is not None:
-        return RemoteValue(frame["mime"], value=value)
+    if result.mime is not None:
+        return RemoteValue(result.mime, value=value)
     return value
 
 
 _ERRORS: dict[str, Callable[[str], errors.MympsError]] = {
-    "pickle": errors.PicklingError,
-    "name": errors.RemoteNameError,
-    "version": errors.VersionMismatchError,
-    "cancelled": errors.CancelledError,
-    "bad_request": errors.BadRequestError,
+    wire.ERROR_PICKLE: errors.PicklingError,
+    wire.ERROR_NAME: errors.RemoteNameError,
+    wire.ERROR_VERSION: errors.VersionMismatchError,
+    wire.ERROR_CANCELLED: errors.CancelledError,
+    wire.ERROR_BAD_REQUEST: errors.BadRequestError,
 }
+"""The mymps error of each ``error`` frame code but ``remote``; an unknown code is a `ServerError`."""
 
 
 def _error_of(frame: wire.Frame) -> errors.MympsError:
-    code = frame.get("code", "remote")
-    if code == "remote":
-        return _remote_error(str(frame["ename"]), str(frame.get("evalue", "")), frame.get("traceback"))
-    return _ERRORS.get(code, errors.ServerError)(str(frame.get("evalue") or frame["ename"]))
+    failure = wire.read_error(frame)
+    if failure.code == wire.ERROR_REMOTE:
+        return _remote_error(failure.ename, failure.evalue, failure.traceback)
+    return _ERRORS.get(failure.code, errors.ServerError)(failure.evalue or failure.ename)

@@ -95,7 +95,7 @@ class SessionChannel:
         self.connection = connection
         self.sink = sink
         self.session_id: str | None = None
-        self.welcome: wire.Frame | None = None
+        self.welcome: wire.Welcome | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._last_seq = 0
@@ -130,42 +130,42 @@ class SessionChannel:
     def _connect(self) -> None:
         """Open the socket and say hello; resend what the server did not get."""
         settings = self.connection.settings
-        hello = wire.Frame("hello", 0, {
-            "session": self.session_id, "last_seq": self._last_seq, "python": wire.PYTHON_VERSION,
-            "cloudpickle": wire.cloudpickle_version(), "protocol": wire.PROTOCOL_VERSION,
-        })
+        hello = wire.hello(self.session_id, self._last_seq)
         with self.connection.ws_errors():
             ws = ClientWebSocket.connect(settings.host, settings.port, "/ws/session", self.connection.headers,
                                          timeout=CONNECT_TIMEOUT)
             try:
                 for message in wire.encode_frame(hello):
                     ws.send(message)
-                welcome = wire.FrameDecoder().feed(ws.recv()[0])
+                answer = wire.FrameDecoder().feed(ws.recv()[0])
                 ws.sock.settimeout(None)
             except BaseException:
                 ws.close()
                 raise
-        if welcome is None or welcome.type != "welcome":
+        try:
+            welcome = wire.read_welcome(answer)
+        except wire.WireFormatError:
             ws.close()
-            raise errors.ServerError("The server did not answer the session hello; is it a mymps server of the same version?")
-        lost = self.session_id is not None and not welcome["resumed"]
+            raise errors.ServerError("The server did not answer the session hello; is it a mymps server of the "
+                                     "same version?") from None
+        lost = self.session_id is not None and not welcome.resumed
         if lost:
             self._lost = errors.SessionLostError(
                 "The server no longer has this session (it restarted, or the session idled out): the remote "
                 "namespace is gone. Call reset() (`%mymps reset`) to go on in a fresh one, and push your data again.")
             self._fail_all(self._lost)
             self._last_seq = 0
-        if self.welcome is None and welcome.get("mismatch"):
-            print(f"mymps: {welcome['mismatch']}", file=sys.stderr)
-        self.welcome, self.session_id = welcome, welcome["session"]
-        buffer = welcome.get("session_buffer")
-        self._ack_bytes = min(_ACK_LARGE, buffer // 4) if isinstance(buffer, int) and buffer > 0 else _ACK_LARGE
+        if self.welcome is None and welcome.mismatch:
+            print(f"mymps: {welcome.mismatch}", file=sys.stderr)
+        self.welcome, self.session_id = welcome, welcome.session
+        buffer = welcome.session_buffer
+        self._ack_bytes = _ACK_LARGE if buffer is None else min(_ACK_LARGE, buffer // 4)
         self._acked = self._last_seq
         self._decoder = wire.FrameDecoder()
         with self._send_lock:  # no new request slips in before the resent ones: ids stay in order
             self._ws = ws
             with self._lock:
-                resend = [r for rid, r in sorted(self._pending.items()) if rid > int(welcome.get("last_request") or 0)]
+                resend = [r for rid, r in sorted(self._pending.items()) if rid > welcome.last_request]
             if self._too_big is not None and resend:
                 refused, resend = resend[0], resend[1:]
                 self._refuse(refused, errors.BadRequestError(self._too_big, status_code=413))
@@ -263,7 +263,7 @@ class SessionChannel:
 
     @property
     def mismatch(self) -> str | None:
-        return None if self.welcome is None else self.welcome.get("mismatch")
+        return None if self.welcome is None else self.welcome.mismatch
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class SessionChannel:
             # Every request tells the server what has arrived, so it can forget it: no ack frame
             # of its own on the way of a quick call.
             self._acked, self._unacked_bytes = self._last_seq, 0
-            frame = wire.Frame(kind, rid, {**(fields or {}), "ack": self._acked}, buffers or [])
+            frame = wire.request(kind, rid, self._acked, fields, buffers)
             request = _Request(frame, RemoteFuture(rid, self.withdraw), waiter, source)
             with self._lock:
                 self._pending[rid] = request
@@ -304,7 +304,7 @@ class SessionChannel:
     def _upload(self, buffers: list[Any]) -> str:
         """Send buffers as ``PUT /session/{id}/upload``; returns the id the request names.
         A connection that breaks is retried for as long as the session would reconnect."""
-        parts = wire.encode_stream(wire.Frame("upload", 0, {}, buffers))
+        parts = wire.encode_stream(wire.upload(buffers))
         deadline = time.monotonic() + RECONNECT_WINDOW
         for attempt in itertools.count():
             try:
@@ -532,7 +532,7 @@ class SessionChannel:
         if self._unacked_bytes >= self._ack_bytes or self._last_seq - self._acked >= _ACK_EVERY:
             self._acked = self._last_seq
             self._unacked_bytes = 0
-            self._send(wire.Frame("ack", 0, {"seq": self._last_seq}))
+            self._send(wire.ack(self._last_seq))
 
     def _route(self, frame: wire.Frame) -> None:
         final = frame.type not in wire.OUTPUT_FRAMES and frame.type != "started"
@@ -556,7 +556,7 @@ class SessionChannel:
                 self._notify_callers()
             return
         if frame.type == "started":
-            request.future.job_id = frame.get("job")
+            request.future.job_id = wire.read_started(frame)
             request.future.set_running_or_notify_cancel()
             return
         settle(request.future, frame, request.source)
@@ -578,12 +578,13 @@ class SessionChannel:
         return done
 
     def _render(self, rid: int, frame: wire.Frame) -> None:
-        if frame.type == "stream":
-            self.sink.stream(frame["name"], frame["text"])
-        elif frame.type == "display":
-            self.sink.display(frame["data"], frame.get("metadata"))
+        output = wire.read_output(frame)
+        if output.kind == "stream":
+            self.sink.stream(output.name, output.text)
+        elif output.kind == "display":
+            self.sink.display(output.data, output.metadata)
         else:
-            self.sink.progress(rid, frame.fields)
+            self.sink.progress(rid, output.data)
 
     def _refuse(self, request: _Request, exc: BaseException) -> None:
         """End one pending request with ``exc`` (the server refused it without an answer)."""

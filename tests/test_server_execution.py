@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import std
 
-from kernel_server.execution import Execution, Outlet
+from kernel_server.capture import Execution, Outlet
 from mymps_magic import wire
 
 

@@ -739,7 +739,7 @@ def test_pull_of_an_undefined_name_is_a_one_line_remote_name_error(c: Client) ->
 def test_version_mismatch_refuses_pickled_code_and_keeps_cells_and_data(
     client: Client, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(wire, "PYTHON_VERSION", "3.8")
+    monkeypatch.setattr(wire.frames, "PYTHON_VERSION", "3.8")
     assert client._execution.channel is None  # the session connects below, with the patched version
     mismatch = client.session.mismatch
     assert mismatch and "3.8" in mismatch and f"{sys.version_info[0]}.{sys.version_info[1]}" in mismatch

@@ -11,6 +11,7 @@ Formats: ``/infer``, ``/models/load``, error bodies and generation in :mod:`.res
 The session channel
 -------------------
 Frames (:mod:`.frames`) carry a header and buffers; values are pickled by :mod:`.pickling`.
+Each kind below has one constructor and one reader in :mod:`.messages` (``error`` in :mod:`.codes`).
 
 Client -> server (``id`` is the client's request number, increasing within a session; every
 request carries ``ack``, the last server frame the client has, so the server can forget it):
@@ -54,8 +55,8 @@ gets exactly what it missed):
 ``result``     the request's outcome; buffers: the pickled value where there is one;
                ``mime``: rich repr of a cell's last value; ``fields`` for small plain answers
 ``error``      ``ename``, ``evalue``, ``traceback`` (lines, server frames trimmed), and
-               ``code``: "remote" (the user's code raised), "pickle", "name", "version",
-               "cancelled", "session", "bad_request"
+               ``code``: one of :mod:`.codes` ("remote": the user's code raised, "pickle",
+               "name", "version", "cancelled", "bad_request")
 =============  ==========================================================================
 
 Limits: a frame lists at most ``MAX_BUFFERS`` buffers; the hello must arrive within
@@ -84,4 +85,15 @@ from .rest import (EVENT_PROGRESS as EVENT_PROGRESS, HEADER_MODEL as HEADER_MODE
                    MSGPACK as MSGPACK, NDJSON as NDJSON, GenerateRequest as GenerateRequest, error_body as error_body,
                    ndjson_line as ndjson_line, pack_tensors as pack_tensors, progress_event as progress_event,
                    unpack_tensors as unpack_tensors)
-from .codes import ERROR_CONFLICT as ERROR_CONFLICT
+from .codes import (ERROR_BAD_REQUEST as ERROR_BAD_REQUEST, ERROR_CANCELLED as ERROR_CANCELLED,
+                    ERROR_CONFLICT as ERROR_CONFLICT, ERROR_NAME as ERROR_NAME, ERROR_PICKLE as ERROR_PICKLE,
+                    ERROR_REMOTE as ERROR_REMOTE, ERROR_VERSION as ERROR_VERSION,
+                    SESSION_ERROR_CODES as SESSION_ERROR_CODES, RemoteFailure as RemoteFailure, error as error,
+                    read_error as read_error)
+from .messages import (REQUEST_KINDS as REQUEST_KINDS, Hello as Hello, Output as Output, Result as Result,
+                       Welcome as Welcome, ack as ack, answer as answer, display as display, hello as hello,
+                       progress as progress, read_ack as read_ack, read_hello as read_hello, read_names as read_names,
+                       read_output as read_output, read_result as read_result, read_source as read_source,
+                       read_started as read_started, read_target as read_target, read_welcome as read_welcome,
+                       request as request, result as result, started as started, stream as stream,
+                       unpicklable as unpicklable, upload as upload, welcome as welcome)
