@@ -240,7 +240,7 @@ def _project(source: str | Path | None) -> Path:
     if source is not None:
         path = Path(source).expanduser().resolve()
     else:
-        path = Path(__file__).resolve().parent.parent
+        path = Path(__file__).resolve().parents[2]  # mymps_magic/cli/deploy.py -> the checkout
     if not (path / "pyproject.toml").is_file() or not (path / "kernel_server").is_dir():
         hint = f"{path} holds no mymps project" if source is not None else "this mymps is installed, not run from a checkout"
         raise CommandError(f"nothing to deploy: {hint}; give --source DIR, a mymps checkout.")
