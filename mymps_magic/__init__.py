@@ -11,7 +11,7 @@ import importlib.metadata as _metadata
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    from mymps_magic._outcomes import RemoteFuture as RemoteFuture
+    from mymps_magic._futures import RemoteFuture as RemoteFuture
     from mymps_magic._stream import TokenStream as TokenStream
     from mymps_magic.client import Client as Client
     from mymps_magic.client import MympsClient as MympsClient
@@ -36,7 +36,7 @@ if _typing.TYPE_CHECKING:
 _LAZY = {
     "Client": "mymps_magic.client",
     "MympsClient": "mymps_magic.client",
-    "RemoteFuture": "mymps_magic._outcomes",
+    "RemoteFuture": "mymps_magic._futures",
     "TokenStream": "mymps_magic._stream",
     "AuthError": "mymps_magic.errors",
     "BadRequestError": "mymps_magic.errors",

@@ -11,7 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from mymps_magic import errors
-from mymps_magic._outcomes import RemoteFuture
+from mymps_magic._futures import RemoteFuture
 from mymps_magic._pickling import pickle_call, pickle_values
 from mymps_magic._session import SessionChannel
 from mymps_magic.display import OutputSink, RemoteValue

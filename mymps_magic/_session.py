@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from mymps_magic import errors, wire
 from mymps_magic._connection import WS_CLOSE_TOO_BIG
-from mymps_magic._outcomes import RemoteFuture, settle
+from mymps_magic._futures import RemoteFuture, settle
 from mymps_magic._websocket import ClientWebSocket, Closed
 from mymps_magic.display import OutputSink
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL.Image import Image
 
-    from mymps_magic._outcomes import RemoteFuture
+    from mymps_magic._futures import RemoteFuture
     from mymps_magic._session import SessionChannel
     from mymps_magic._stream import TokenStream
     from mymps_magic.display import RemoteValue

@@ -1,4 +1,4 @@
-"""What a session request ends as: a future, a value, a cell's `RemoteValue`, or a mymps error.
+"""RemoteFuture and what a session request ends as: a value, a cell's `RemoteValue`, or a mymps error.
 
 The session channel (``_session.py``) reads the final ``result`` or ``error`` frame of each
 request; this module turns it into what the caller gets.
