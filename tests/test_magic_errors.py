@@ -151,7 +151,7 @@ def test_unpicklable_pull_says_to_keep_it_remote(nb: Kernel) -> None:
 def test_python_version_mismatch_is_one_line_and_cells_still_work(own_kernel: Callable[..., Kernel],
                                                                   server: ServerProcess) -> None:
     here = f"{sys.version_info.major}.{sys.version_info.minor}"  # the server's: same interpreter
-    kernel = own_kernel("import mymps_magic.wire as w\nw.PYTHON_VERSION = '3.8'",
+    kernel = own_kernel("import mymps_magic.wire.frames as w\nw.PYTHON_VERSION = '3.8'",
                         MYMPS_SERVER_PORT=str(server.port), MYMPS_TOKEN=server.token)
     first = ok(kernel.execute("%%mymps\nprint('cells work')\n6 * 7"))
     assert first.stdout == "cells work\n" and first.result == {"text/plain": "42"}
