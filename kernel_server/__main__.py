@@ -15,15 +15,16 @@ import sys
 import threading
 import time
 
-from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
 from .errors import ServerStartError, SettingsError
+from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
 from .settings import Settings, is_loopback, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
 
 SWITCH_INTERVAL_S = 0.0005
-GRACE_S = 3.0
-"""How long a stop waits for the cancelled job to answer, and then for connections to close."""
+GRACE_S = 3
+"""How long a stop waits for the cancelled job to answer, and then for connections to close (an int:
+uvicorn's ``timeout_graceful_shutdown`` is typed so)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="address to bind (MYMPS_BIND, default 127.0.0.1; non-loopback needs --allow-remote)")
     p.add_argument("--port", type=int, help="TCP port (MYMPS_PORT, default 5555; 0 picks a free one)")
-    p.add_argument("--device", choices=["auto", "mps", "cuda", "cpu"], help="device (MYMPS_DEVICE, default auto: mps, cuda, cpu)")
+    p.add_argument("--device", choices=["auto", "mps", "cuda", "cpu"],
+                   help="device (MYMPS_DEVICE, default auto: mps, cuda, cpu)")
     p.add_argument("--home", help="folder for the token and the log (MYMPS_HOME, default ~/.mymps)")
     p.add_argument("--token-file", help="token file (MYMPS_TOKEN_FILE, default $MYMPS_HOME/token)")
     p.add_argument("--allow-remote", action="store_true", default=None,
-                   help="allow binding a non-loopback address (MYMPS_ALLOW_REMOTE=1); the server runs any code sent to it")
+                   help="allow binding a non-loopback address (MYMPS_ALLOW_REMOTE=1); "
+                   "the server runs any code sent to it")
     p.add_argument("--max-body", help="largest request or message, e.g. 4GiB, 512MiB (MYMPS_MAX_BODY, default 4GiB)")
     p.add_argument("--preload", action="append", metavar="NAME[:KIND[:DTYPE]]",
                    help="load this model at start (repeatable; MYMPS_PRELOAD comma-separated)")
@@ -101,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app, make_job_queue
-    from .serverstate import server_version
     from .auth import load_or_create_token
     from .device import select_device
     from .jobs import INTERRUPT_SIGNAL
+    from .serverstate import server_version
 
     try:
         device = select_device(settings.device)

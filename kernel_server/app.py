@@ -6,11 +6,13 @@ order. Every error leaves as JSON ``{"error": "..."}`` with a fitting status, ne
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -51,9 +53,9 @@ def _load_at_start(registry: Registry, jobs: JobQueue, requests: list[LoadReques
 
             registry.load(request, progress, job.check_cancelled)  # the registry logs the load
 
-        def report(job: Job, request: LoadRequest = request) -> None:
-            if not job.cancelled() and job.exception() is not None:
-                log.warning("could not load %s at start: %s", request.name, as_server_error(job.exception()).message)
+        def report(done: concurrent.futures.Future[None], request: LoadRequest = request) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                log.warning("could not load %s at start: %s", request.name, as_server_error(exc).message)
 
         jobs.submit(work, "load", model=request.name).add_done_callback(report)
 

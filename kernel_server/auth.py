@@ -113,7 +113,8 @@ class GuardMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     rejected = True
-                    await _reject(scope, receive, send, 413, f"request body is over the server's --max-body of {limit} bytes")
+                    await _reject(scope, receive, send, 413,
+                                  f"request body is over the server's --max-body of {limit} bytes")
                     return {"type": "http.disconnect"}
             return message
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any, MutableMapping
+from typing import Any
 
 import psutil
 import torch
@@ -66,7 +67,7 @@ def available() -> list[str]:
         kinds.append("mps")
     if torch.cuda.is_available():
         kinds.append("cuda")
-    return kinds + ["cpu"]
+    return [*kinds, "cpu"]
 
 
 def select_device(requested: str = "auto", environ: MutableMapping[str, str] | None = None) -> Device:

@@ -31,8 +31,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import Cancelled, NotFound
 from .lifecycle import describe_job
@@ -46,7 +47,8 @@ SHUTDOWN_REASON = "cancelled: the server is shutting down"
 class Job(concurrent.futures.Future):  # type: ignore[type-arg]
     """One unit of device work and its outcome."""
 
-    def __init__(self, job_id: str, fn: Callable[[Job], Any], kind: str, model: str | None, session: str | None) -> None:
+    def __init__(self, job_id: str, fn: Callable[[Job], Any], kind: str, model: str | None,
+                 session: str | None) -> None:
         super().__init__()
         self.id = job_id
         self.fn = fn
@@ -204,10 +206,8 @@ class JobQueue:
     def abandon(self, job: Job, reason: str) -> None:
         """Stop a job whose caller went away; nothing happens if it already finished."""
         if not job.done():
-            try:
+            with contextlib.suppress(NotFound):
                 self.cancel(job.id, reason)
-            except NotFound:
-                pass
 
     def close(self, reason: str = SHUTDOWN_REASON) -> None:
         """Cancel everything and stop the worker; waits briefly for the running job to stop."""
@@ -236,7 +236,8 @@ class JobQueue:
         if self._worker == threading.main_thread().ident:
             signal.pthread_kill(self._worker, INTERRUPT_SIGNAL)
         else:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._worker), ctypes.py_object(KeyboardInterrupt))
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._worker),
+                                                       ctypes.py_object(KeyboardInterrupt))
         return True
 
     def on_interrupt_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -34,8 +34,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 log = logging.getLogger("kernel_server")
 
@@ -126,8 +127,9 @@ class RunMarker:
                 continue
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("started", 0))))
             now = str(info.get("now", "")).strip() or "idle"
+            doing = "idle" if now == "idle" else f"running {now}"
             how = (f"ended by {now}" if now.startswith("os._exit(") else
-                   f"ended without stopping (killed, crashed or os._exit) while {'idle' if now == 'idle' else 'running ' + now}")
+                   f"ended without stopping (killed, crashed or os._exit) while {doing}")
             log.warning("the previous run (pid %s, started %s, on %s) %s; a crash's traceback, if any, is above "
                         "in this log. Models come back with --restore; session namespaces are gone",
                         pid, started, info.get("address", "?"), how)

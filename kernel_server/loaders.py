@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -83,7 +84,8 @@ def _load_text(req: LoadRequest, dtype: torch.dtype, device: Device, progress: P
         model = AutoModelForCausalLM.from_pretrained(req.source, dtype=dtype, trust_remote_code=req.trust_remote_code)
     check_cancelled()
     progress("device", 0.8, f"moving to {device.kind}")
-    model = model.to(device.torch_device).eval()
+    # transformers wraps Module.to in functools.wraps, whose type loses the bound self.
+    model = model.to(device.torch_device).eval()  # type: ignore[arg-type]
     return model, tokenizer
 
 

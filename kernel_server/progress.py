@@ -7,7 +7,8 @@ a point where a cancelled job stops.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 
 class Steps:

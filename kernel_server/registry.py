@@ -14,9 +14,10 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -86,10 +87,8 @@ class LoadedModel:
 
     def info(self) -> dict[str, Any]:
         config = getattr(self.obj, "config", None)
-        if hasattr(config, "to_dict"):
-            config = config.to_dict()
-        elif config is not None:
-            config = dict(config)
+        if config is not None:
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         return {**self.describe(), "source": self.source, "class": type(self.obj).__name__,
                 "config": _jsonable(config)}
 
@@ -177,7 +176,7 @@ class Registry:
         return model
 
     def _load(self, request: LoadRequest, progress: Progress, check_cancelled: Callable[[], None]) -> LoadedModel:
-        if request.kind not in KINDS + (detect.DETECT,):
+        if request.kind not in (*KINDS, detect.DETECT):
             raise Unprocessable(f"unknown kind {request.kind!r}; use one of {', '.join(KINDS)}")
         dtype = self._dtype(request.dtype)
         _check_exists(request)
@@ -221,7 +220,8 @@ class Registry:
         gc.collect()
         self.device.free_memory()
         self._changed()
-        log.info("unloaded %s (%s, %s) in %.2f s, %d bytes freed", name, kind, dtype, time.perf_counter() - started, freed)
+        log.info("unloaded %s (%s, %s) in %.2f s, %d bytes freed", name, kind, dtype,
+                 time.perf_counter() - started, freed)
         return freed
 
     def _changed(self) -> None:
@@ -249,9 +249,9 @@ def _quiet_libraries() -> None:
 
 def _check_exists(request: LoadRequest) -> None:
     """A path on the server (or the file of a kind that only loads from one) must exist."""
-    if request.kind in ("torchscript", "checkpoint") or detect.looks_local(request.source):
-        if not Path(request.source).expanduser().exists():
-            raise NotFound(f"path {request.source!r} does not exist on the server")
+    local = request.kind in ("torchscript", "checkpoint") or detect.looks_local(request.source)
+    if local and not Path(request.source).expanduser().exists():
+        raise NotFound(f"path {request.source!r} does not exist on the server")
 
 
 def _size(obj: Any) -> tuple[int, int]:

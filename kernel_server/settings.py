@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, get_args
+from typing import get_args
 
 from .errors import SettingsError
 from .schemas import DType, Kind
@@ -69,7 +70,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 5555
     device: str = "auto"
-    home: Path = Path("~/.mymps").expanduser()
+    # A factory, so the default follows the HOME of the process that builds Settings, not of the import.
+    home: Path = field(default_factory=lambda: Path("~/.mymps").expanduser())
     token_file: Path | None = None
     token: str | None = None
     allow_remote: bool = False
@@ -144,7 +146,8 @@ class Settings:
         if not self.allow_remote and not is_loopback(self.host):
             raise SettingsError(
                 f"refusing to bind {self.host} ({named('host')}): the server runs any code sent to it, so it "
-                "listens on loopback only; reach it through `mymps tunnel`, or pass --allow-remote if you really mean it"
+                "listens on loopback only; reach it through `mymps tunnel`, "
+                "or pass --allow-remote if you really mean it"
             )
         return self
 
