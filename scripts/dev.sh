@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (or reuse) a virtual environment and run the demo or the tests, on a fresh machine too.
 #   scripts/dev.sh demo          the tiny local demo: server + client on this machine's CPU
-#   scripts/dev.sh test [ARGS]   the whole test suite (ARGS go to pytest)
+#   scripts/dev.sh lint          ruff and mypy over both packages (the configuration is in pyproject.toml)
+#   scripts/dev.sh test [ARGS]   lint, then the whole test suite (ARGS go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${MYMPS_VENV:-.venv}
@@ -31,20 +32,35 @@ system_packages() {
     fi
 }
 
+lint() {
+    # Both always run, so one call shows every finding; the command fails if either found any.
+    local failed=0
+    echo "lint: ruff"
+    "$venv/bin/ruff" check mymps_magic kernel_server || failed=1
+    echo "types: mypy"
+    "$venv/bin/mypy" --strict mymps_magic kernel_server || failed=1
+    return "$failed"
+}
+
 case "${1:-}" in
     demo)
         setup
         exec "$venv/bin/mymps" demo
         ;;
+    lint)
+        setup
+        lint
+        ;;
     test)
         shift
         setup
+        lint
         system_packages
         export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
         exec "$venv/bin/python" -m pytest -q "$@"
         ;;
     *)
-        echo "usage: scripts/dev.sh demo | test [pytest args]" >&2
+        echo "usage: scripts/dev.sh demo | lint | test [pytest args]" >&2
         exit 2
         ;;
 esac
