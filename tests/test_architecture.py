@@ -1,4 +1,4 @@
-"""The shape of the code: no import circles between the project's own modules.
+"""The shape of the code: no import circles between the project's own modules, and none too long.
 
 A circle is dodged today with a function-level import and bites tomorrow, when someone moves that
 import to the top or imports the modules in another order; so every import statement counts,
@@ -16,6 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("mymps_magic", "kernel_server")
+MAX_MODULE_LINES = 450
+"""Past this a module holds more than one job (the house habit is to split near 400)."""
 
 
 def _modules() -> dict[str, Path]:
@@ -136,7 +138,7 @@ def _path_through(graph: dict[str, set[str]], component: list[str]) -> list[str]
     while True:
         for nxt in sorted(graph[trail[-1]] & members):
             if nxt == start and len(trail) > 1:
-                return trail + [start]
+                return [*trail, start]
         step = next((n for n in sorted(graph[trail[-1]] & members) if n not in seen), None)
         if step is None:  # a dead end inside the component: the component itself says enough
             return component
@@ -171,3 +173,9 @@ def test_the_server_reaches_wire_without_the_client_machinery() -> None:
         out = subprocess.run([sys.executable, "-c", LIGHT_PROBE.format(module=module)], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
         assert json.loads(out) == [], module
+
+
+def test_no_module_is_over_the_line_limit() -> None:
+    too_long = [f"{path.relative_to(ROOT)} ({lines} lines)" for path in _modules().values()
+                if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines; split each by its jobs:\n" + "\n".join(too_long)
