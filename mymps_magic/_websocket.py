@@ -13,13 +13,14 @@ Sending is thread-safe; receiving is for one thread at a time (the session's rea
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import select
 import socket
 import struct
 import threading
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 try:
     from websockets.speedups import apply_mask
@@ -29,6 +30,10 @@ except ImportError:  # websockets built without its C extension: its own pure-Py
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEAD = 64 * 1024
 _READ_SIZE = 1 << 20
+MAX_MESSAGE = 1 << 30
+"""Largest message the client takes (``max_size``): far above the largest a mymps server sends
+(data in ``wire.CHUNK`` pieces, output frames within its ``--session-buffer``, 256 MiB by
+default), while a broken or hostile server cannot make it allocate without bound."""
 """Bytes asked of the socket at once: large enough that a big message takes few system calls."""
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -54,11 +59,16 @@ class Closed(Exception):
         self.reason = reason
 
 
+class MessageTooBig(Exception):
+    """The server sent a message over the client's ``max_size``; the connection is closed (1009)."""
+
+
 class ClientWebSocket:
     """One open WebSocket connection; see :meth:`connect`."""
 
-    def __init__(self, sock: socket.socket, leftover: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket, leftover: bytes = b"", max_size: int = MAX_MESSAGE) -> None:
         self.sock = sock
+        self.max_size = max_size
         self._buf = bytearray(leftover)
         self._pos = 0
         self._chunk = bytearray(_READ_SIZE)  # read into, then appended: no fresh 1 MiB object per read
@@ -70,8 +80,9 @@ class ClientWebSocket:
         self.closed = False
 
     @classmethod
-    def connect(cls, host: str, port: int, path: str, headers: Mapping[str, str], timeout: float) -> ClientWebSocket:
-        """Open a TCP connection and do the opening handshake.
+    def connect(cls, host: str, port: int, path: str, headers: Mapping[str, str], timeout: float,
+                max_size: int = MAX_MESSAGE) -> ClientWebSocket:
+        """Open a TCP connection and do the opening handshake; ``max_size`` bounds one message.
 
         Raises:
             OSError: the server cannot be reached (or did not answer within ``timeout``).
@@ -93,7 +104,7 @@ class ClientWebSocket:
             if fields.get("sec-websocket-accept") != expected:
                 raise OSError("the server's WebSocket handshake answer does not match the request")
             sock.settimeout(None)
-            return cls(sock, rest)
+            return cls(sock, rest, max_size)
         except BaseException:
             sock.close()
             raise
@@ -142,6 +153,7 @@ class ClientWebSocket:
 
         Raises:
             Closed: the server closed the connection (or the socket reached its end).
+            MessageTooBig: the server sent a message over ``max_size``.
             OSError: the socket broke.
         """
         while True:
@@ -153,6 +165,8 @@ class ClientWebSocket:
                 (n,) = _SHORT.unpack(self._take(2))
             elif n == 127:
                 (n,) = _LONG.unpack(self._take(8))
+            if opcode < OP_CLOSE and n + sum(map(len, self._fragments)) > self.max_size:
+                self._refuse(n)
             if opcode >= OP_CLOSE:
                 self._control(opcode, bytes(self._take(n)))
                 continue
@@ -173,12 +187,18 @@ class ClientWebSocket:
         elif opcode == OP_CLOSE:
             code = _SHORT.unpack(payload[:2])[0] if len(payload) >= 2 else None
             reason = payload[2:].decode("utf-8", "replace")
-            try:
+            with contextlib.suppress(OSError):
                 self.send(payload[:2], OP_CLOSE)  # the closing handshake's answer, then done
-            except OSError:
-                pass
             self.close()
             raise Closed(code, reason)
+
+    def _refuse(self, n: int) -> None:
+        """Close with 1009 (message too big), as RFC 6455 asks, before anything is allocated."""
+        with contextlib.suppress(OSError):
+            self.send(_SHORT.pack(1009), OP_CLOSE)
+        self.close()
+        raise MessageTooBig(f"The server sent a message of {n + sum(map(len, self._fragments)):,} bytes, over the "
+                            f"client's limit of {self.max_size:,} bytes; is it a mymps server of the same version?")
 
     def _fill(self, n: int) -> None:
         """Read until at least ``n`` bytes are buffered."""
@@ -217,10 +237,8 @@ class ClientWebSocket:
         """Close the socket (without waiting for the server's side of the closing handshake);
         a thread blocked reading it wakes up."""
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 

@@ -13,26 +13,40 @@ import asyncio
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
+from kit import ServerProcess
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Response
 
 import mymps_magic._session
-from kit import ServerProcess
+import mymps_magic._websocket
+import mymps_magic._websocket_sansio
 from mymps_magic import Client
-from mymps_magic._websocket import ClientWebSocket, Closed, HandshakeError
+from mymps_magic._websocket import Closed, HandshakeError, MessageTooBig
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
+Driver = Any
+
+DRIVERS = {"hand-written": mymps_magic._websocket.ClientWebSocket,
+           "sans-io": mymps_magic._websocket_sansio.ClientWebSocket}
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Driver:
+    monkeypatch.setattr(mymps_magic._session, "ClientWebSocket", DRIVERS[request.param])
+    return DRIVERS[request.param]
 
 
 class EchoServer:
     """A ``websockets`` server on a free loopback port, running ``handler`` per connection in a
     thread of its own; ``refuse`` makes it answer the handshake with HTTP 401 instead."""
 
-    def __init__(self, handler: Handler, refuse: bool = False) -> None:
+    def __init__(self, driver: Driver, handler: Handler, refuse: bool = False) -> None:
+        self.driver = driver
         self.handler = handler
         self.refuse = refuse
         self.port = 0
@@ -62,30 +76,30 @@ class EchoServer:
         self._loop.call_soon_threadsafe(self._stop.set_result, None)
         self._thread.join(10)
 
-    def connect(self) -> ClientWebSocket:
-        return ClientWebSocket.connect("127.0.0.1", self.port, "/", {"Authorization": "Bearer x"}, timeout=5)
+    def connect(self, **options: Any) -> Any:
+        return self.driver.connect("127.0.0.1", self.port, "/", {"Authorization": "Bearer x"}, timeout=5, **options)
 
 
-def test_a_ping_is_answered_while_the_client_waits_for_a_message() -> None:
+def test_a_ping_is_answered_while_the_client_waits_for_a_message(driver: Driver) -> None:
     async def handler(ws: ServerConnection) -> None:
         pong = await ws.ping(b"are you there")
         latency = await asyncio.wait_for(pong, 5)  # raises if the client never answers
         await ws.send(f"pong after {latency:.3f}s".encode())
 
-    with EchoServer(handler) as server:
+    with EchoServer(driver, handler) as server:
         client = server.connect()
         message, in_place = client.recv()
         assert bytes(message).startswith(b"pong after") and not in_place
         client.close()
 
 
-def test_messages_of_every_length_cross_both_ways() -> None:
+def test_messages_of_every_length_cross_both_ways(driver: Driver) -> None:
     """7-bit, 16-bit and 64-bit payload lengths, masked by the client, echoed by the server."""
     async def handler(ws: ServerConnection) -> None:
         async for message in ws:
             await ws.send(message)
 
-    with EchoServer(handler) as server:
+    with EchoServer(driver, handler) as server:
         client = server.connect()
         for size in (0, 1, 125, 126, 65535, 65536, 3 * 1024 * 1024 + 7):
             payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
@@ -95,24 +109,24 @@ def test_messages_of_every_length_cross_both_ways() -> None:
         client.close()
 
 
-def test_a_fragmented_message_arrives_whole() -> None:
+def test_a_fragmented_message_arrives_whole(driver: Driver) -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.send([b"frag", b"men", b"ted"])
 
-    with EchoServer(handler) as server:
+    with EchoServer(driver, handler) as server:
         client = server.connect()
         assert client.recv() == (b"fragmented", False)
         client.close()
 
 
-def test_a_large_message_is_read_straight_into_the_buffer_offered() -> None:
+def test_a_large_message_is_read_straight_into_the_buffer_offered(driver: Driver) -> None:
     payload = bytes(range(256)) * 8192  # 2 MiB
 
     async def handler(ws: ServerConnection) -> None:
         await ws.send(b"small")
         await ws.send(payload)
 
-    with EchoServer(handler) as server:
+    with EchoServer(driver, handler) as server:
         client = server.connect()
         target = bytearray(len(payload))
         offered: list[int] = []
@@ -128,11 +142,11 @@ def test_a_large_message_is_read_straight_into_the_buffer_offered() -> None:
         client.close()
 
 
-def test_a_close_from_the_server_carries_its_code_and_reason() -> None:
+def test_a_close_from_the_server_carries_its_code_and_reason(driver: Driver) -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.close(1008, "bad token")
 
-    with EchoServer(handler) as server:
+    with EchoServer(driver, handler) as server:
         client = server.connect()
         with pytest.raises(Closed) as closed:
             client.recv()
@@ -140,11 +154,39 @@ def test_a_close_from_the_server_carries_its_code_and_reason() -> None:
         assert client.closed
 
 
-def test_a_refused_handshake_carries_the_status_and_body() -> None:
+@pytest.mark.parametrize("fragments", [1, 4], ids=["whole", "fragmented"])
+def test_a_message_over_the_limit_is_refused_with_1009_before_it_is_read(driver: Driver, fragments: int) -> None:
+    """A message up to ``max_size`` arrives; one byte more is refused from its header (or from
+    the fragment that passes the limit), and the server sees the connection closed with 1009."""
+    limit = 1 << 20
+    codes: list[int | None] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        for size in (limit, limit + 1):
+            payload = bytes(size)
+            step = -(-size // fragments)
+            await ws.send([payload[start:start + step] for start in range(0, size, step)] if fragments > 1 else payload)
+        await ws.wait_closed()
+        codes.append(ws.close_code)
+
+    with EchoServer(driver, handler) as server:
+        client = server.connect(max_size=limit)
+        message, _ = client.recv()
+        assert len(message) == limit
+        with pytest.raises(MessageTooBig, match=f"over the client's limit of {limit:,} bytes"):
+            client.recv()
+        assert client.closed
+        deadline = time.monotonic() + 5
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert codes == [1009]
+
+
+def test_a_refused_handshake_carries_the_status_and_body(driver: Driver) -> None:
     async def handler(ws: ServerConnection) -> None:
         raise AssertionError("a refused connection must never reach the handler")
 
-    with EchoServer(handler, refuse=True) as server, pytest.raises(HandshakeError) as refused:
+    with EchoServer(driver, handler, refuse=True) as server, pytest.raises(HandshakeError) as refused:
         server.connect()
     assert refused.value.status == 401
     assert b"no token" in refused.value.body
@@ -185,7 +227,7 @@ def noop() -> None:
 
 @pytest.mark.parametrize("keepalive_s, kept", [(0.1, True), (30.0, False)], ids=["read-while-idle", "never-read"])
 def test_an_idle_session_answers_pings_and_keeps_its_connection(
-    fast_ping_server: ServerProcess, monkeypatch: pytest.MonkeyPatch, keepalive_s: float, kept: bool
+    driver: Driver, fast_ping_server: ServerProcess, monkeypatch: pytest.MonkeyPatch, keepalive_s: float, kept: bool
 ) -> None:
     """With its background reader looking in while idle, the session keeps its one socket; left
     unread (the second case, which shows the server really drops a silent client), it is
