@@ -41,11 +41,9 @@ by surprise (the error is kept in ``_lost``):
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import copy
 import itertools
-import socket
 import sys
 import threading
 import time
@@ -53,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from mymps_magic import errors, wire
 from mymps_magic._connection import WS_CLOSE_TOO_BIG
-from mymps_magic._futures import RemoteFuture, settle
+from mymps_magic._futures import RemoteFuture
+from mymps_magic._reader import Reader, Request
 from mymps_magic._websocket import ClientWebSocket, Closed
 from mymps_magic.display import OutputSink
 
@@ -71,21 +70,11 @@ CONNECT_TIMEOUT = 5.0
 KEEPALIVE_S = 5.0
 """Longest the socket goes unread while idle: the server's pings (every 20 s) want an answer."""
 
-_WAIT_STEP_S = 0.2
 _ACK_LARGE = 1 << 20
 _ACK_EVERY = 256
 """Bytes and frames received without a request to carry their ack, before an ack frame of its
 own: they bound what the server keeps for a replay (far below its ``--session-buffer``)."""
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-
-
-class _Request:
-    def __init__(self, frame: wire.Frame, future: RemoteFuture, waiter: bool, source: Any = None) -> None:
-        self.frame = frame
-        self.future = future
-        self.source = source  # the function a `run` sends, whose source lines its traceback lacks
-        # A blocking caller renders its own output; None means whoever reads renders it.
-        self.events: collections.deque[wire.Frame] | None = collections.deque() if waiter else None
 
 
 class SessionChannel:
@@ -97,7 +86,7 @@ class SessionChannel:
         self.session_id: str | None = None
         self.welcome: wire.Welcome | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Request] = {}
+        self._reader = Reader(self)
         self._last_seq = 0
         self._acked = 0
         self._unacked_bytes = 0  # received since the last ack: the server keeps them till then
@@ -105,25 +94,13 @@ class SessionChannel:
         self._ws: ClientWebSocket | None = None
         self._decoder = wire.FrameDecoder()
         self._send_lock = threading.Lock()  # a chunked frame's messages must not interleave with another's
-        # One lock for the pending requests and the reader role: who reads the socket now
-        # (`_reader`, a thread id), how many callers wait for it or for their events
-        # (`_callers`), and how many pending requests nobody waits on (`_unwatched`).
-        self._lock = threading.Lock()
-        self._role = threading.Condition(self._lock)
-        self._reader: int | None = None
-        self._callers = 0
-        self._unwatched = 0
         self._closed = False
         self._lost: errors.MympsError | None = None  # raised by every call until acknowledged
         self._halted = False  # no reconnect until acknowledged: the server is gone or said no
         self._resume_lock = threading.Lock()  # one caller at a time tries to resume after a crash
         self._too_big: str | None = None  # the reason of a 1009 close, for the request it refused
-        self._wake_r, self._wake_w = socket.socketpair()  # pokes the background reader out of its wait
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         self._connect()
-        self._background = threading.Thread(target=self._read_in_background, name="mymps-session", daemon=True)
-        self._background.start()
+        self._reader.start()
 
     # -- connecting ------------------------------------------------------------------------------
 
@@ -153,7 +130,7 @@ class SessionChannel:
             self._lost = errors.SessionLostError(
                 "The server no longer has this session (it restarted, or the session idled out): the remote "
                 "namespace is gone. Call reset() (`%mymps reset`) to go on in a fresh one, and push your data again.")
-            self._fail_all(self._lost)
+            self._reader.fail_all(self._lost)
             self._last_seq = 0
         if self.welcome is None and welcome.mismatch:
             print(f"mymps: {welcome.mismatch}", file=sys.stderr)
@@ -164,20 +141,19 @@ class SessionChannel:
         self._decoder = wire.FrameDecoder()
         with self._send_lock:  # no new request slips in before the resent ones: ids stay in order
             self._ws = ws
-            with self._lock:
-                resend = [r for rid, r in sorted(self._pending.items()) if rid > welcome.last_request]
+            resend = self._reader.above(welcome.last_request)
             if self._too_big is not None and resend:
                 refused, resend = resend[0], resend[1:]
-                self._refuse(refused, errors.BadRequestError(self._too_big, status_code=413))
+                self._reader.refuse(refused, errors.BadRequestError(self._too_big, status_code=413))
             self._too_big = None
             for request in resend:
                 self._send_locked(request.frame)
 
-    def _reconnect(self) -> bool:
+    def reconnect(self) -> bool:
         """Reopen the session (the reader role's holder does this); False once it gave up."""
         self._drop(self._ws)
         started = time.monotonic()
-        in_flight = bool(self._pending)
+        in_flight = bool(self._reader)
         for attempt in itertools.count():
             if self._closed or self._halted:
                 return False
@@ -185,7 +161,7 @@ class SessionChannel:
                 self._connect()
                 return True
             except errors.AuthError as exc:
-                self._fail_all(exc)
+                self._reader.fail_all(exc)
                 return False
             except errors.ClosedError as exc:  # it would say the same again
                 self._halt(exc)
@@ -203,7 +179,7 @@ class SessionChannel:
                         "instead, the next call resumes the session."))
                     return False
                 time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
-        self._fail_all(errors.ConnectionError(
+        self._reader.fail_all(errors.ConnectionError(
             f"Lost the session with {self.connection.settings.address} and could not reconnect within "
             f"{RECONNECT_WINDOW:g} s. Is the tunnel up (`mymps tunnel`) and the server running (`mymps serve`)?"))
         return False
@@ -213,19 +189,19 @@ class SessionChannel:
         if closed.code == WS_CLOSE_TOO_BIG:
             self._too_big = (f"The server refused a request over its --max-body ({closed.reason or 'message too big'}). "
                              "Send less at once, or start the server with a larger --max-body.")
-            return self._reconnect()
+            return self.reconnect()
         error = self.connection.closed_error(closed.code, closed.reason)
         if isinstance(error, (errors.ClosedError, errors.AuthError)):
             self._drop(self._ws)
             self._halt(error)
             return False
-        return self._reconnect()
+        return self.reconnect()
 
     def _halt(self, error: errors.MympsError) -> None:
         """Stop reconnecting: every call fails with ``error`` until `acknowledge_loss`."""
         self._halted = True
         self._lost = error
-        self._fail_all(error)
+        self._reader.fail_all(error)
 
     def acknowledge_loss(self) -> None:
         """The user knows the session is gone (``reset()``): calls run again, and a channel that
@@ -268,7 +244,7 @@ class SessionChannel:
     # -- requests --------------------------------------------------------------------------------
 
     def request(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
-                *, waiter: bool = True, source: Any = None) -> _Request:
+                *, waiter: bool = True, source: Any = None) -> Request:
         """Send one request; its future ends with the answer.
 
         Raises:
@@ -292,12 +268,8 @@ class SessionChannel:
             # of its own on the way of a quick call.
             self._acked, self._unacked_bytes = self._last_seq, 0
             frame = wire.request(kind, rid, self._acked, fields, buffers)
-            request = _Request(frame, RemoteFuture(rid, self.withdraw), waiter, source)
-            with self._lock:
-                self._pending[rid] = request
-                if not waiter:
-                    self._unwatched += 1
-                    self._role.notify_all()  # the background reader has something to wait for
+            request = Request(frame, RemoteFuture(rid, self.withdraw), waiter, source)
+            self._reader.add(request)
             self._send_locked(frame)
         return request
 
@@ -330,44 +302,9 @@ class SessionChannel:
         except OSError:  # whoever reads next sees the broken socket too, and reconnects
             pass
 
-    def wait(self, request: _Request, timeout: float | None = None) -> Any:
-        """Block until the request ends, rendering its output on this thread.
-
-        A first Ctrl-C (the notebook's stop button) interrupts the remote code and keeps waiting
-        for it to stop; a second one stops waiting. ``timeout`` interrupts the remote code when
-        it runs over.
-        """
-        assert request.events is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        interrupted = False
-        me = threading.get_ident()
-        try:
-            while True:
-                try:
-                    if self._render_events(request):
-                        break
-                    # Short steps, never one long block: a timeout must be noticed in time.
-                    step = _WAIT_STEP_S if deadline is None or interrupted else min(
-                        _WAIT_STEP_S, max(0.0, deadline - time.monotonic()))
-                    if self._take_role(me, request, step):
-                        # Without a deadline, block in the read itself: no wait for readiness first.
-                        self._read_one(None if deadline is None and not interrupted else step)
-                    if deadline is not None and not interrupted and time.monotonic() >= deadline:
-                        self.interrupt(request.frame.id)
-                        interrupted = True
-                except KeyboardInterrupt:
-                    if interrupted:
-                        raise
-                    self.interrupt(request.frame.id)
-                    interrupted = True
-        finally:
-            self._release_role(me, request)
-        self.sink.finish(request.frame.id)
-        return request.future.result()
-
     def call(self, kind: str, fields: dict[str, Any] | None = None, buffers: list[Any] | None = None,
              timeout: float | None = None, source: Any = None) -> Any:
-        return self.wait(self.request(kind, fields, buffers, source=source), timeout)
+        return self._reader.wait(self.request(kind, fields, buffers, source=source), timeout)
 
     def interrupt(self, target: int = 0) -> None:
         if self._lost is None:  # else nothing of this session runs any more
@@ -389,61 +326,36 @@ class SessionChannel:
         True if it did (the future then cancels itself)."""
         if not self.cancel_queued(rid):
             return False
-        with self._lock:
-            request = self._pending.pop(rid, None)
-            if request is not None and request.events is None:
-                self._unwatched -= 1
-            self._role.notify_all()
+        self._reader.remove(rid)
         return True
 
-    # -- the reader role -------------------------------------------------------------------------
+    # -- reading (for the reader role's holder: see _reader.py) ----------------------------------
 
-    def _take_role(self, me: int, request: _Request, timeout: float) -> bool:
-        """Become the socket's reader; or, while another thread reads, wait (up to ``timeout``)
-        for it to hand over or to pass this request an event. True when this thread may read."""
-        with self._role:
-            # Whoever read before may have ended this request already (it settles the future
-            # before it hands the role back): then there is nothing left to read for it.
-            if request.events or request.future.done():
-                return False
-            if self._reader is None or self._reader == me:
-                self._reader = me
-                return True
-            if self._reader == self._background.ident:
-                _poke(self._wake_w)
-            self._callers += 1
-            try:
-                self._role.wait(timeout)
-            finally:
-                self._callers -= 1
-            if self._reader is None and not request.events and not request.future.done():
-                self._reader = me
-                return True
-            return False
+    @property
+    def keepalive_s(self) -> float:
+        return KEEPALIVE_S
 
-    def _release_role(self, me: int, request: _Request | None = None) -> None:
-        with self._role:
-            if request is not None and not request.future.done() and request.events is not None:
-                request.events = None  # the caller stopped waiting (a second Ctrl-C): whoever reads renders it
-                self._unwatched += 1
-            if self._reader == me:
-                self._reader = None
-                if self._callers or self._unwatched:
-                    self._role.notify_all()
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    def _read_one(self, timeout: float | None) -> bool:
+    @property
+    def socket(self) -> ClientWebSocket | None:
+        return self._ws
+
+    def read_one(self, timeout: float | None) -> bool:
         """Read and dispatch one message if one comes within ``timeout`` (the role's holder only).
 
         Returns False only when the session is closed or could not be reopened.
         """
         ws = self._ws
         if ws is None or ws.closed:
-            return self._reconnect()
+            return self.reconnect()
         try:
             if not ws.wait_readable(timeout):  # a Ctrl-C while waiting here loses nothing
                 return True
         except (OSError, ValueError):  # ValueError: the socket was closed meanwhile
-            return self._reconnect()
+            return self.reconnect()
         before = ws.consumed
         frame = None
         try:
@@ -457,7 +369,7 @@ class SessionChannel:
         except Closed as closed:
             return self._closed_by_server(closed)
         except (OSError, wire.WireFormatError):
-            return self._reconnect()
+            return self.reconnect()
         except BaseException:
             # A Ctrl-C. While still waiting for a message it cost nothing; after part of one
             # was taken, the stream is out of step: start over on a fresh socket, and the
@@ -467,62 +379,13 @@ class SessionChannel:
             raise
         return True
 
-    def _read_in_background(self) -> None:
-        me = threading.get_ident()
-        try:
-            while self._await_turn(me):
-                try:
-                    self._read_while_needed()
-                finally:
-                    self._release_role(me)
-        finally:
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _await_turn(self, me: int) -> bool:
-        """Wait until the socket is free and something is expected, or the keepalive is due;
-        then take the reader role. False once the channel is closed."""
-        with self._role:
-            deadline = time.monotonic() + KEEPALIVE_S
-            while not self._closed:
-                free = self._reader is None and not self._callers
-                left = deadline - time.monotonic()
-                if free and (self._unwatched or left <= 0):
-                    self._reader = me
-                    return True
-                self._role.wait(left if left > 0 else KEEPALIVE_S)
-            return False
-
-    def _read_while_needed(self) -> None:
-        """Read until a caller wants the socket and nothing unwatched is pending, or nothing
-        more is there to read."""
-        while not self._closed:
-            ws = self._ws
-            if ws is None or ws.closed:
-                if not self._reconnect():
-                    return
-                continue
-            try:
-                ready = ws.wait_readable(None if self._unwatched else 0, self._wake_r.fileno())
-            except (OSError, ValueError):
-                if not self._reconnect():
-                    return
-                continue
-            if self._wake_r.fileno() in ready:
-                _drain(self._wake_r)
-                return  # a caller wants the socket
-            if not ready:
-                return
-            if not self._read_one(0):
-                return
-
     # -- receiving -------------------------------------------------------------------------------
 
     def _dispatch(self, frame: wire.Frame) -> None:
         seq = int(frame.get("seq") or 0)
         if seq and seq <= self._last_seq:
             return  # already seen before the connection dropped
-        self._route(frame)
+        self._reader.deliver(frame)
         self._last_seq = max(self._last_seq, seq)
         # Acked at once after many frames or bytes (output too: the server keeps at most
         # --session-buffer of what is not acknowledged, and drops output past it, so a cell that
@@ -534,100 +397,11 @@ class SessionChannel:
             self._unacked_bytes = 0
             self._send(wire.ack(self._last_seq))
 
-    def _route(self, frame: wire.Frame) -> None:
-        final = frame.type not in wire.OUTPUT_FRAMES and frame.type != "started"
-        with self._lock:
-            request = self._pending.get(frame.id)
-            if request is None:
-                return
-            if final:
-                del self._pending[frame.id]
-                if request.events is None:
-                    self._unwatched -= 1
-        if frame.type in wire.OUTPUT_FRAMES:
-            events = request.events
-            if events is None:  # nobody waits for it: shown from whichever thread reads
-                try:
-                    self._render(frame.id, frame)
-                except Exception as exc:  # never the reader's problem, whoever it is
-                    print(f"mymps: could not show the output of request {frame.id}: {exc}", file=sys.stderr)
-            else:
-                events.append(frame)
-                self._notify_callers()
-            return
-        if frame.type == "started":
-            request.future.job_id = wire.read_started(frame)
-            request.future.set_running_or_notify_cancel()
-            return
-        settle(request.future, frame, request.source)
-        if request.events is not None:
-            self._notify_callers()
-
-    def _notify_callers(self) -> None:
-        with self._role:
-            if self._callers:
-                self._role.notify_all()
-
-    def _render_events(self, request: _Request) -> bool:
-        """Render what arrived for a waiting request; True once it has ended. (Whether it ended
-        is read first: its events all arrive before its end.)"""
-        done = request.future.done()
-        events = request.events
-        while events:
-            self._render(request.frame.id, events.popleft())
-        return done
-
-    def _render(self, rid: int, frame: wire.Frame) -> None:
-        output = wire.read_output(frame)
-        if output.kind == "stream":
-            self.sink.stream(output.name, output.text)
-        elif output.kind == "display":
-            self.sink.display(output.data, output.metadata)
-        else:
-            self.sink.progress(rid, output.data)
-
-    def _refuse(self, request: _Request, exc: BaseException) -> None:
-        """End one pending request with ``exc`` (the server refused it without an answer)."""
-        with self._role:
-            if self._pending.pop(request.frame.id, None) is not None and request.events is None:
-                self._unwatched -= 1
-            self._role.notify_all()
-        if not request.future.done():
-            if not request.future.running():
-                request.future.set_running_or_notify_cancel()
-            request.future.set_exception(exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        with self._role:
-            pending, self._pending = self._pending, {}
-            self._unwatched = 0
-        for request in pending.values():
-            if not request.future.done():
-                if not request.future.running():
-                    request.future.set_running_or_notify_cancel()
-                request.future.set_exception(exc)
-        with self._role:
-            self._role.notify_all()
-
     def close(self) -> None:
         self._closed = True
         ws = self._ws
         if ws is not None:
             ws.close()
-        _poke(self._wake_w)
-        self._fail_all(errors.ConnectionError("The client was closed."))
+        self._reader.poke()
+        self._reader.fail_all(errors.ConnectionError("The client was closed."))
 
-
-def _poke(sock: socket.socket) -> None:
-    try:
-        sock.send(b"!")
-    except OSError:  # its buffer is full (it is poked already) or it is closed
-        pass
-
-
-def _drain(sock: socket.socket) -> None:
-    try:
-        while sock.recv(4096):
-            pass
-    except OSError:
-        pass
