@@ -18,6 +18,7 @@ from kernels import CellRun, Kernel, notebook, ok
 from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, auth, build_tiny_models
 
 if TYPE_CHECKING:
+    from lightclient import LightVenv
     from mymps_magic import Client
 
 # Set at import, before any test imports huggingface_hub: it reads HF_HUB_OFFLINE once, when
@@ -160,3 +161,13 @@ def diffusion(nb: Kernel, tiny_models: TinyModels, request: pytest.FixtureReques
     ok(nb.execute(f"%mymps load {name} --path {shlex.quote(str(tiny_models.diffusion))} --kind diffusion"))
     yield name
     nb.execute(f"%mymps unload {name}")
+
+
+@pytest.fixture(scope="session")
+def light_client(request: pytest.FixtureRequest) -> LightVenv:
+    """The light-client venv (``pip install .`` and ipykernel, no torch) and its kernelspec; built
+    once into ``.venv-light/`` (about 30 s), which says so on the terminal while it builds."""
+    from lightclient import light_venv
+
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        return light_venv()

@@ -58,8 +58,10 @@ class CellRun:
 class Kernel:
     """A real ``python3`` kernel from this venv, in temporary Jupyter/IPython directories."""
 
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None, spec: Path | None = None) -> None:
+        """``spec``: a kernelspec folder (``.../kernels/NAME``) to start instead of this venv's python3."""
         from jupyter_client import KernelManager
+        from jupyter_client.kernelspec import KernelSpecManager
 
         dirs = {name: home / name for name in ("runtime", "data", "config", "ipython", "mpl")}
         for path in dirs.values():
@@ -75,8 +77,12 @@ class Kernel:
         environment.update(env or {})
         # IPC socket paths must stay under ~100 characters: a pytest tmp_path is too deep for them.
         self._sockets = tempfile.mkdtemp(prefix="mymps-k", dir="/tmp")
-        self.manager = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self._sockets, "k"))
-        self.manager.kernel_spec.argv[0] = sys.executable
+        # jupyter_client 8 ignores kernel_cmd: another venv's kernel is started through its own kernelspec.
+        specs = KernelSpecManager(kernel_dirs=[str(spec.parent)]) if spec else KernelSpecManager()
+        self.manager = KernelManager(kernel_name=spec.name if spec else "python3", kernel_spec_manager=specs,
+                                     transport="ipc", ip=os.path.join(self._sockets, "k"))
+        if spec is None:
+            self.manager.kernel_spec.argv[0] = sys.executable
         self.manager.start_kernel(env=environment, cwd=str(home))
         self.client = self.manager.client()
         self.client.start_channels()
