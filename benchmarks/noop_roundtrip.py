@@ -174,33 +174,6 @@ def mymps_run(calls: int, warmup: int) -> list[float]:
             return measure(lambda: client.run(noop), calls, warmup)
 
 
-def mymps_drivers(calls: int, warmup: int, rounds: int) -> dict[str, list[list[float]]]:
-    """``Client.run(noop)`` over each session WebSocket driver against one server, the drivers
-    taking turns for ``rounds`` rounds (so a busy machine slows both alike); times per round."""
-    import mymps_magic._session
-    from mymps_magic import _websocket, _websocket_sansio
-    from mymps_magic.client import Client
-
-    drivers = {"hand-written": _websocket.ClientWebSocket, "sans-I/O (websockets)": _websocket_sansio.ClientWebSocket}
-    times: dict[str, list[list[float]]] = {name: [] for name in drivers}
-    with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "home") as server:
-        for _ in range(rounds):
-            for name, driver in drivers.items():
-                mymps_magic._session.ClientWebSocket = driver  # type: ignore[misc]
-                with Client("127.0.0.1", server.port, token=server.token) as client:
-                    times[name].append(measure(lambda: client.run(noop), calls, warmup))
-    return times
-
-
-def print_drivers(times: dict[str, list[list[float]]]) -> None:
-    print(f"Client.run(noop) per session WebSocket driver, {len(next(iter(times.values())))} interleaved rounds "
-          "(microseconds; median and p99 over all calls, then the rounds' medians):")
-    for name, rounds in times.items():
-        med, p99, _ = stats_us([t for one in rounds for t in one])
-        per_round = " ".join(f"{stats_us(one)[0]:.0f}" for one in rounds)
-        print(f"  {name:24} median {med:6.0f}  p99 {p99:6.0f}  rounds: {per_round}")
-
-
 def ipyparallel_apply(calls: int, warmup: int) -> list[float] | str:
     """The same no-op through ``apply_sync`` on one local engine, or why it could not run."""
     try:
@@ -233,8 +206,6 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--no-ipp", action="store_true", help="skip ipyparallel (it takes ~10 s to start)")
-    parser.add_argument("--drivers", type=int, metavar="ROUNDS",
-                        help="only compare the session WebSocket drivers, in ROUNDS interleaved rounds of --calls")
     parser.add_argument("--serve", choices=sorted(SERVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -243,9 +214,6 @@ def main() -> None:
 
     print(machine_line(), flush=True)
     n, w = args.calls, args.warmup
-    if args.drivers:
-        print_drivers(mymps_drivers(n, w, args.drivers))
-        return
     rows: list[tuple[str, list[float] | str]] = [
         ("raw TCP ping-pong (64 B, TCP_NODELAY)", tcp_pingpong(n, w)),
         ("WebSocket echo (websockets asyncio)", ws_echo("websockets", n, w)),

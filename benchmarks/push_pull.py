@@ -201,33 +201,6 @@ def mbps(nbytes: int, seconds: list[float]) -> tuple[float, float]:
     return max(rates), statistics.median(rates)
 
 
-def mymps_drivers(array, repeat: int, rounds: int) -> dict[str, list[list[float]]]:  # type: ignore[no-untyped-def]
-    """Pull times over each session WebSocket driver against one server, the drivers taking
-    turns for ``rounds`` rounds (a push goes over HTTP, not the WebSocket, so pulls tell them apart)."""
-    import mymps_magic._session
-    from mymps_magic import _websocket, _websocket_sansio
-    from mymps_magic.client import Client
-
-    drivers = {"hand-written": _websocket.ClientWebSocket, "sans-I/O (websockets)": _websocket_sansio.ClientWebSocket}
-    times: dict[str, list[list[float]]] = {name: [] for name in drivers}
-    with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "home") as server:
-        for _ in range(rounds):
-            for name, driver in drivers.items():
-                mymps_magic._session.ClientWebSocket = driver
-                with Client("127.0.0.1", server.port, token=server.token) as client:
-                    client.push(x=array)
-                    client.pull("x")  # once untimed: the first pull touches fresh memory
-                    down = []
-                    for _ in range(repeat):
-                        start = time.perf_counter()
-                        back = client.pull("x")
-                        down.append(time.perf_counter() - start)
-                        del back
-                    times[name].append(down)
-                    client.reset()
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="array size in MiB (float32)")
@@ -236,8 +209,6 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", choices=["push", "pull"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--drivers", type=int, metavar="ROUNDS",
-                        help="only compare the session WebSocket drivers' pulls, in ROUNDS interleaved rounds of --repeat")
     args = parser.parse_args()
     nbytes = args.mib << 20
     if args.serve:
@@ -251,14 +222,6 @@ def main() -> None:
 
     print(machine_line(), flush=True)
     array = make_array(nbytes)
-    if args.drivers:
-        times = mymps_drivers(array, args.repeat, args.drivers)
-        print(f"pull of {args.mib} MiB per session WebSocket driver, {args.drivers} interleaved rounds of {args.repeat} "
-              "(MB/s; median over all pulls, then the rounds' medians):")
-        for name, rounds in times.items():
-            per_round = " ".join(f"{mbps(nbytes, one)[1]:.0f}" for one in rounds)
-            print(f"  {name:24} median {mbps(nbytes, [t for one in rounds for t in one])[1]:6.0f}  rounds: {per_round}")
-        return
     raw_up, raw_down = raw_socket(array, args.repeat)
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "home") as server:
         with Client("127.0.0.1", server.port, token=server.token) as client:

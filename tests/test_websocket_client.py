@@ -2,9 +2,9 @@
 
 The client is checked against a real ``websockets`` server (another implementation than the
 mymps server's uvicorn), for what the session channel relies on: pings answered while it waits,
-fragmented and large messages, close codes and refused handshakes. Then, against the real mymps
-server with fast keepalive pings, that an idle session answers them from its background reader
-and keeps its connection.
+fragmented and large messages, the bound on one message, close codes and refused handshakes.
+Then, against the real mymps server with fast keepalive pings, that an idle session answers them
+from its background reader and keeps its connection.
 """
 
 from __future__ import annotations
@@ -23,30 +23,17 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Response
 
 import mymps_magic._session
-import mymps_magic._websocket
-import mymps_magic._websocket_sansio
 from mymps_magic import Client
-from mymps_magic._websocket import Closed, HandshakeError, MessageTooBig
+from mymps_magic._websocket import ClientWebSocket, Closed, HandshakeError, MessageTooBig
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
-Driver = Any
-
-DRIVERS = {"hand-written": mymps_magic._websocket.ClientWebSocket,
-           "sans-io": mymps_magic._websocket_sansio.ClientWebSocket}
-
-
-@pytest.fixture(params=sorted(DRIVERS))
-def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Driver:
-    monkeypatch.setattr(mymps_magic._session, "ClientWebSocket", DRIVERS[request.param])
-    return DRIVERS[request.param]
 
 
 class EchoServer:
     """A ``websockets`` server on a free loopback port, running ``handler`` per connection in a
     thread of its own; ``refuse`` makes it answer the handshake with HTTP 401 instead."""
 
-    def __init__(self, driver: Driver, handler: Handler, refuse: bool = False) -> None:
-        self.driver = driver
+    def __init__(self, handler: Handler, refuse: bool = False) -> None:
         self.handler = handler
         self.refuse = refuse
         self.port = 0
@@ -76,30 +63,30 @@ class EchoServer:
         self._loop.call_soon_threadsafe(self._stop.set_result, None)
         self._thread.join(10)
 
-    def connect(self, **options: Any) -> Any:
-        return self.driver.connect("127.0.0.1", self.port, "/", {"Authorization": "Bearer x"}, timeout=5, **options)
+    def connect(self, **options: Any) -> ClientWebSocket:
+        return ClientWebSocket.connect("127.0.0.1", self.port, "/", {"Authorization": "Bearer x"}, timeout=5, **options)
 
 
-def test_a_ping_is_answered_while_the_client_waits_for_a_message(driver: Driver) -> None:
+def test_a_ping_is_answered_while_the_client_waits_for_a_message() -> None:
     async def handler(ws: ServerConnection) -> None:
         pong = await ws.ping(b"are you there")
         latency = await asyncio.wait_for(pong, 5)  # raises if the client never answers
         await ws.send(f"pong after {latency:.3f}s".encode())
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect()
         message, in_place = client.recv()
         assert bytes(message).startswith(b"pong after") and not in_place
         client.close()
 
 
-def test_messages_of_every_length_cross_both_ways(driver: Driver) -> None:
+def test_messages_of_every_length_cross_both_ways() -> None:
     """7-bit, 16-bit and 64-bit payload lengths, masked by the client, echoed by the server."""
     async def handler(ws: ServerConnection) -> None:
         async for message in ws:
             await ws.send(message)
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect()
         for size in (0, 1, 125, 126, 65535, 65536, 3 * 1024 * 1024 + 7):
             payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
@@ -109,24 +96,24 @@ def test_messages_of_every_length_cross_both_ways(driver: Driver) -> None:
         client.close()
 
 
-def test_a_fragmented_message_arrives_whole(driver: Driver) -> None:
+def test_a_fragmented_message_arrives_whole() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.send([b"frag", b"men", b"ted"])
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect()
         assert client.recv() == (b"fragmented", False)
         client.close()
 
 
-def test_a_large_message_is_read_straight_into_the_buffer_offered(driver: Driver) -> None:
+def test_a_large_message_is_read_straight_into_the_buffer_offered() -> None:
     payload = bytes(range(256)) * 8192  # 2 MiB
 
     async def handler(ws: ServerConnection) -> None:
         await ws.send(b"small")
         await ws.send(payload)
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect()
         target = bytearray(len(payload))
         offered: list[int] = []
@@ -142,11 +129,11 @@ def test_a_large_message_is_read_straight_into_the_buffer_offered(driver: Driver
         client.close()
 
 
-def test_a_close_from_the_server_carries_its_code_and_reason(driver: Driver) -> None:
+def test_a_close_from_the_server_carries_its_code_and_reason() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.close(1008, "bad token")
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect()
         with pytest.raises(Closed) as closed:
             client.recv()
@@ -155,7 +142,7 @@ def test_a_close_from_the_server_carries_its_code_and_reason(driver: Driver) -> 
 
 
 @pytest.mark.parametrize("fragments", [1, 4], ids=["whole", "fragmented"])
-def test_a_message_over_the_limit_is_refused_with_1009_before_it_is_read(driver: Driver, fragments: int) -> None:
+def test_a_message_over_the_limit_is_refused_with_1009_before_it_is_read(fragments: int) -> None:
     """A message up to ``max_size`` arrives; one byte more is refused from its header (or from
     the fragment that passes the limit), and the server sees the connection closed with 1009."""
     limit = 1 << 20
@@ -169,7 +156,7 @@ def test_a_message_over_the_limit_is_refused_with_1009_before_it_is_read(driver:
         await ws.wait_closed()
         codes.append(ws.close_code)
 
-    with EchoServer(driver, handler) as server:
+    with EchoServer(handler) as server:
         client = server.connect(max_size=limit)
         message, _ = client.recv()
         assert len(message) == limit
@@ -182,11 +169,11 @@ def test_a_message_over_the_limit_is_refused_with_1009_before_it_is_read(driver:
     assert codes == [1009]
 
 
-def test_a_refused_handshake_carries_the_status_and_body(driver: Driver) -> None:
+def test_a_refused_handshake_carries_the_status_and_body() -> None:
     async def handler(ws: ServerConnection) -> None:
         raise AssertionError("a refused connection must never reach the handler")
 
-    with EchoServer(driver, handler, refuse=True) as server, pytest.raises(HandshakeError) as refused:
+    with EchoServer(handler, refuse=True) as server, pytest.raises(HandshakeError) as refused:
         server.connect()
     assert refused.value.status == 401
     assert b"no token" in refused.value.body
@@ -227,7 +214,7 @@ def noop() -> None:
 
 @pytest.mark.parametrize("keepalive_s, kept", [(0.1, True), (30.0, False)], ids=["read-while-idle", "never-read"])
 def test_an_idle_session_answers_pings_and_keeps_its_connection(
-    driver: Driver, fast_ping_server: ServerProcess, monkeypatch: pytest.MonkeyPatch, keepalive_s: float, kept: bool
+    fast_ping_server: ServerProcess, monkeypatch: pytest.MonkeyPatch, keepalive_s: float, kept: bool
 ) -> None:
     """With its background reader looking in while idle, the session keeps its one socket; left
     unread (the second case, which shows the server really drops a silent client), it is
