@@ -306,6 +306,10 @@ class SessionChannel:
              timeout: float | None = None, source: Any = None) -> Any:
         return self._reader.wait(self.request(kind, fields, buffers, source=source), timeout)
 
+    def wait(self, request: Request, timeout: float | None = None) -> Any:
+        """Block until a request (sent with ``waiter=True``) ends, rendering its output on this thread."""
+        return self._reader.wait(request, timeout)
+
     def interrupt(self, target: int = 0) -> None:
         if self._lost is None:  # else nothing of this session runs any more
             self.request("interrupt", {"target": target}, waiter=False)
