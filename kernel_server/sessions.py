@@ -139,7 +139,8 @@ class Session:
         try:
             self._receive(frame)
         except (TypeError, ValueError) as exc:
-            self.emit(error_frame(frame.id, ValueError(f"malformed {frame.type!r} request: {exc}"), wire.ERROR_BAD_REQUEST))
+            malformed = ValueError(f"malformed {frame.type!r} request: {exc}")
+            self.emit(error_frame(frame.id, malformed, wire.ERROR_BAD_REQUEST))
 
     def _receive(self, frame: wire.Frame) -> None:
         seq = wire.read_ack(frame)  # requests carry the client's ack too
@@ -371,7 +372,8 @@ class SessionManager:
             if idle_since is not None and now - idle_since > self.idle_s and not session.jobs:
                 session.close()
                 del self.sessions[sid]
-                log.info("session %s reaped after %.0f s disconnected; its namespace is freed", sid[:8], now - idle_since)
+                log.info("session %s reaped after %.0f s disconnected; its namespace is freed", sid[:8],
+                         now - idle_since)
 
     def close(self) -> None:
         self._reaper.cancel()
