@@ -91,6 +91,8 @@ def run_notebook(server: ServerProcess, tmp_path: Path, monkeypatch: pytest.Monk
             "JUPYTER_CONFIG_DIR": str(dirs["config"]), "IPYTHONDIR": str(dirs["ipython"]),
             "MPLCONFIGDIR": str(dirs["mpl"]),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            # As in an activated venv: `!mymps ...` in a cell finds this venv's command.
+            "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")])),
             **env,
         }
         for key, value in settings.items():
@@ -141,11 +143,22 @@ def test_notebooks_are_valid_and_committed_without_outputs() -> None:
         assert sum(c.cell_type == "markdown" for c in nb.cells) >= 4, f"{name} explains its steps"
 
 
+def test_quickstart_opens_the_tunnel_with_mymps_tunnel() -> None:
+    """A plain ``ssh -N -L`` forward costs about 40 ms a call and leaves the token to copy by hand;
+    `mymps tunnel` fetches the token and keeps the forward up."""
+    nb = nbformat.read(NOTEBOOKS_DIR / "quickstart.ipynb", as_version=4)
+    text = "\n".join(cell.source for cell in nb.cells)
+    assert "mymps tunnel you@mac" in text
+    for manual in ("ssh -N -L 5555", "scp you@mac"):
+        assert manual not in text, f"the quickstart still tells the user to run {manual!r}"
+
+
 def test_quickstart(run_notebook: RunNotebook, server: ServerProcess, tiny_models: TinyModels, tmp_path: Path) -> None:
     model = own_copy(tiny_models.text_gpt2, tmp_path, "quickstart-text")
     nb = run_notebook("quickstart", MYMPS_TEXT_MODEL=model)
 
     assert ast.literal_eval(nb.result("settings")) == model
+    assert nb.stream("tunnel").startswith(f"mymps tunnel: up at 127.0.0.1:{server.port}: mymps "), nb.stream("tunnel")
     assert nb.stream("connect").startswith(f"Connected to {server.host}:{server.port}: mymps ")
     status = nb.stream("status")
     assert f"Server  {server.host}:{server.port}" in status and "device  cpu" in status, status
