@@ -8,9 +8,11 @@ models. `Client` declares the public methods (and their promises) and delegates 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from mymps_magic import errors
+from mymps_magic._cellfuture import CellFuture
 from mymps_magic._futures import RemoteFuture
 from mymps_magic._pickling import pickle_call, pickle_values
 from mymps_magic._session import SessionChannel
@@ -18,6 +20,7 @@ from mymps_magic.display import OutputSink, RemoteValue
 
 if TYPE_CHECKING:
     from mymps_magic._connection import Connection
+    from mymps_magic._reader import Request
 
 
 class SessionExecution:
@@ -33,6 +36,7 @@ class SessionExecution:
         """The channel once opened; None before the first session call and after `close`."""
         # Per instance: one lock shared by every client would make each wait on another's connect.
         self._channel_lock = threading.Lock()
+        self._sink = OutputSink()
 
     @property
     def session(self) -> SessionChannel:
@@ -41,7 +45,7 @@ class SessionExecution:
         if channel is None:
             with self._channel_lock:
                 if self.channel is None:
-                    self.channel = SessionChannel(self._connection, OutputSink())
+                    self.channel = SessionChannel(self._connection, self._sink)
                 channel = self.channel
         return channel
 
@@ -84,8 +88,36 @@ class SessionExecution:
         result = self.session.call("cell", {"source": source}, timeout=timeout)
         return result if isinstance(result, RemoteValue) else None
 
-    def interrupt(self) -> None:
-        self.session.interrupt()
+    def submit_cell(self, source: str, timeout: float | None) -> CellFuture:
+        channel = self.session
+        request = channel.request("cell", {"source": source})  # sent now: later cells queue behind it
+        future = CellFuture(request.frame.id)
+        future.set_running_or_notify_cancel()
+        threading.Thread(target=self._finish_cell, args=(channel, request, future, timeout),
+                         name=f"mymps-cell-{request.frame.id}", daemon=True).start()
+        return future
+
+    def _finish_cell(self, channel: SessionChannel, request: Request, future: CellFuture,
+                     timeout: float | None) -> None:
+        """On a thread of its own: wait for a submitted cell as a blocking cell would, keeping
+        what it renders in the future instead of showing it under whichever cell runs now."""
+        with self._sink.keep(future.kept):
+            try:
+                result = channel.wait(request, timeout)
+            except Exception as exc:
+                future.set_exception(exc)
+                return
+        future.set_result(result if isinstance(result, RemoteValue) else None)
+
+    def interrupt(self, jobs: Callable[[], list[dict[str, Any]]]) -> bool:
+        channel = self.channel
+        if channel is None:
+            return False  # no session yet: nothing of it can run
+        busy = any(job.get("session") == channel.session_id for job in jobs())
+        # Sent either way: a request still on its way to the server is not among its jobs yet,
+        # and the interrupt, sent after it, reaches it there.
+        channel.interrupt()
+        return busy
 
     def reset(self) -> None:
         self.session.acknowledge_loss()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mymps_magic._connection import Connection
 from mymps_magic._execution import SessionExecution
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL.Image import Image
 
+    from mymps_magic._cellfuture import CellFuture
     from mymps_magic._futures import RemoteFuture
     from mymps_magic._session import SessionChannel
     from mymps_magic._stream import TokenStream
@@ -292,7 +294,6 @@ class Client:
         """
         return self._rest.infer(model, inputs)
 
-
     # Code in the remote session.
 
     @property
@@ -382,9 +383,25 @@ class Client:
         """
         return self._execution.run_cell_rich(source, timeout)
 
-    def interrupt(self) -> None:
-        """Raise ``KeyboardInterrupt`` in this session's running remote code (if any)."""
-        self._execution.interrupt()
+    def submit_cell(self, source: str, *, timeout: float | None = None) -> CellFuture:
+        """Start a cell as `run_cell_rich` does, and return at once (``%%mymps --noblock``).
+
+        Its output is kept, not shown: ``display_outputs()`` shows it where it is called. Later
+        calls of this session run after it, in order.
+
+        Returns:
+            A `CellFuture`: ``result(timeout)`` is the `RemoteValue` (None without a value) or
+            raises the cell's `RemoteError`; ``done()``; ``outputs``; ``display_outputs(wait)``.
+        """
+        return self._execution.submit_cell(source, timeout)
+
+    def interrupt(self) -> bool:
+        """Raise ``KeyboardInterrupt`` in this session's running remote code.
+
+        Returns:
+            Whether any of this session's work was running or queued on the server.
+        """
+        return self._execution.interrupt(self._rest.jobs)
 
     def reset(self) -> None:
         """Clear the remote namespace. The loaded models stay loaded.

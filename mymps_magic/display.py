@@ -4,12 +4,20 @@ In a Jupyter kernel, stream text goes to ``sys.stdout``/``sys.stderr`` (which th
 into ``stream`` messages), displays go through IPython's display machinery as raw mimebundles,
 and progress bars are ``tqdm.auto`` bars (widgets where ipywidgets is installed). Outside a
 kernel the same calls print text and draw text bars.
+
+A thread may keep what it renders instead (`OutputSink.keep`): the output of a cell that nobody
+watches yet (``%%mymps --noblock``) waits in a `KeptOutput`, to be shown under the cell that
+asks for it, as ipyparallel's ``AsyncResult.display_outputs`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
+
 
 def _ipython_shell() -> Any:
     """The running IPython shell, without importing IPython when the user has not."""
@@ -54,18 +62,82 @@ class RemoteValue:
         return str(self.mime.get("text/plain", f"<remote value: {self.reason}>"))
 
 
+class KeptOutput:
+    """What a cell printed and displayed, in order, kept until someone shows it (any number of
+    times). Progress bars are not kept: they describe a moment that is over when shown later.
+
+    Each item is ``("stdout" | "stderr", text)`` or ``("display", {"data": ..., "metadata": ...})``.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+        self._arrived = threading.Condition()
+
+    def add(self, kind: str, content: Any) -> None:
+        with self._arrived:
+            self.items.append((kind, content))
+            self._arrived.notify_all()
+
+    def merged(self) -> list[tuple[str, Any]]:
+        """The items, with the pieces of one stream that follow each other joined."""
+        merged: list[tuple[str, Any]] = []
+        for kind, content in list(self.items):
+            if merged and kind != "display" and merged[-1][0] == kind:
+                merged[-1] = (kind, merged[-1][1] + content)
+            else:
+                merged.append((kind, content))
+        return merged
+
+    def show(self, sink: OutputSink, start: int = 0) -> int:
+        """Show the items from ``start`` on through ``sink``; returns how many there are now."""
+        items = self.items[start:]
+        for kind, content in items:
+            if kind == "display":
+                sink.display(content["data"], content["metadata"])
+            else:
+                sink.stream(kind, content)
+        return start + len(items)
+
+    def wait_for_more(self, than: int, timeout: float) -> None:
+        """Return when there are more than ``than`` items, or after ``timeout`` seconds."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: len(self.items) > than, timeout)
+
+
 class OutputSink:
     """Renders one client's remote output; progress bars are kept per (request, bar)."""
 
     def __init__(self) -> None:
         self._bars: dict[tuple[int, int], Any] = {}
+        self._kept = threading.local()
+
+    @contextlib.contextmanager
+    def keep(self, kept: KeptOutput) -> Iterator[None]:
+        """While in this block, what this thread renders goes into ``kept`` instead of showing."""
+        self._kept.output = kept
+        try:
+            yield
+        finally:
+            self._kept.output = None
+
+    def _keeping(self) -> KeptOutput | None:
+        output: KeptOutput | None = getattr(self._kept, "output", None)
+        return output
 
     def stream(self, name: str, text: str) -> None:
+        kept = self._keeping()
+        if kept is not None:
+            kept.add("stderr" if name == "stderr" else "stdout", text)
+            return
         target = sys.stderr if name == "stderr" else sys.stdout
         target.write(text)
         target.flush()
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        kept = self._keeping()
+        if kept is not None:
+            kept.add("display", {"data": data, "metadata": metadata or {}})
+            return
         if in_kernel():
             from IPython.display import publish_display_data
 
@@ -78,6 +150,8 @@ class OutputSink:
         print(text)
 
     def progress(self, request: int, fields: dict[str, Any]) -> None:
+        if self._keeping() is not None:
+            return
         key = (request, int(fields.get("bar", 0)))
         bar = self._bars.get(key)
         if bar is None:

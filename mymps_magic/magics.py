@@ -3,108 +3,28 @@
 Each subcommand parses its arguments (IPython's ``MagicArgumentParser``: a bad one is a
 ``UsageError`` line) and calls one `Client` method. Errors a user can cause are `MympsError`s,
 which IPython shows as their one line (``_render_traceback_``); an exception from the user's own
-remote code shows its remote traceback.
+remote code shows its remote traceback. The parsers live in ``_magic_args.py``, the
+every-cell-remote mode (``%mymps on``) in ``_remote_mode.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import shlex
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import Image, display
 
+from mymps_magic import _magic_args
+from mymps_magic._cellfuture import CellFuture
+from mymps_magic._remote_mode import RemoteMode, show_marker
 from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
-from mymps_magic.wire import GenerateRequest
-
-_EXAMPLES = """\
-Examples:
-  %mymps connect localhost:5555 --token-file ~/.mymps/token
-  %mymps status                      # server, device memory, models, jobs
-  %mymps health | models | stats | jobs
-  %mymps load microsoft/phi-2 --dtype float16
-  %mymps generate microsoft/phi-2 "The meaning of life is" --max-new-tokens 32
-  %mymps image sd-model "a red fox" --steps 20 --seed 1
-  %mymps push x y                    # local variables -> the remote namespace
-  %mymps pull loss_curve             # remote variables -> the local namespace
-  %mymps unload microsoft/phi-2
-  %mymps reset                       # clear the remote namespace (models stay loaded)
-  %mymps interrupt                   # KeyboardInterrupt in the running remote code
-
-  %%mymps --push data --pull result --timeout 600
-  result = model_fn(torch.as_tensor(data, device=DEVICE)).cpu()
-
-In a %%mymps cell: DEVICE, models (the loaded ones), torch, np, display() and progress()
-are defined. Give the token with MYMPS_TOKEN or --token-file; --token T works, but the token then
-stays in the notebook's history."""
-
-
-def _parser() -> MagicArgumentParser:
-    p = MagicArgumentParser(prog="%mymps", description="Use a remote accelerator from this notebook.",
-                            epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=MagicArgumentParser)
-
-    c = sub.add_parser("connect", help="connect to a server (replaces this notebook's client)")
-    c.add_argument("address", nargs="?", help="HOST:PORT (default MYMPS_SERVER_HOST/PORT, else 127.0.0.1:5555)")
-    c.add_argument("--token-file", help="file holding the server's token")
-    c.add_argument("--token", help="the token itself (it stays in the notebook history: prefer --token-file)")
-    for name, text in [("status", "server, device memory, models and jobs at a glance"),
-                       ("health", "server status (needs no token)"), ("models", "the loaded models"),
-                       ("stats", "CPU, RAM and device memory"), ("jobs", "running and queued jobs"),
-                       ("reset", "clear the remote namespace; models stay loaded"),
-                       ("interrupt", "KeyboardInterrupt in this session's running remote code"),
-                       ("help", "this help")]:
-        sub.add_parser(name, help=text)
-    load = sub.add_parser("load", help="load a model onto the device (progress bar)")
-    load.add_argument("name")
-    load.add_argument("--kind", help="text, diffusion, auto, torchscript or checkpoint (default: found from NAME)")
-    load.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    load.add_argument("--path", help="load from this source under NAME")
-    load.add_argument("--model-class", help="for checkpoint: package.module:ClassName")
-    unload = sub.add_parser("unload", help="unload a model and free its memory")
-    unload.add_argument("name")
-    gen = sub.add_parser("generate", help="generate text, streamed into the cell")
-    gen.add_argument("name")
-    gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=GenerateRequest.max_new_tokens)
-    gen.add_argument("--temperature", type=float, default=GenerateRequest.temperature)
-    gen.add_argument("--top-p", type=float, default=GenerateRequest.top_p)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
-    img = sub.add_parser("image", help="make images with a diffusion model and show them")
-    img.add_argument("name")
-    img.add_argument("prompt")
-    img.add_argument("--steps", type=int, default=20)
-    img.add_argument("--seed", type=int)
-    img.add_argument("--num-images", type=int, default=1)
-    for verb, text in [("push", "local variables -> the remote namespace"),
-                       ("pull", "remote variables -> the local namespace")]:
-        sp = sub.add_parser(verb, help=text)
-        sp.add_argument("names", nargs="+", metavar="VAR")
-    return p
-
-
-def _cell_parser() -> MagicArgumentParser:
-    p = MagicArgumentParser(prog="%%mymps", description="Run the cell in the remote session namespace.")
-    p.add_argument("--push", default="", help="comma-separated local variables to send first")
-    p.add_argument("--pull", default="", help="comma-separated remote variables to bring back after")
-    p.add_argument("--timeout", type=float, help="interrupt the remote code after this many seconds")
-    return p
-
-
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if not n.isidentifier()]
-    if bad:
-        raise UsageError(f"not variable names: {', '.join(bad)} (use --push a,b)")
-    return names
 
 
 def _size(n: float) -> str:
@@ -118,8 +38,8 @@ def _size(n: float) -> str:
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     return "\n".join(lines)
 
 
@@ -149,10 +69,15 @@ class MympsMagics(Magics):
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
+        self._ipython: Any = shell  # Magics types its shell as optional; these magics always have one
         self.client: Client | None = None
-        self._parser = _parser()
-        self._cell_parser = _cell_parser()
-        self.mymps.__func__.__doc__ = self._parser.format_help()  # type: ignore[attr-defined]
+        self.mode = RemoteMode(shell)
+        self.last_cell: CellFuture | None = None
+        """The handle of the last ``%%mymps --noblock`` cell: what ``%mymps wait`` waits for."""
+        self._parser = _magic_args.line_parser()
+        self._cell_parser = _magic_args.cell_parser()
+        help_text = f"{self._parser.format_help()}\n{self._cell_parser.format_help()}"
+        MympsMagics.mymps.__doc__ = help_text  # what %mymps? shows
 
     @property
     def connected(self) -> Client:
@@ -165,10 +90,9 @@ class MympsMagics(Magics):
     def mymps(self, line: str, cell: str | None = None) -> Any:
         if cell is not None:
             return self._cell(line, cell)
-        try:
-            args = self._parser.parse_args(shlex.split(line))
-        except ValueError as exc:  # unbalanced quotes
-            raise UsageError(f"cannot parse {line!r}: {exc}") from None
+        args = _magic_args.parse(self._parser, line)
+        if args is None:  # --help printed the help
+            return None
         if args.command in (None, "help"):
             print(self._parser.format_help())
             return None
@@ -206,7 +130,8 @@ class MympsMagics(Magics):
     def _models(self, args: argparse.Namespace) -> None:
         rows = [{**m, "size": _size(m.get("bytes", 0)), "params": f"{m.get('parameters', 0):,}",
                  "used": _ago(m.get("last_used"))} for m in self.connected.models()]
-        print(_table(rows, ["name", "kind", "dtype", "device", "params", "size", "used"]) if rows else "No models loaded.")
+        columns = ["name", "kind", "dtype", "device", "params", "size", "used"]
+        print(_table(rows, columns) if rows else "No models loaded.")
 
     def _stats(self, args: argparse.Namespace) -> None:
         s = self.connected.stats()
@@ -249,7 +174,7 @@ class MympsMagics(Magics):
     def _generate(self, args: argparse.Namespace) -> None:
         c = self.connected
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed)
+                       seed=args.seed, stop=args.stop)
         if args.no_stream:
             result = c.generate(args.name, args.prompt, **options)
             sys.stdout.write(result["text"] + "\n")  # one write: the kernel may send print's newline apart
@@ -266,44 +191,85 @@ class MympsMagics(Magics):
                          f"stopped by {stats.get('stop_reason')}]\n")
 
     def _image(self, args: argparse.Namespace) -> None:
-        for image in self.connected.image(args.name, args.prompt, args.steps, seed=args.seed,
-                                          num_images=args.num_images):
+        images = self.connected.image(args.name, args.prompt, args.steps, seed=args.seed,
+                                      guidance_scale=args.guidance_scale, width=args.width, height=args.height,
+                                      num_images=args.num_images)
+        for image in images:
             png = io.BytesIO()
             image.save(png, format="PNG")
             display(Image(data=png.getvalue(), format="png"))  # PNG only: IPython adds a JPEG copy to PIL images
 
     def _push(self, args: argparse.Namespace) -> None:
-        self.connected.push(**self._local(args.names))
-        print(f"Pushed {', '.join(args.names)}.")
+        names = _magic_args.names(args.names)
+        self.connected.push(**_magic_args.namespace_values(self._ipython.user_ns, names))
+        print(f"Pushed {', '.join(names)}.")
 
     def _pull(self, args: argparse.Namespace) -> None:
-        values = self.connected.pull(*args.names)
-        self.shell.user_ns.update(zip(args.names, values if len(args.names) > 1 else (values,)))
-        print(f"Pulled {', '.join(args.names)}.")
+        names = _magic_args.names(args.names)
+        self._pull_into_notebook(names)
+        print(f"Pulled {', '.join(names)}.")
+
+    def _pull_into_notebook(self, names: list[str]) -> None:
+        values = self.connected.pull(*names)
+        self._ipython.user_ns.update(zip(names, values if len(names) > 1 else (values,), strict=True))
 
     def _reset(self, args: argparse.Namespace) -> None:
         self.connected.reset()
         print("The remote namespace is empty again (models stay loaded).")
 
     def _interrupt(self, args: argparse.Namespace) -> None:
-        self.connected.interrupt()
+        if self.connected.interrupt():
+            print("Interrupted this session's running code.")
+        else:
+            print("Nothing of this session is running: nothing to interrupt.")
 
-    def _local(self, names: list[str]) -> dict[str, Any]:
-        missing = [n for n in names if n not in self.shell.user_ns]
-        if missing:
-            raise UsageError(f"not defined in this notebook: {', '.join(missing)}")
-        return {n: self.shell.user_ns[n] for n in names}
+    def _wait(self, args: argparse.Namespace) -> RemoteValue | None:
+        handle = self.last_cell if args.handle is None else self._handle(args.handle)
+        if handle is None:
+            raise UsageError("no --noblock cell to wait for: start one with %%mymps --noblock")
+        handle.display_outputs(wait=True)
+        return handle.result()  # type: ignore[no-any-return]
+
+    def _handle(self, expression: str) -> CellFuture:
+        try:
+            handle = self._ipython.ev(expression)
+        except Exception as exc:
+            raise UsageError(f"cannot read the handle {expression!r}: {type(exc).__name__}: {exc}") from None
+        if not isinstance(handle, CellFuture):
+            raise UsageError(f"{expression} is not a --noblock cell's handle (it is a {type(handle).__name__}); "
+                             "give the name that holds one, or nothing for the last")
+        return handle
+
+    def _on(self, args: argparse.Namespace) -> None:
+        if self.mode.on:
+            print("Cells run remotely already; %mymps off runs them locally again.")
+            return
+        self.mode.start()
+        print(f"Every following cell will run remotely on {self.connected.settings.address}, until %mymps off.")
+
+    def _off(self, args: argparse.Namespace) -> None:
+        was_on = self.mode.on
+        self.mode.stop()
+        print("Cells run locally again." if was_on else "Cells run locally already (%mymps on sends them).")
 
     # -- the cell magic --------------------------------------------------------------------------
 
-    def _cell(self, line: str, cell: str) -> RemoteValue | None:
-        args = self._cell_parser.parse_argstring(line)
-        pushes, pulls = _names(args.push), _names(args.pull)
+    def _cell(self, line: str, cell: str) -> RemoteValue | CellFuture | None:
+        args = _magic_args.parse(self._cell_parser, line)
+        if args is None:  # --help printed the help
+            return None
+        pushes, pulls = _magic_args.names(args.push), _magic_args.names(args.pull)
+        if args.noblock and pulls:
+            raise UsageError("--pull waits for the cell, --noblock does not: after %mymps wait, %mymps pull the names")
         c = self.connected
         if pushes:
-            c.push(**self._local(pushes))
+            c.push(**_magic_args.namespace_values(self._ipython.user_ns, pushes))
+        if self.mode.on:
+            show_marker(c.settings.address)
+        if args.noblock:
+            self.last_cell = c.submit_cell(cell, timeout=args.timeout)
+            return self.last_cell
         result = c.run_cell_rich(cell, timeout=args.timeout)
         if pulls:
-            values = c.pull(*pulls)
-            self.shell.user_ns.update(zip(pulls, values if len(pulls) > 1 else (values,)))
+            self._pull_into_notebook(pulls)
         return result
