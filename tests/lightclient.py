@@ -15,6 +15,7 @@ kernels do, so they run the working tree's client code, not the copy the wheel i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,12 +23,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit import REPO_ROOT
+from kernels import Kernel, ok
+from kit import REPO_ROOT, ServerProcess
 
-__all__ = ["KERNEL_NAME", "LIGHT_ROOT", "LightVenv", "light_venv"]
+__all__ = ["KERNEL_NAME", "LIGHT_ROOT", "LightVenv", "light_notebook", "light_venv"]
 
 LIGHT_ROOT = REPO_ROOT / ".venv-light"
 KERNEL_NAME = "mymps-light"
@@ -97,3 +100,16 @@ def _build(venv: LightVenv, final: LightVenv) -> None:
         "display_name": "Python 3 (mymps light client)",
         "language": "python",
     }))
+
+
+@contextlib.contextmanager
+def light_notebook(directory: Path, venv: LightVenv, server: ServerProcess) -> Iterator[Kernel]:
+    """A light-client kernel with ``%load_ext mymps_magic`` done, whose ``%mymps`` reaches
+    ``server`` by default: `kernels.notebook` on the client as users install it."""
+    kernel = Kernel(directory, env={"MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token},
+                    spec=venv.spec)
+    try:
+        ok(kernel.execute("%load_ext mymps_magic"))
+        yield kernel
+    finally:
+        kernel.close()

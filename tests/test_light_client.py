@@ -17,7 +17,7 @@ import pytest
 
 from kernels import Kernel, ok
 from kit import ServerProcess, TinyModels
-from lightclient import LightVenv
+from lightclient import LightVenv, light_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +57,15 @@ def test_remote_cells_from_the_light_client(light_nb: Kernel, server: ServerProc
     assert printed.stdout == "remote torch True\n" and printed.result is None
 
 
-def test_loading_shows_a_widget_progress_bar(light_nb: Kernel, server: ServerProcess, tiny_models: TinyModels,
-                                             tmp_path: Path) -> None:
+def test_loading_shows_a_widget_progress_bar(light_client: LightVenv, server: ServerProcess,
+                                             tiny_models: TinyModels, tmp_path: Path) -> None:
     """ipywidgets comes with the client: tqdm draws a widget, not a text bar and a TqdmWarning."""
-    ok(light_nb.execute(f"%load_ext mymps_magic\n%mymps connect {server.host}:{server.port} --token {server.token}"))
     name = "light-client-llama"
-    load = ok(light_nb.execute(f"%mymps load {name} --path {shlex.quote(str(tiny_models.text_llama))}"))
-    try:
-        assert "IProgress not found" not in load.stderr, load.stderr
-        bars = [m for m in load.of_type("display_data") if WIDGET in m["content"]["data"]]
-        assert bars, f"no widget progress bar; stderr: {load.stderr!r}"
-        assert any(m["content"]["data"].get("text/plain", "").startswith(f"Loading {name}") for m in bars), bars
-        assert re.match(rf"Loaded {name} on cpu", load.stdout), load.stdout
-    finally:
+    with light_notebook(tmp_path, light_client, server) as light_nb:
+        load = ok(light_nb.execute(f"%mymps load {name} --path {shlex.quote(str(tiny_models.text_llama))}"))
         light_nb.execute(f"%mymps unload {name}")
+    assert "IProgress not found" not in load.stderr, load.stderr
+    bars = [m for m in load.of_type("display_data") if WIDGET in m["content"]["data"]]
+    assert bars, f"no widget progress bar; stderr: {load.stderr!r}"
+    assert any(m["content"]["data"].get("text/plain", "").startswith(f"Loading {name}") for m in bars), bars
+    assert re.match(rf"Loaded {name} on cpu", load.stdout), load.stdout
