@@ -8,9 +8,9 @@ on another interpreter is started by naming its kernelspec.
 
 Building it takes about half a minute (a wheel of the project, then the dependencies from the
 local package index), so it is kept under the repository's git-ignored ``.venv-light/``, in a
-folder named by the hash of ``pyproject.toml``: a rerun reuses it, and a change to the
-dependencies builds a fresh one. Kernels put the repository on ``PYTHONPATH``, as the other test
-kernels do, so they run the working tree's client code, not the copy the wheel installed.
+folder named by the hash of ``pyproject.toml``: a rerun reuses it, and any change to that file
+(to the dependencies, say) builds a fresh one. Kernels put the repository on ``PYTHONPATH``, as
+the other test kernels do, so they run the working tree's client code, not the wheel's copy.
 """
 
 from __future__ import annotations
