@@ -11,7 +11,8 @@ import io
 import itertools
 import sys
 import threading
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from mymps_magic import wire
 
@@ -118,7 +119,7 @@ class Execution:
             if cls._open == 0:
                 cls._stdout = OutputRouter("stdout", sys.stdout)
                 cls._stderr = OutputRouter("stderr", sys.stderr)
-                sys.stdout, sys.stderr = cls._stdout, cls._stderr  # type: ignore[assignment]
+                sys.stdout, sys.stderr = cls._stdout, cls._stderr
                 cls._unhook_tqdm = _hook_tqdm()
             cls._open += 1
         self.stdout, self.stderr = cls._stdout, cls._stderr
@@ -201,9 +202,10 @@ def _hook_tqdm() -> Callable[[], None]:
             outlet.progress(self._mymps_bar, fields(self, True))
 
     def unhook() -> None:
-        std.tqdm.__init__, std.tqdm.display, std.tqdm.close = original_init, original_display, original_close
+        std.tqdm.__init__, std.tqdm.display, std.tqdm.close = (  # type: ignore[method-assign]
+            original_init, original_display, original_close)
 
-    std.tqdm.__init__, std.tqdm.display, std.tqdm.close = __init__, display, close
+    std.tqdm.__init__, std.tqdm.display, std.tqdm.close = __init__, display, close  # type: ignore[method-assign]
     return unhook
 
 

@@ -14,9 +14,10 @@ import linecache
 import sys
 import tokenize
 import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import CodeType, TracebackType
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mymps_magic import wire
 
@@ -122,8 +123,10 @@ def compile_cell(source: str) -> tuple[CodeType, CodeType | None]:
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     tree = ast.parse(source, filename=filename, mode="exec")
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr) and not _ends_with_semicolon(source):
-        last = ast.Expression(tree.body.pop().value)
+    final = tree.body[-1] if tree.body else None
+    if isinstance(final, ast.Expr) and not _ends_with_semicolon(source):
+        tree.body.pop()
+        last = ast.Expression(final.value)
     body = compile(tree, filename, "exec")
     return body, (compile(last, filename, "eval") if last is not None else None)
 

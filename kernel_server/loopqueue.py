@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("kernel_server.loopqueue")
 

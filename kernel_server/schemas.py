@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,10 +18,10 @@ class LoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(min_length=1)
-    kind: Optional[Union[Kind, Literal["detect"]]] = "detect"
+    kind: Kind | Literal["detect"] | None = "detect"
     dtype: DType = "auto"
-    path: Optional[str] = None
-    model_class: Optional[str] = None
+    path: str | None = None
+    model_class: str | None = None
     trust_remote_code: bool = False
 
 
@@ -39,7 +39,7 @@ class GenerateBody(BaseModel):
     max_new_tokens: int = Field(_GENERATE.max_new_tokens, ge=1, le=wire.MAX_NEW_TOKENS)
     temperature: float = Field(_GENERATE.temperature, ge=0.0, le=wire.MAX_TEMPERATURE)
     top_p: float = Field(_GENERATE.top_p, gt=0.0, le=1.0)
-    seed: Optional[int] = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
+    seed: int | None = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
     stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
 
     def request(self) -> wire.GenerateRequest:
@@ -53,10 +53,10 @@ class ImageBody(BaseModel):
     model: str = Field(min_length=1)
     prompt: str = ""
     steps: int = Field(20, ge=1, le=1000)
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
-    guidance_scale: Optional[float] = Field(None, ge=0.0, le=100.0)
-    width: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
-    height: Optional[int] = Field(None, ge=8, le=4096, multiple_of=8)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
     num_images: int = Field(1, ge=1, le=16)
 
 
@@ -64,7 +64,8 @@ def describe_validation_error(errors: list[dict[str, object]]) -> str:
     """One line out of pydantic's error list: ``field: problem; field: problem``."""
     parts = []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]  # type: ignore[union-attr]
+        where_in = err.get("loc", ())
+        loc = [str(p) for p in (where_in if isinstance(where_in, (list, tuple)) else ()) if p != "body"]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {err.get('msg')}")
     return "; ".join(parts)

@@ -7,7 +7,8 @@ request; this module turns it into what the caller gets.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mymps_magic import errors, wire
 from mymps_magic._pickling import fill_sources
@@ -44,9 +45,8 @@ def settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
     """Complete the future from a ``result`` or ``error`` frame."""
     if future.cancelled():
         return
-    if not future.running():
-        if not future.set_running_or_notify_cancel():
-            return
+    if not future.running() and not future.set_running_or_notify_cancel():
+        return
     if frame.type == "error":
         error = _error_of(frame)
         if source is not None and isinstance(error, errors.RemoteError):

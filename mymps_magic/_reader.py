@@ -14,6 +14,7 @@ reads through it (:class:`Channel`) and never builds a frame.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import sys
 import threading
@@ -319,10 +320,8 @@ class Reader:
         return self._wake_r.fileno()
 
     def poke(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # its buffer is full (it is poked already) or it is closed
             self._wake_w.send(b"!")
-        except OSError:  # its buffer is full (it is poked already) or it is closed
-            pass
 
     def drain(self) -> None:
         try:

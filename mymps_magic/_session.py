@@ -187,7 +187,8 @@ class SessionChannel:
     def _closed_by_server(self, closed: Closed) -> bool:
         """The server closed the socket; reconnect unless the close would come again."""
         if closed.code == WS_CLOSE_TOO_BIG:
-            self._too_big = (f"The server refused a request over its --max-body ({closed.reason or 'message too big'}). "
+            reason = closed.reason or "message too big"
+            self._too_big = (f"The server refused a request over its --max-body ({reason}). "
                              "Send less at once, or start the server with a larger --max-body.")
             return self.reconnect()
         error = self.connection.closed_error(closed.code, closed.reason)
@@ -364,10 +365,8 @@ class SessionChannel:
         frame = None
         try:
             message, in_place = ws.recv(self._decoder.chunk_target)
-            if in_place:
-                frame = self._decoder.chunk_filled(memoryview(message).nbytes)
-            else:
-                frame = self._decoder.feed(message)
+            decoder = self._decoder
+            frame = decoder.chunk_filled(memoryview(message).nbytes) if in_place else decoder.feed(message)
             if frame is not None:
                 self._dispatch(frame)
         except Closed as closed:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mymps_magic import errors, wire
 

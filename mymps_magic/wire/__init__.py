@@ -2,8 +2,9 @@
 
 Everything that crosses the connection is built and read here, so the two ends cannot drift
 apart. This package must stay importable without torch: the client never has it. Its modules:
-:mod:`.rest` (HTTP bodies), :mod:`.frames` (session frames as messages), :mod:`.pickling`
-(values), :mod:`.errors` (a payload that breaks the format).
+:mod:`.rest` (HTTP bodies, the generate request), :mod:`.frames` (session frames as messages),
+:mod:`.messages` (each session frame kind), :mod:`.codes` (error codes, the error frame),
+:mod:`.pickling` (values), :mod:`.errors` (a payload that breaks the format).
 
 Formats: ``/infer``, ``/models/load``, error bodies and generation in :mod:`.rest`;
 ``/ws/session`` frames (SPEC 4), below.
@@ -71,29 +72,77 @@ much, before the request's next frame; ``result`` and ``error`` frames are never
 
 from __future__ import annotations
 
-from .errors import FrameTooLarge as FrameTooLarge, WireFormatError as WireFormatError
-from .frames import (CHUNK as CHUNK, CLOSE_PROTOCOL_MISUSE as CLOSE_PROTOCOL_MISUSE,
-                     CLOSE_TAKEN_OVER as CLOSE_TAKEN_OVER, HELLO_TIMEOUT_S as HELLO_TIMEOUT_S,
-                     MAX_BUFFERS as MAX_BUFFERS, OUTPUT_FRAMES as OUTPUT_FRAMES, PROTOCOL_VERSION as PROTOCOL_VERSION,
-                     PYTHON_VERSION as PYTHON_VERSION, TAKEN_OVER_REASON as TAKEN_OVER_REASON, Frame as Frame,
-                     FrameDecoder as FrameDecoder, cloudpickle_version as cloudpickle_version,
-                     encode_frame as encode_frame, encode_stream as encode_stream)
-from .pickling import dumps as dumps, global_names as global_names, loads as loads
-from .rest import (EVENT_PROGRESS as EVENT_PROGRESS, HEADER_MODEL as HEADER_MODEL, MAX_NEW_TOKENS as MAX_NEW_TOKENS,
-                   MAX_SEED as MAX_SEED, MAX_STOP_STRINGS as MAX_STOP_STRINGS, MAX_TEMPERATURE as MAX_TEMPERATURE,
-                   MSG_CANCEL as MSG_CANCEL, MSG_DONE as MSG_DONE, MSG_ERROR as MSG_ERROR, MSG_TOKEN as MSG_TOKEN,
-                   MSGPACK as MSGPACK, NDJSON as NDJSON, GenerateRequest as GenerateRequest, error_body as error_body,
-                   ndjson_line as ndjson_line, pack_tensors as pack_tensors, progress_event as progress_event,
-                   unpack_tensors as unpack_tensors)
-from .codes import (ERROR_BAD_REQUEST as ERROR_BAD_REQUEST, ERROR_CANCELLED as ERROR_CANCELLED,
-                    ERROR_CONFLICT as ERROR_CONFLICT, ERROR_NAME as ERROR_NAME, ERROR_PICKLE as ERROR_PICKLE,
-                    ERROR_REMOTE as ERROR_REMOTE, ERROR_VERSION as ERROR_VERSION,
-                    SESSION_ERROR_CODES as SESSION_ERROR_CODES, RemoteFailure as RemoteFailure, error as error,
-                    read_error as read_error)
-from .messages import (REQUEST_KINDS as REQUEST_KINDS, Hello as Hello, Output as Output, Result as Result,
-                       Welcome as Welcome, ack as ack, answer as answer, display as display, hello as hello,
-                       progress as progress, read_ack as read_ack, read_hello as read_hello, read_names as read_names,
-                       read_output as read_output, read_result as read_result, read_source as read_source,
-                       read_started as read_started, read_target as read_target, read_welcome as read_welcome,
-                       request as request, result as result, started as started, stream as stream,
-                       unpicklable as unpicklable, upload as upload, welcome as welcome)
+from .codes import ERROR_BAD_REQUEST as ERROR_BAD_REQUEST
+from .codes import ERROR_CANCELLED as ERROR_CANCELLED
+from .codes import ERROR_CONFLICT as ERROR_CONFLICT
+from .codes import ERROR_NAME as ERROR_NAME
+from .codes import ERROR_PICKLE as ERROR_PICKLE
+from .codes import ERROR_REMOTE as ERROR_REMOTE
+from .codes import ERROR_VERSION as ERROR_VERSION
+from .codes import SESSION_ERROR_CODES as SESSION_ERROR_CODES
+from .codes import RemoteFailure as RemoteFailure
+from .codes import error as error
+from .codes import read_error as read_error
+from .errors import FrameTooLarge as FrameTooLarge
+from .errors import WireFormatError as WireFormatError
+from .frames import CHUNK as CHUNK
+from .frames import CLOSE_PROTOCOL_MISUSE as CLOSE_PROTOCOL_MISUSE
+from .frames import CLOSE_TAKEN_OVER as CLOSE_TAKEN_OVER
+from .frames import HELLO_TIMEOUT_S as HELLO_TIMEOUT_S
+from .frames import MAX_BUFFERS as MAX_BUFFERS
+from .frames import OUTPUT_FRAMES as OUTPUT_FRAMES
+from .frames import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .frames import PYTHON_VERSION as PYTHON_VERSION
+from .frames import TAKEN_OVER_REASON as TAKEN_OVER_REASON
+from .frames import Frame as Frame
+from .frames import FrameDecoder as FrameDecoder
+from .frames import cloudpickle_version as cloudpickle_version
+from .frames import encode_frame as encode_frame
+from .frames import encode_stream as encode_stream
+from .messages import REQUEST_KINDS as REQUEST_KINDS
+from .messages import Hello as Hello
+from .messages import Output as Output
+from .messages import Result as Result
+from .messages import Welcome as Welcome
+from .messages import ack as ack
+from .messages import answer as answer
+from .messages import display as display
+from .messages import hello as hello
+from .messages import progress as progress
+from .messages import read_ack as read_ack
+from .messages import read_hello as read_hello
+from .messages import read_names as read_names
+from .messages import read_output as read_output
+from .messages import read_result as read_result
+from .messages import read_source as read_source
+from .messages import read_started as read_started
+from .messages import read_target as read_target
+from .messages import read_welcome as read_welcome
+from .messages import request as request
+from .messages import result as result
+from .messages import started as started
+from .messages import stream as stream
+from .messages import unpicklable as unpicklable
+from .messages import upload as upload
+from .messages import welcome as welcome
+from .pickling import dumps as dumps
+from .pickling import global_names as global_names
+from .pickling import loads as loads
+from .rest import EVENT_PROGRESS as EVENT_PROGRESS
+from .rest import HEADER_MODEL as HEADER_MODEL
+from .rest import MAX_NEW_TOKENS as MAX_NEW_TOKENS
+from .rest import MAX_SEED as MAX_SEED
+from .rest import MAX_STOP_STRINGS as MAX_STOP_STRINGS
+from .rest import MAX_TEMPERATURE as MAX_TEMPERATURE
+from .rest import MSG_CANCEL as MSG_CANCEL
+from .rest import MSG_DONE as MSG_DONE
+from .rest import MSG_ERROR as MSG_ERROR
+from .rest import MSG_TOKEN as MSG_TOKEN
+from .rest import MSGPACK as MSGPACK
+from .rest import NDJSON as NDJSON
+from .rest import GenerateRequest as GenerateRequest
+from .rest import error_body as error_body
+from .rest import ndjson_line as ndjson_line
+from .rest import pack_tensors as pack_tensors
+from .rest import progress_event as progress_event
+from .rest import unpack_tensors as unpack_tensors

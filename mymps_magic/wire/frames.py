@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -103,7 +104,8 @@ def _header(frame: Frame, views: list[memoryview], *, chunked: bool) -> bytes:
     header = {**frame.fields, "v": PROTOCOL_VERSION, "t": frame.type, "id": frame.id, "bufs": [v.nbytes for v in views]}
     if chunked:
         header["chunked"] = True
-    return msgpack.packb(header, use_bin_type=True)
+    packed: bytes = msgpack.packb(header, use_bin_type=True)
+    return packed
 
 
 class FrameDecoder:
@@ -155,7 +157,8 @@ class FrameDecoder:
         if any(n < 0 for n in sizes):
             raise WireFormatError("a buffer size in the frame header is negative")
         if self.max_size is not None and sum(sizes) > self.max_size:
-            raise FrameTooLarge(f"a frame of {sum(sizes)} bytes is over the limit of {self.max_size} bytes (--max-body)")
+            raise FrameTooLarge(f"a frame of {sum(sizes)} bytes is over the limit of {self.max_size} bytes "
+                                "(--max-body)")
         header.pop("v", None)
         if header.pop("chunked", False):
             # np.empty, not bytearray(n): zero-filling 256 MiB would cost ~100 ms for nothing.

@@ -10,11 +10,13 @@ import functools
 import io
 import pickle
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import WireFormatError
+
 
 def _rebuild_tensor(array: np.ndarray, dtype: str) -> Any:
     """Unpickle a tensor: a torch tensor where torch is importable, else the numpy array."""

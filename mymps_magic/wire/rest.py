@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -52,7 +53,8 @@ def pack_tensors(tensors: Mapping[str, Any]) -> bytes:
     for name, value in tensors.items():
         arr = np.ascontiguousarray(np.asarray(value))
         out[str(name)] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "data": arr.tobytes()}
-    return msgpack.packb(out, use_bin_type=True)
+    packed: bytes = msgpack.packb(out, use_bin_type=True)
+    return packed
 
 
 def unpack_tensors(body: bytes) -> dict[str, np.ndarray]:
