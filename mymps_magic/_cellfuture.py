@@ -10,12 +10,12 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any
 
-from mymps_magic.display import KeptOutput, OutputSink
+from mymps_magic.display import KeptOutput, OutputSink, RemoteValue
 
 _WAIT_STEP_S = 0.2
 
 
-class CellFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class CellFuture(concurrent.futures.Future[RemoteValue | None]):
     """A remote cell started by `Client.submit_cell`: a ``concurrent.futures.Future`` of the
     cell's `RemoteValue` (None when the cell ends without a value), plus its output.
 

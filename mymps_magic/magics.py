@@ -228,7 +228,7 @@ class MympsMagics(Magics):
         if handle is None:
             raise UsageError("no --noblock cell to wait for: start one with %%mymps --noblock")
         handle.display_outputs(wait=True)
-        return handle.result()  # type: ignore[no-any-return]
+        return handle.result()
 
     def _handle(self, expression: str) -> CellFuture:
         try:

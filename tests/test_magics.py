@@ -26,7 +26,7 @@ from kit import MakeServer, ServerProcess, TinyModels
 
 GPT2 = "magics-gpt2-unload"
 SUBCOMMANDS = ["connect", "status", "health", "models", "stats", "jobs", "load", "unload", "generate",
-               "image", "push", "pull", "reset", "interrupt"]
+               "image", "push", "pull", "reset", "interrupt", "wait", "on", "off"]
 JOB_COLUMNS = ["id", "kind", "state", "model", "session", "progress", "since"]
 # Greedy decoding of this prompt on the tiny Llama loops without EOS (see test_api.py).
 LOOP_PROMPT = "Machine learning"
