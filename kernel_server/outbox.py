@@ -33,12 +33,12 @@ read (or a tunnel that is down while a cell prints):
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import bisect
+import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from mymps_magic import wire
 
