@@ -1,7 +1,7 @@
 """Bad input on the notebook channel ``/ws/session`` (issue 4, item 8).
 
 Each test sends something the real client never would, through `RawSession` (a client built
-from ``wire.py`` and a plain ``websockets`` connection), and then checks two things: the server
+from the ``wire`` package and a plain ``websockets`` connection), and then checks two things: the server
 answered clearly (an error frame for the request, or a close with a code and a reason, never an
 abrupt drop), and the server and the session still work afterwards.
 """

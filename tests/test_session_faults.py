@@ -1,7 +1,7 @@
 """Faults of the notebook channel under real use (issue 10, items 1-4, 10 and 14's session lines).
 
 Each test drives ``/ws/session`` at the wire level through `RawSession` (a client built from
-``wire.py`` and a plain ``websockets`` connection) against the real server, and checks what a
+the ``wire`` package and a plain ``websockets`` connection) against the real server, and checks what a
 user would: every line arrives, memory stays bounded, a taken-over connection is told why, a
 bad request id gets an answer that names it, and another client's ``/health`` keeps answering.
 """
