@@ -17,7 +17,8 @@ MympsError
 ├── ClosedError        (a ConnectionError)             the server closed the connection and said why
 ├── SessionLostError   (a ConnectionError)             the server no longer has this session
 │   └── ServerGoneError                                its process ended while running a call
-└── CommandError                                       `mymps tunnel` or `mymps deploy` cannot go on
+└── CommandError                                       `mymps tunnel`, `deploy` or `demo` cannot go on
+    └── ServerStartError (mymps_magic.cli.localserver)  a local server did not come up (demo, tests)
 ```
 
 In IPython every one of them shows as its one line (``_render_traceback_``), not as a stack of
