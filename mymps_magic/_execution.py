@@ -101,7 +101,7 @@ class SessionExecution:
                      timeout: float | None) -> None:
         """On a thread of its own: wait for a submitted cell as a blocking cell would, keeping
         what it renders in the future instead of showing it under whichever cell runs now."""
-        with self._sink.keep(future.kept):
+        with self._sink.keep(request.frame.id, future.kept):
             try:
                 result = channel.wait(request, timeout)
             except Exception as exc:

@@ -258,9 +258,9 @@ class Reader:
     def _render(self, rid: int, frame: wire.Frame) -> None:
         output = wire.read_output(frame)
         if output.kind == "stream":
-            self._channel.sink.stream(output.name, output.text)
+            self._channel.sink.stream(output.name, output.text, rid)
         elif output.kind == "display":
-            self._channel.sink.display(output.data, output.metadata)
+            self._channel.sink.display(output.data, output.metadata, rid)
         else:
             self._channel.sink.progress(rid, output.data)
 

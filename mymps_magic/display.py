@@ -5,7 +5,7 @@ into ``stream`` messages), displays go through IPython's display machinery as ra
 and progress bars are ``tqdm.auto`` bars (widgets where ipywidgets is installed). Outside a
 kernel the same calls print text and draw text bars.
 
-A thread may keep what it renders instead (`OutputSink.keep`): the output of a cell that nobody
+The output of one request may be kept instead (`OutputSink.keep`): that of a cell that nobody
 watches yet (``%%mymps --noblock``) waits in a `KeptOutput`, to be shown under the cell that
 asks for it, as ipyparallel's ``AsyncResult.display_outputs`` does.
 """
@@ -105,27 +105,28 @@ class KeptOutput:
 
 
 class OutputSink:
-    """Renders one client's remote output; progress bars are kept per (request, bar)."""
+    """Renders one client's remote output; progress bars are kept per (request, bar).
+
+    ``request`` names the session request an output belongs to (0: none), whose output may be
+    kept rather than shown (`keep`).
+    """
 
     def __init__(self) -> None:
         self._bars: dict[tuple[int, int], Any] = {}
-        self._kept = threading.local()
+        self._kept: dict[int, KeptOutput] = {}
 
     @contextlib.contextmanager
-    def keep(self, kept: KeptOutput) -> Iterator[None]:
-        """While in this block, what this thread renders goes into ``kept`` instead of showing."""
-        self._kept.output = kept
+    def keep(self, request: int, kept: KeptOutput) -> Iterator[None]:
+        """While in this block, what request ``request`` renders goes into ``kept`` instead of
+        showing (enter it before waiting for the request: its output is rendered as it is waited for)."""
+        self._kept[request] = kept
         try:
             yield
         finally:
-            self._kept.output = None
+            del self._kept[request]
 
-    def _keeping(self) -> KeptOutput | None:
-        output: KeptOutput | None = getattr(self._kept, "output", None)
-        return output
-
-    def stream(self, name: str, text: str) -> None:
-        kept = self._keeping()
+    def stream(self, name: str, text: str, request: int = 0) -> None:
+        kept = self._kept.get(request)
         if kept is not None:
             kept.add("stderr" if name == "stderr" else "stdout", text)
             return
@@ -133,8 +134,8 @@ class OutputSink:
         target.write(text)
         target.flush()
 
-    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
-        kept = self._keeping()
+    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, request: int = 0) -> None:
+        kept = self._kept.get(request)
         if kept is not None:
             kept.add("display", {"data": data, "metadata": metadata or {}})
             return
@@ -150,7 +151,7 @@ class OutputSink:
         print(text)
 
     def progress(self, request: int, fields: dict[str, Any]) -> None:
-        if self._keeping() is not None:
+        if request in self._kept:
             return
         key = (request, int(fields.get("bar", 0)))
         bar = self._bars.get(key)

@@ -212,3 +212,17 @@ def test_line_magics_run_locally_in_remote_mode(own_kernel: Callable[..., Kernel
     (tmp_path / "gate").touch()
     assert ok(kernel.execute("%mymps wait")).result == {"text/plain": "'late'"}
     ok(kernel.execute("%mymps off"))
+
+
+def test_submit_cell_keeps_only_its_own_output(client: Client, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A call submitted earlier prints while the cell waits behind it: that output is the call's,
+    shown as it comes, never kept in the cell's handle."""
+    gate = tmp_path / "gate"
+    call = client.submit(exec, gated(gate, "print('from the call', flush=True)"))
+    cell = client.submit_cell("print('from the cell')\n'cell value'")
+    gate.touch()
+    call.result(timeout=60)
+    assert cell.result(timeout=60) is not None
+    assert cell.outputs == [("stdout", "from the cell\n")]
+    assert "from the call" in capsys.readouterr().out

@@ -120,7 +120,7 @@ class StreamRecorder(OutputSink):
         self.chunks: list[tuple[str, str]] = []
         self._changed = threading.Condition()
 
-    def stream(self, name: str, text: str) -> None:
+    def stream(self, name: str, text: str, request: int = 0) -> None:
         with self._changed:
             self.chunks.append((name, text))
             self._changed.notify_all()

@@ -66,10 +66,10 @@ class RecordingSink(OutputSink):
             self.events.append((time.monotonic(), kind, payload))
             self._changed.notify_all()
 
-    def stream(self, name: str, text: str) -> None:
+    def stream(self, name: str, text: str, request: int = 0) -> None:
         self._add("stream", (name, text))
 
-    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+    def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, request: int = 0) -> None:
         self._add("display", (data, metadata))
 
     def progress(self, request: int, fields: dict[str, Any]) -> None:
