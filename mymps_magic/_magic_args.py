@@ -36,6 +36,9 @@ Examples:
   %%mymps --push data --pull result --timeout 600
   result = model_fn(torch.as_tensor(data, device=DEVICE)).cpu()
 
+  %%mymps --noblock
+  train(epochs=20)                   # the cell returns a handle at once; %mymps wait shows the rest
+
 In a %%mymps cell: DEVICE, models (the loaded ones), torch, np, display() and progress()
 are defined. Give the token with MYMPS_TOKEN or --token-file; --token T works, but the token then
 stays in the notebook's history."""

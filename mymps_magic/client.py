@@ -389,6 +389,10 @@ class Client:
         Its output is kept, not shown: ``display_outputs()`` shows it where it is called. Later
         calls of this session run after it, in order.
 
+        Args:
+            source: the cell's code.
+            timeout: seconds after which the remote code is interrupted.
+
         Returns:
             A `CellFuture`: ``result(timeout)`` is the `RemoteValue` (None without a value) or
             raises the cell's `RemoteError`; ``done()``; ``outputs``; ``display_outputs(wait)``.
