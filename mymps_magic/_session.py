@@ -53,7 +53,7 @@ from mymps_magic import errors, wire
 from mymps_magic._connection import WS_CLOSE_TOO_BIG
 from mymps_magic._futures import RemoteFuture
 from mymps_magic._reader import Reader, Request
-from mymps_magic._websocket import ClientWebSocket, Closed
+from mymps_magic._websocket import ClientWebSocket, Closed, MessageTooBig
 from mymps_magic.display import OutputSink
 
 if TYPE_CHECKING:
@@ -371,6 +371,13 @@ class SessionChannel:
                 self._dispatch(frame)
         except Closed as closed:
             return self._closed_by_server(closed)
+        except MessageTooBig as exc:
+            # The server would replay the same message on every resume: stop here instead.
+            self._drop(ws)
+            self._halt(errors.ConnectionError(
+                f"{exc}. The session stopped (a value or display that large cannot come back): "
+                "reset() (%mymps reset) starts a new one"))
+            return False
         except (OSError, wire.WireFormatError):
             return self.reconnect()
         except BaseException:

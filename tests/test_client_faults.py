@@ -259,3 +259,33 @@ def test_a_client_that_reads_gets_all_output_of_a_cell_printing_past_the_session
     assert "of output dropped" not in out + err
     printed = [line for line in out.splitlines() if line.startswith("y")]
     assert len(printed) == lines and printed[-1].endswith(str(lines - 1))
+
+
+def test_a_message_over_the_clients_limit_stops_the_session_with_one_line_until_reset(server: ServerProcess) -> None:
+    """A result the client will not take (over its WebSocket ``max_size``) would come back on
+    every resume; the session stops instead, says why on this and every later call, and a
+    ``reset()`` starts a fresh one. Nothing hangs and the reading thread does not die."""
+    with Client(port=server.port, token=server.token) as c:
+        assert c.run(int, "1") == 1
+        channel = c._execution.channel
+        assert channel._ws is not None
+        channel._ws.max_size = 1 << 20  # as if the server sent over the real 1 GiB limit
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                c.run(bytes, 2 << 20)
+            except BaseException as exc:  # noqa: BLE001 - the test reports whatever ended the call
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        caller.join(HANG_S)
+        assert not caller.is_alive(), "a message over the limit hung the call"
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionError), outcome
+        line = str(outcome[0])
+        assert "\n" not in line and "limit" in line and "reset()" in line, line
+        with pytest.raises(ConnectionError, match="limit"):
+            c.run(int, "2")
+        c.reset()
+        assert c.run(int, "3") == 3
