@@ -2,12 +2,13 @@
 
 Everything that crosses the connection is built and read here, so the two ends cannot drift
 apart. This package must stay importable without torch: the client never has it. Its modules:
-:mod:`.rest` (HTTP bodies, the generate request), :mod:`.frames` (session frames as messages),
+:mod:`.bodies` (the request bodies), :mod:`.rest` (tensor maps, load progress, error bodies),
+:mod:`.generate_stream` (``/ws/generate`` messages), :mod:`.frames` (session frames as messages),
 :mod:`.messages` (each session frame kind), :mod:`.codes` (error codes, the error frame),
 :mod:`.pickling` (values), :mod:`.errors` (a payload that breaks the format).
 
-Formats: ``/infer``, ``/models/load``, error bodies and generation in :mod:`.rest`;
-``/ws/session`` frames (SPEC 4), below.
+Formats: the HTTP bodies and ``/ws/generate`` in the modules named above; ``/ws/session``
+frames (SPEC 4), below.
 
 The session channel
 -------------------
@@ -72,6 +73,24 @@ much, before the request's next frame; ``result`` and ``error`` frames are never
 
 from __future__ import annotations
 
+from .bodies import DETECT as DETECT
+from .bodies import DTYPES as DTYPES
+from .bodies import IMAGE_SIDE_STEP as IMAGE_SIDE_STEP
+from .bodies import KINDS as KINDS
+from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
+from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
+from .bodies import MAX_IMAGES as MAX_IMAGES
+from .bodies import MAX_NEW_TOKENS as MAX_NEW_TOKENS
+from .bodies import MAX_SEED as MAX_SEED
+from .bodies import MAX_STEPS as MAX_STEPS
+from .bodies import MAX_STOP_STRINGS as MAX_STOP_STRINGS
+from .bodies import MAX_TEMPERATURE as MAX_TEMPERATURE
+from .bodies import MIN_IMAGE_SIDE as MIN_IMAGE_SIDE
+from .bodies import DType as DType
+from .bodies import GenerateRequest as GenerateRequest
+from .bodies import ImageRequest as ImageRequest
+from .bodies import Kind as Kind
+from .bodies import LoadRequest as LoadRequest
 from .codes import ERROR_BAD_REQUEST as ERROR_BAD_REQUEST
 from .codes import ERROR_CANCELLED as ERROR_CANCELLED
 from .codes import ERROR_CONFLICT as ERROR_CONFLICT
@@ -99,6 +118,20 @@ from .frames import FrameDecoder as FrameDecoder
 from .frames import cloudpickle_version as cloudpickle_version
 from .frames import encode_frame as encode_frame
 from .frames import encode_stream as encode_stream
+from .generate_stream import MSG_CANCEL as MSG_CANCEL
+from .generate_stream import MSG_DONE as MSG_DONE
+from .generate_stream import MSG_ERROR as MSG_ERROR
+from .generate_stream import MSG_TOKEN as MSG_TOKEN
+from .generate_stream import Cancel as Cancel
+from .generate_stream import Done as Done
+from .generate_stream import GenerateMessage as GenerateMessage
+from .generate_stream import Other as Other
+from .generate_stream import Token as Token
+from .generate_stream import cancel_message as cancel_message
+from .generate_stream import done_message as done_message
+from .generate_stream import error_message as error_message
+from .generate_stream import read_generate_message as read_generate_message
+from .generate_stream import token_message as token_message
 from .messages import REQUEST_KINDS as REQUEST_KINDS
 from .messages import Hello as Hello
 from .messages import Output as Output
@@ -130,19 +163,14 @@ from .pickling import global_names as global_names
 from .pickling import loads as loads
 from .rest import EVENT_PROGRESS as EVENT_PROGRESS
 from .rest import HEADER_MODEL as HEADER_MODEL
-from .rest import MAX_NEW_TOKENS as MAX_NEW_TOKENS
-from .rest import MAX_SEED as MAX_SEED
-from .rest import MAX_STOP_STRINGS as MAX_STOP_STRINGS
-from .rest import MAX_TEMPERATURE as MAX_TEMPERATURE
-from .rest import MSG_CANCEL as MSG_CANCEL
-from .rest import MSG_DONE as MSG_DONE
-from .rest import MSG_ERROR as MSG_ERROR
-from .rest import MSG_TOKEN as MSG_TOKEN
 from .rest import MSGPACK as MSGPACK
 from .rest import NDJSON as NDJSON
-from .rest import GenerateRequest as GenerateRequest
+from .rest import ErrorBody as ErrorBody
+from .rest import ProgressEvent as ProgressEvent
 from .rest import error_body as error_body
 from .rest import ndjson_line as ndjson_line
 from .rest import pack_tensors as pack_tensors
 from .rest import progress_event as progress_event
+from .rest import read_error_body as read_error_body
+from .rest import read_progress_event as read_progress_event
 from .rest import unpack_tensors as unpack_tensors

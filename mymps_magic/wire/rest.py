@@ -1,5 +1,6 @@
-"""The REST side of the wire: ``/infer`` tensor maps, ``/models/load`` NDJSON progress, error
-bodies, and the generate request of ``POST /generate`` and ``/ws/generate``.
+"""The REST side of the wire: ``/infer`` tensor maps, ``/models/load`` NDJSON progress and error
+bodies (the request bodies are in :mod:`.bodies`, the ``/ws/generate`` messages in
+:mod:`.generate_stream`).
 
 * ``/infer`` bodies, kept compatible with the original mymps ``tensor.py``: a msgpack map of
   ``name -> {"shape": [..], "dtype": "float32", "data": <raw array bytes>}``.
@@ -7,14 +8,11 @@ bodies, and the generate request of ``POST /generate`` and ``/ws/generate``.
   ending with the same object the plain request answers (``{"status": "ok", ...}``) or an error
   line ``{"error": "..."}``.
 * Errors: JSON ``{"error": "..."}`` with a fitting HTTP status.
-* Generation: :class:`GenerateRequest`, the body of ``POST /generate`` and the first message of
-  ``/ws/generate``; its defaults and limits are the server's too.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +25,6 @@ from .errors import WireFormatError
 HEADER_MODEL = "x-model"
 MSGPACK = "application/msgpack"
 NDJSON = "application/x-ndjson"
-
-# Message types of /ws/generate (the original's names).
-MSG_TOKEN = "token"
-MSG_DONE = "done"
-MSG_ERROR = "error"
-# Client -> server on /ws/generate: stop now, then answer with the `done` frame
-# (``stop_reason: "cancelled"``) and close, once the job is off /jobs.
-MSG_CANCEL = "cancel"
 
 # Event type of a /models/load progress line.
 EVENT_PROGRESS = "progress"
@@ -91,9 +81,28 @@ def unpack_tensors(body: bytes) -> dict[str, np.ndarray]:
     return arrays
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One ``/models/load`` progress line, as :func:`read_progress_event` reads it."""
+
+    stage: str
+    progress: float
+    message: str
+
+
 def progress_event(stage: str, progress: float, message: str = "") -> dict[str, Any]:
     """One ``/models/load`` progress event; ``progress`` runs from 0.0 to 1.0."""
     return {"event": EVENT_PROGRESS, "stage": stage, "progress": round(float(progress), 4), "message": message}
+
+
+def read_progress_event(line: Any) -> ProgressEvent | None:
+    """The progress event an NDJSON line of ``/models/load`` holds, or None for any other line
+    (the final answer)."""
+    if not isinstance(line, Mapping) or line.get("event") != EVENT_PROGRESS:
+        return None
+    progress = line.get("progress", 0)
+    return ProgressEvent(str(line.get("stage") or ""), float(progress) if _is_number(progress) else 0.0,
+                         str(line.get("message") or ""))
 
 
 def ndjson_line(obj: Mapping[str, Any]) -> bytes:
@@ -112,84 +121,25 @@ def error_body(message: str, status: int | None = None, code: str | None = None)
     return body
 
 
-MAX_NEW_TOKENS = 8192
-MAX_TEMPERATURE = 10.0
-MAX_STOP_STRINGS = 16
-MAX_SEED = 2**63
-
-
 @dataclass(frozen=True)
-class GenerateRequest:
-    """One generation, as the client sends it and the server runs it: the one place for its
-    fields, defaults and limits (the server's pydantic body takes them from here, so that its
-    OpenAPI schema shows them).
+class ErrorBody:
+    """An error answer as :func:`read_error_body` reads it; ``message`` is empty where the
+    server gave none, ``status`` and ``code`` None where the body does not carry them."""
 
-    Args:
-        model: the name of a loaded text model.
-        prompt: the text to continue (not empty).
-        max_new_tokens: at most this many new tokens (1 to :data:`MAX_NEW_TOKENS`).
-        temperature: 0 for greedy decoding, up to :data:`MAX_TEMPERATURE`.
-        top_p: nucleus sampling mass, above 0 and at most 1.
-        seed: makes sampling repeatable (0 to 2**63-1), or None.
-        stop: strings that end the generation (at most :data:`MAX_STOP_STRINGS`).
-    """
-
-    model: str
-    prompt: str
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object sent; ``seed`` and ``stop`` only where given."""
-        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p}
-        if self.seed is not None:
-            body["seed"] = self.seed
-        if self.stop:
-            body["stop"] = list(self.stop)
-        return body
-
-    @classmethod
-    def from_json(cls, body: Any) -> GenerateRequest:
-        """Read and check a request written by :meth:`to_json` (left-out fields take the defaults).
-
-        Raises:
-            WireFormatError: a field is missing, unknown, of the wrong type or out of its range.
-        """
-        if not isinstance(body, Mapping):
-            raise WireFormatError("a generate request must be a JSON object {model, prompt, max_new_tokens, ...}")
-        unknown = sorted(set(body) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise WireFormatError(f"unknown generate field(s) {', '.join(map(repr, unknown))}; "
-                                  f"known: {', '.join(cls.__dataclass_fields__)}")
-        model, prompt = body.get("model"), body.get("prompt")
-        if not isinstance(model, str) or not model or not isinstance(prompt, str) or not prompt:
-            raise WireFormatError("a generate request needs 'model' and 'prompt' as non-empty strings")
-        tokens = body.get("max_new_tokens", cls.max_new_tokens)
-        temperature = body.get("temperature", cls.temperature)
-        top_p = body.get("top_p", cls.top_p)
-        seed = body.get("seed")
-        stop = body.get("stop") or []
-        if not _is_int(tokens) or not 1 <= tokens <= MAX_NEW_TOKENS:
-            raise WireFormatError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, not {tokens!r}")
-        if not _is_number(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
-            raise WireFormatError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
-        if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-            raise WireFormatError(f"top_p must be a number above 0 and at most 1, not {top_p!r}")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
-            raise WireFormatError(f"seed must be an integer from 0 to 2**63-1 or null, not {seed!r}")
-        if (not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS
-                or not all(isinstance(s, str) for s in stop)):
-            raise WireFormatError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, not {stop!r}")
-        return cls(model, prompt, int(tokens), float(temperature), float(top_p), seed, tuple(stop))
+    message: str
+    status: int | None = None
+    code: str | None = None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def read_error_body(body: Any) -> ErrorBody | None:
+    """The error a decoded JSON body (an answer, an NDJSON line, a WebSocket message) carries,
+    or None when it is not an error body."""
+    if not isinstance(body, Mapping) or "error" not in body or "event" in body:
+        return None
+    status, code = body.get("status"), body.get("code")
+    return ErrorBody(str(body["error"] or ""), status if isinstance(status, int) and not isinstance(status, bool)
+                     else None, code if isinstance(code, str) else None)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
