@@ -16,9 +16,10 @@ import linecache
 import re
 import sys
 import sysconfig
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import BuiltinFunctionType, FunctionType, ModuleType
-from typing import Any, Callable, Collection, NamedTuple
+from typing import Any, NamedTuple
 
 from mymps_magic import errors, wire
 
@@ -28,7 +29,7 @@ _MISSING = object()
 
 
 class _Entry:
-    __slots__ = ("names", "state", "imports", "pickled")
+    __slots__ = ("imports", "names", "pickled", "state")
 
     def __init__(self, names: tuple[str, ...], state: list[Any], imports: tuple[int, int], pickled: bytes) -> None:
         self.names = names
@@ -50,7 +51,7 @@ class PickledFunctions:
             return None
         state = _state(fn, entry.names)
         if (state is not None and _imports() == entry.imports and len(state) == len(entry.state)
-                and all(a is b for a, b in zip(state, entry.state))):
+                and all(a is b for a, b in zip(state, entry.state, strict=True))):
             return entry.pickled
         return None
 
@@ -282,7 +283,8 @@ def fill_sources(traceback: list[str], fn: Any) -> list[str]:
             continue
         code = max(before, key=lambda c: c.co_firstlineno)
         source = linecache.getline(code.co_filename, line).strip()
-        out.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n' + (f"    {source}\n" if source else ""))
+        where = f'  File "{code.co_filename}", line {line}, in {code.co_name}\n'
+        out.append(where + (f"    {source}\n" if source else ""))
     return out
 
 
@@ -316,7 +318,7 @@ def _codes_reached(fn: Any) -> list[Any]:
 def filled(cell: Any) -> bool:
     """Whether a closure cell holds a value yet."""
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True

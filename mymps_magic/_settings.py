@@ -7,9 +7,9 @@ is made. The token file is read here too, and only when no token was given more 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from mymps_magic.errors import AuthError, BadRequestError
 
@@ -151,5 +151,6 @@ def _read_token_file(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise AuthError(f"Cannot read the token file {path} ({exc.strerror}). Fix its permissions or set MYMPS_TOKEN.") from None
+        raise AuthError(f"Cannot read the token file {path} ({exc.strerror}). "
+                        "Fix its permissions or set MYMPS_TOKEN.") from None
     return text or None

@@ -67,7 +67,8 @@ def _ssh_options() -> argparse.ArgumentParser:
     ssh = argparse.ArgumentParser(add_help=False)
     ssh.add_argument("destination", nargs="?", metavar="[user@]host",
                      help="the remote machine (default: MYMPS_USER@MYMPS_HOST)")
-    ssh.add_argument("-p", dest="ssh_port", type=int, metavar="SSH_PORT", help="ssh port (default: MYMPS_SSH_PORT, else ssh's)")
+    ssh.add_argument("-p", dest="ssh_port", type=int, metavar="SSH_PORT",
+                     help="ssh port (default: MYMPS_SSH_PORT, else ssh's)")
     ssh.add_argument("-o", dest="ssh_options", action="append", default=[], metavar="OPTION",
                      help="an ssh option (repeatable), given to every ssh it runs; yours win over mymps's defaults")
     ssh.add_argument("-i", dest="identity", metavar="IDENTITY", help="ssh identity (private key) file")
@@ -95,9 +96,11 @@ def _add_tunnel(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     tunnel.add_argument("--local-port", type=int, metavar="N",
                         help="local end (default: MYMPS_SERVER_PORT, else MYMPS_PORT, else 5555)")
-    tunnel.add_argument("--remote-port", type=int, metavar="N", help="the server's port there (default: MYMPS_PORT, else 5555)")
+    tunnel.add_argument("--remote-port", type=int, metavar="N",
+                        help="the server's port there (default: MYMPS_PORT, else 5555)")
     tunnel.add_argument("--remote-home", metavar="DIR",
-                        help="the server's MYMPS_HOME there, where its token is (default: its $MYMPS_HOME, else ~/.mymps)")
+                        help="the server's MYMPS_HOME there, where its token is "
+                             "(default: its $MYMPS_HOME, else ~/.mymps)")
     tunnel.add_argument("--check", action="store_true",
                         help="only test whether a server answers at the local end with our token; exit 0 or 1")
 
@@ -113,7 +116,8 @@ def _add_deploy(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     deploy.add_argument("--remote-dir", metavar="DIR",
                         help="where the project goes; it becomes a mirror of it, its .venv kept (default: ~/mymps)")
-    deploy.add_argument("--python", metavar="PATH", help="the remote interpreter that makes the venv (default: python3)")
+    deploy.add_argument("--python", metavar="PATH",
+                        help="the remote interpreter that makes the venv (default: python3)")
     deploy.add_argument("--system-site-packages", action="store_true",
                         help="let the venv see that interpreter's packages (a PyTorch already installed there)")
     deploy.add_argument("--pip-args", default="", metavar="ARGS",

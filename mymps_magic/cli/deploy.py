@@ -19,9 +19,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from mymps_magic.cli.ssh import SSH, remote_path
 from mymps_magic.errors import CommandError
@@ -216,7 +216,8 @@ def _copy(plan: DeployPlan) -> str | None:
     if plan.use_rsync:
         done = subprocess.run(commands[0], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
-            print(f"mymps deploy: rsync to {plan.target} failed (status {done.returncode}; see above).", file=sys.stderr)
+            print(f"mymps deploy: rsync to {plan.target} failed (status {done.returncode}; see above).",
+                  file=sys.stderr)
             return None
         # --out-format=%i: "<f..." for a file sent to the remote, "*deleting" for one removed there.
         lines = done.stdout.decode(errors="replace").splitlines()
@@ -237,12 +238,11 @@ def _copy(plan: DeployPlan) -> str | None:
 
 def _project(source: str | Path | None) -> Path:
     """The project directory: ``--source``, else the checkout this mymps runs from."""
-    if source is not None:
-        path = Path(source).expanduser().resolve()
-    else:
-        path = Path(__file__).resolve().parents[2]  # mymps_magic/cli/deploy.py -> the checkout
+    # Without --source: mymps_magic/cli/deploy.py -> the checkout it runs from.
+    path = Path(source).expanduser().resolve() if source is not None else Path(__file__).resolve().parents[2]
     if not (path / "pyproject.toml").is_file() or not (path / "kernel_server").is_dir():
-        hint = f"{path} holds no mymps project" if source is not None else "this mymps is installed, not run from a checkout"
+        hint = (f"{path} holds no mymps project" if source is not None
+                else "this mymps is installed, not run from a checkout")
         raise CommandError(f"nothing to deploy: {hint}; give --source DIR, a mymps checkout.")
     return path
 

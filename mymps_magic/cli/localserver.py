@@ -17,9 +17,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Mapping, TypeVar
+from typing import IO, TypeVar
 
 from mymps_magic.errors import CommandError
 
@@ -154,7 +155,7 @@ class LocalServer:
             raise ServerStartError(f"the server on port {self.port} is already started; stop it first",
                                    None, "", self.log_path)
         self.home.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while the server runs; stop() closes it
         self.process = subprocess.Popen(
             self.command,
             cwd=self.cwd,

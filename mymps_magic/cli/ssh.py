@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from mymps_magic import _settings
 from mymps_magic.errors import CommandError

@@ -18,6 +18,7 @@ the connection ends.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import shlex
@@ -27,10 +28,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import IO, Iterator, NoReturn
+from typing import IO, NoReturn
 
 from mymps_magic import errors
 from mymps_magic.cli.tunnelcheck import PROBE_TIMEOUT_S, describe, health, say
@@ -204,10 +206,8 @@ class Tunnel:
         server_down = not server_up
         while True:
             assert self.process is not None
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(PROBE_INTERVAL_S)
-            except subprocess.TimeoutExpired:
-                pass
             if self.process.poll() is not None:
                 self._reconnect(f"ssh {_exit_status(self.process.returncode)}{self.last_words()}")
                 continue

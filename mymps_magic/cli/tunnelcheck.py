@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from mymps_magic import errors
 from mymps_magic.cli.tunnelsettings import LOCAL_HOST

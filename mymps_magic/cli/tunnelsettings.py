@@ -4,9 +4,9 @@ over the environment, and where the fetched token lands."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from mymps_magic._settings import default_token_file as local_token_file
 from mymps_magic._settings import resolve_port
