@@ -7,6 +7,7 @@ straight away; nothing waits for the code to finish.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import sys
@@ -16,51 +17,97 @@ from typing import Any, TextIO
 
 from mymps_magic import wire
 
+from .errors import Cancelled
 from .richrepr import mimebundle
 
 Emit = Callable[[wire.Frame], None]
 """Sends a frame to the session; safe to call from any thread."""
 
 
-class Outlet:
-    """Where one request's output goes: stream text, displays and progress bars as frames."""
+FLUSH_INTERVAL_S = 0.2
+"""How long a partial line waits for its newline before it goes anyway (ipykernel's interval)."""
 
-    def __init__(self, emit: Emit, request_id: int) -> None:
+
+class Outlet:
+    """Where one request's output goes: stream text, displays and progress bars as frames.
+
+    Thread-safe: the user's code may write from threads of its own, and a timer thread sends
+    partial lines. Two locks: ``_state`` (held for moments) guards the text waiting for its
+    newline; ``_order``, held while a frame is sent, keeps frames in the order they were
+    written even when sending waits for room (see ``outbox.Room``). A thread that must never
+    wait (``may_wait`` says False: the event loop's, which brings the acks that make room)
+    skips ``_order``, as its text skipped the wait for room before.
+    """
+
+    def __init__(self, emit: Emit, request_id: int, may_wait: Callable[[], bool] = lambda: True) -> None:
         self.emit = emit
         self.request_id = request_id
+        self._may_wait = may_wait
         self._bars = itertools.count(1)
         self._partial: dict[str, str] = {}  # per stream, text written after its last newline
+        self._state = threading.Lock()
+        self._order = threading.RLock()
+        self._timer: threading.Timer | None = None
+
+    def _ordered(self) -> contextlib.AbstractContextManager[object]:
+        return self._order if self._may_wait() else contextlib.nullcontext()
 
     def stream(self, name: str, text: str) -> None:
-        """Send whole lines at once; the rest of a line waits for its newline, a flush, or the
-        next display or progress, as on a line-buffered terminal. So ``print``'s text and the
-        newline it writes apart travel (and show in the notebook) as one piece."""
-        text = self._partial.pop(name, "") + text
-        cut = text.rfind("\n") + 1
-        if cut < len(text):
-            self._partial[name] = text[cut:]
-        if cut:
-            self.emit(wire.stream(self.request_id, name, text[:cut]))
+        """Send whole lines at once; the rest of a line waits for its newline, a flush, the
+        next display or progress, or :data:`FLUSH_INTERVAL_S`. So ``print``'s text and the
+        newline it writes apart travel (and show in the notebook) as one piece, while
+        ``print(".", end="")`` in a loop still shows its dots as they come, a batch at a time."""
+        with self._ordered():
+            with self._state:
+                text = self._partial.pop(name, "") + text
+                cut = text.rfind("\n") + 1
+                if cut < len(text):
+                    self._partial[name] = text[cut:]
+                    if self._timer is None:
+                        # A timer, not a wait in the writer's thread: the user's code goes on.
+                        self._timer = threading.Timer(FLUSH_INTERVAL_S, self._flush_late)
+                        self._timer.daemon = True
+                        self._timer.start()
+            if cut:
+                self.emit(wire.stream(self.request_id, name, text[:cut]))
 
     def flush(self, name: str | None = None) -> None:
         """Send what waits for a newline (of one stream, or of both)."""
-        for key in [name] if name is not None else list(self._partial):
-            text = self._partial.pop(key, "")
-            if text:
-                self.emit(wire.stream(self.request_id, key, text))
+        with self._ordered():
+            with self._state:
+                waiting = [(key, self._partial.pop(key, "")) for key in
+                           ([name] if name is not None else list(self._partial))]
+                if not self._partial and self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            for key, text in waiting:
+                if text:
+                    self.emit(wire.stream(self.request_id, key, text))
+
+    def _flush_late(self) -> None:
+        with self._order:
+            with self._state:
+                if self._timer is None or self._timer.ident != threading.get_ident():
+                    return  # flushed meanwhile: a newer timer (or none) is in charge
+                self._timer = None
+            # A job cancelled while its output waited for room: its text is dropped.
+            with contextlib.suppress(Cancelled):
+                self.flush()
 
     def display(self, *objs: Any) -> None:
-        self.flush()
-        for obj in objs:
-            data, metadata = mimebundle(obj)
-            self.emit(wire.display(self.request_id, data, metadata))
+        with self._ordered():
+            self.flush()
+            for obj in objs:
+                data, metadata = mimebundle(obj)
+                self.emit(wire.display(self.request_id, data, metadata))
 
     def new_bar(self) -> int:
         return next(self._bars)
 
     def progress(self, bar: int, fields: dict[str, Any]) -> None:
-        self.flush()
-        self.emit(wire.progress(self.request_id, bar, fields))
+        with self._ordered():
+            self.flush()
+            self.emit(wire.progress(self.request_id, bar, fields))
 
 
 class OutputRouter(io.TextIOBase):

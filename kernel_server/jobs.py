@@ -163,6 +163,17 @@ class JobQueue:
             self.abandon(job, "cancelled: its client went away")
             raise
 
+    def waits_for(self, job: Job) -> Job | None:
+        """The job of another session (or of no session: a load, a generation) that ``job``,
+        still queued, waits behind: the running one, else the first such ahead of it; None if
+        it runs already or only its own session's jobs come first."""
+        with self._lock:
+            if job not in self._queue:
+                return None
+            ahead = ([self._running] if self._running else []) + list(
+                itertools.takewhile(lambda other: other is not job, self._queue))
+        return next((other for other in ahead if other.session is None or other.session != job.session), None)
+
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
             jobs = ([self._running] if self._running else []) + list(self._queue)

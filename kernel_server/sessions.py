@@ -28,6 +28,7 @@ from mymps_magic import wire
 from .capture import Execution, Outlet
 from .execution import error_frame, new_namespace, run_request, unpickle_error, value_frame, versions_mismatch
 from .jobs import Job, JobQueue
+from .lifecycle import describe_job
 from .loopqueue import LoopQueue
 from .outbox import Mailbox, Outbox, Room
 from .serverstate import server_version
@@ -87,9 +88,13 @@ class Session:
         Raises:
             Cancelled: the job was cancelled while its output waited.
         """
-        may_wait = threading.get_ident() != self._loop_thread
+        may_wait = self._off_loop()
         size = self._room.wait(frame, lambda: may_wait and self._live is not None, job.check_cancelled, self.id)
         self._posted.post(functools.partial(self._emit_posted, frame, size))
+
+    def _off_loop(self) -> bool:
+        """Whether the calling thread may wait for room: any but the event loop's."""
+        return threading.get_ident() != self._loop_thread
 
     def _emit_posted(self, frame: wire.Frame, size: int) -> None:
         # In the outbox (and `held`) before it leaves `posted`: counted twice for a moment, never
@@ -213,11 +218,15 @@ class Session:
         def work(job: Job) -> wire.Frame:
             if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
                 self.emit_threadsafe(wire.started(rid, job.id))
-            outlet = Outlet(functools.partial(self.emit_output, job), rid)
+            outlet = Outlet(functools.partial(self.emit_output, job), rid, self._off_loop)
             return run_request(job, frame, self.namespace, manager.execution, outlet, manager.device)
 
         job = self.manager.jobs.submit(work, frame.type, session=self.id)
         self.jobs[rid] = job
+        ahead = self.manager.jobs.waits_for(job)
+        if ahead is not None:  # the caller would otherwise see nothing happen, and not know why
+            self.emit(wire.stream(rid, "stderr", f"mymps: waiting for {describe_job(ahead)} to finish; "
+                                  f"this {frame.type} runs after it\n"))
         # The answer goes out from the done callback: the worker's last step before it waits
         # again, so the event loop it wakes does not then wait for the GIL.
         job.add_done_callback(functools.partial(self._job_done, rid))

@@ -520,9 +520,9 @@ def test_run_cell_output_arrives_while_the_cell_runs(c: Client, sink: RecordingS
 def test_printed_lines_arrive_whole(c: Client, sink: RecordingSink) -> None:
     """A line goes when it is complete, as on a line-buffered terminal: `print` writes its
     text and its newline apart, and the two must show as one piece (a notebook may otherwise
-    draw them as two outputs). A line without its newline goes on a flush, and at the end."""
+    draw them as two outputs). A line without its newline goes on a flush, after 0.2 s, and at the end."""
     source = ("import sys, time\n"
-              "sys.stdout.write('half'); time.sleep(0.3); sys.stdout.write(' and half\\n')\n"
+              "sys.stdout.write('half'); sys.stdout.write(' and half\\n')\n"
               "print('partial', end=''); sys.stdout.flush(); time.sleep(0.3)\n"
               "print(' tail', end='')")
     c.run_cell(source)
