@@ -11,10 +11,12 @@ import importlib.metadata as _metadata
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from mymps_magic._cellfuture import CellFuture as CellFuture
     from mymps_magic._futures import RemoteFuture as RemoteFuture
     from mymps_magic._stream import TokenStream as TokenStream
     from mymps_magic.client import Client as Client
     from mymps_magic.client import MympsClient as MympsClient
+    from mymps_magic.display import RemoteValue as RemoteValue
     from mymps_magic.errors import AuthError as AuthError
     from mymps_magic.errors import BadRequestError as BadRequestError
     from mymps_magic.errors import CancelledError as CancelledError
@@ -34,9 +36,11 @@ if _typing.TYPE_CHECKING:
 # Where each public name lives, imported on first use (PEP 562): ``import mymps_magic.wire``, which
 # the server does, must not bring the client's HTTP and WebSocket stack along.
 _LAZY = {
+    "CellFuture": "mymps_magic._cellfuture",
     "Client": "mymps_magic.client",
     "MympsClient": "mymps_magic.client",
     "RemoteFuture": "mymps_magic._futures",
+    "RemoteValue": "mymps_magic.display",
     "TokenStream": "mymps_magic._stream",
     "AuthError": "mymps_magic.errors",
     "BadRequestError": "mymps_magic.errors",
@@ -92,6 +96,7 @@ __all__ = [
     "AuthError",
     "BadRequestError",
     "CancelledError",
+    "CellFuture",
     "Client",
     "ClosedError",
     "ConnectionError",
@@ -102,6 +107,7 @@ __all__ = [
     "RemoteError",
     "RemoteFuture",
     "RemoteNameError",
+    "RemoteValue",
     "ServerError",
     "ServerGoneError",
     "SessionLostError",
