@@ -32,6 +32,7 @@ from .lifecycle import describe_job
 from .loopqueue import LoopQueue
 from .outbox import Mailbox, Outbox, Room
 from .serverstate import server_version
+from .tokenizers import TokenizersView
 
 if TYPE_CHECKING:
     from .device import Device
@@ -350,7 +351,9 @@ class SessionManager:
         self._reaper = asyncio.ensure_future(self._reap())
 
     def new_namespace(self) -> dict[str, Any]:
-        return new_namespace(self.device, self.registry, self.execution)
+        namespace = new_namespace(self.device, self.registry, self.execution)
+        namespace["tokenizers"] = TokenizersView(self.registry)
+        return namespace
 
     def open(self, session_id: str | None) -> tuple[Session, bool]:
         """The session to resume, or a new one; the bool says whether it was resumed."""
