@@ -226,8 +226,9 @@ class Session:
         self.jobs[rid] = job
         ahead = self.manager.jobs.waits_for(job)
         if ahead is not None:  # the caller would otherwise see nothing happen, and not know why
+            this = "cell" if frame.type == "cell" else "call"
             self.emit(wire.stream(rid, "stderr", f"mymps: waiting for {describe_job(ahead)} to finish; "
-                                  f"this {frame.type} runs after it\n"))
+                                  f"this {this} runs after it\n"))
         # The answer goes out from the done callback: the worker's last step before it waits
         # again, so the event loop it wakes does not then wait for the GIL.
         job.add_done_callback(functools.partial(self._job_done, rid))
