@@ -20,12 +20,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mymps_magic import wire
+from mymps_magic.wire import LoadRequest
 
 from .auth import GuardMiddleware
 from .device import Device, select_device
 from .errors import ServerError, as_server_error
 from .jobs import Job, JobQueue
-from .registry import LoadRequest, Registry
+from .registry import Registry
 from .routes import router
 from .schemas import describe_validation_error
 from .serverstate import ServerState, server_version

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mymps_magic import wire
+
 from .errors import BadRequest, is_out_of_memory
 from .progress import Steps
 from .registry import LoadedModel
@@ -75,14 +77,8 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def image(
     loaded: LoadedModel,
-    prompt: str,
-    steps: int,
+    asked: wire.ImageRequest,
     *,
-    seed: int | None,
-    guidance_scale: float | None,
-    width: int | None,
-    height: int | None,
-    num_images: int,
     check_cancelled: Callable[[], None],
     on_progress: Callable[[float], None],
 ) -> dict[str, Any]:
@@ -93,21 +89,21 @@ def image(
     ride on the pipeline's own ``progress_bar`` hook, which every ``DiffusionPipeline`` calls.
     """
     pipe = loaded.obj
-    seed = random.randrange(2**31) if seed is None else seed
+    seed = random.randrange(2**31) if asked.seed is None else asked.seed
     accepted = inspect.signature(pipe.__call__).parameters
-    options = {"guidance_scale": guidance_scale, "width": width, "height": height}
+    options = {"guidance_scale": asked.guidance_scale, "width": asked.width, "height": asked.height}
     kwargs: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     refused = [k for k in kwargs if k not in accepted]
     if refused:
         raise BadRequest(f"pipeline {loaded.name!r} ({type(pipe).__name__}) does not take {', '.join(refused)}")
-    kwargs["num_inference_steps"] = steps
+    kwargs["num_inference_steps"] = asked.steps
     kwargs["output_type"] = "pil"
     if "prompt" in accepted:  # unconditional pipelines (DDPM) take no prompt and ignore it
-        kwargs["prompt"] = prompt
+        kwargs["prompt"] = asked.prompt
     count = "num_images_per_prompt" if "num_images_per_prompt" in accepted else "batch_size"
     if count in accepted:
-        kwargs[count] = num_images
-    elif num_images != 1:
+        kwargs[count] = asked.num_images
+    elif asked.num_images != 1:
         raise BadRequest(f"pipeline {loaded.name!r} makes one image per call; ask for num_images=1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     kwargs["generator"] = generator

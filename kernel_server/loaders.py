@@ -21,7 +21,7 @@ from .errors import BadRequest, NotFound, Unprocessable
 from .progress import Steps
 
 if TYPE_CHECKING:
-    from .registry import LoadRequest
+    from mymps_magic.wire import LoadRequest
 
 Progress = Callable[[str, float, str], None]
 Loaded = tuple[Any, Any]

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
+from mymps_magic.wire import KINDS, LoadRequest
+
 from . import detect
 from .device import Device
 from .errors import BadRequest, Conflict, NotFound, OutOfMemory, Unprocessable, as_server_error, is_out_of_memory
 from .loaders import LOADERS, Progress, first_line
 
-KINDS = ("text", "diffusion", "auto", "torchscript", "checkpoint")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
@@ -35,22 +36,6 @@ log = logging.getLogger(__name__)
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``"float16"``, as users write it."""
     return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    """What a caller asked to load; ``kind`` is ``detect`` (found from the source) or one of KINDS."""
-
-    name: str
-    kind: str = detect.DETECT
-    dtype: str = "auto"
-    path: str | None = None
-    model_class: str | None = None
-    trust_remote_code: bool = False
-
-    @property
-    def source(self) -> str:
-        return self.path or self.name
 
 
 @dataclass

@@ -23,7 +23,6 @@ from mymps_magic import wire
 from . import inference, streams
 from .errors import BadRequest, Cancelled, Unprocessable, as_server_error
 from .jobs import Job
-from .registry import LoadRequest
 from .routing import generation_job, left_over, next_piece, run_job, state_of
 from .schemas import GenerateBody, ImageBody, LoadBody
 from .serverstate import ServerState, server_version
@@ -87,9 +86,9 @@ async def load_model(body: LoadBody, request: Request) -> Any:
     st = state_of(request)
     started = time.perf_counter()
     ndjson = wire.NDJSON in request.headers.get("accept", "")
-    load_request = LoadRequest(**{**body.model_dump(), "kind": body.kind or "detect"})
+    load_request = body.request()
     if st.registry.already_loaded(load_request):  # or a 409: loaded as another kind or dtype
-        answer = _loaded_answer(st, body.name, started, True)
+        answer = _loaded_answer(st, load_request.name, started, True)
         return Response(wire.ndjson_line(answer), media_type=wire.NDJSON) if ndjson else answer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -106,10 +105,10 @@ async def load_model(body: LoadBody, request: Request) -> Any:
         return False
 
     if not ndjson:
-        already = await run_job(st, work, "load", body.name)
-        return _loaded_answer(st, body.name, started, already)
+        already = await run_job(st, work, "load", load_request.name)
+        return _loaded_answer(st, load_request.name, started, already)
 
-    job = st.jobs.submit(work, "load", model=body.name)
+    job = st.jobs.submit(work, "load", model=load_request.name)
 
     async def stream() -> AsyncIterator[bytes]:
         done = asyncio.wrap_future(job)
@@ -119,7 +118,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
             for event in left_over(events):
                 yield wire.ndjson_line(event)
             try:
-                yield wire.ndjson_line(_loaded_answer(st, body.name, started, done.result()))
+                yield wire.ndjson_line(_loaded_answer(st, load_request.name, started, done.result()))
             except BaseException as exc:
                 err = as_server_error(exc)
                 yield wire.ndjson_line(wire.error_body(err.message, err.status, err.code))
@@ -174,8 +173,9 @@ async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
     """Generate; a client that goes away before the answer cancels it at the next token, as on
     ``/ws/generate``, so the device is free for the next caller within a moment."""
     st = state_of(request)
-    st.registry.get(body.model, ("text",))
-    job = st.jobs.submit(generation_job(st, body, None), "generate", model=body.model)
+    params = body.request()
+    st.registry.get(params.model, ("text",))
+    job = st.jobs.submit(generation_job(st, params, None), "generate", model=params.model)
     done = asyncio.wrap_future(job)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -204,19 +204,17 @@ async def _disconnected(request: Request) -> None:
 @router.post("/image")
 async def image(body: ImageBody, request: Request) -> dict[str, Any]:
     st = state_of(request)
-    st.registry.get(body.model, ("diffusion",))
+    asked = body.request()
+    st.registry.get(asked.model, ("diffusion",))
 
     def work(job: Job) -> dict[str, Any]:
         def on_progress(fraction: float) -> None:
             job.progress = fraction
 
-        return inference.image(
-            st.registry.get(body.model, ("diffusion",)), body.prompt, body.steps, seed=body.seed,
-            guidance_scale=body.guidance_scale, width=body.width, height=body.height,
-            num_images=body.num_images, check_cancelled=job.check_cancelled, on_progress=on_progress,
-        )
+        loaded = st.registry.get(asked.model, ("diffusion",))
+        return inference.image(loaded, asked, check_cancelled=job.check_cancelled, on_progress=on_progress)
 
-    return await run_job(st, work, "image", body.model)  # type: ignore[no-any-return]
+    return await run_job(st, work, "image", asked.model)  # type: ignore[no-any-return]
 
 
 router.include_router(streams.router)

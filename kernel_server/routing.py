@@ -9,10 +9,11 @@ from typing import Any, TypeVar
 
 from fastapi import Request, WebSocket
 
+from mymps_magic import wire
+
 from . import generation
 from .errors import Cancelled, as_server_error
 from .jobs import SHUTDOWN_REASON, Job
-from .schemas import GenerateBody
 from .serverstate import ServerState
 
 T = TypeVar("T")
@@ -32,12 +33,12 @@ async def run_job(st: ServerState, fn: Callable[[Job], Any], kind: str, model: s
         raise as_server_error(exc) from exc
 
 
-def generation_job(st: ServerState, body: GenerateBody, on_text: Callable[[str], None] | None) -> Callable[[Job], Any]:
+def generation_job(st: ServerState, params: wire.GenerateRequest,
+                   on_text: Callable[[str], None] | None) -> Callable[[Job], Any]:
     """The device work of ``POST /generate`` and ``/ws/generate``; ``on_text`` gets each piece."""
-    params = body.request()
 
     def work(job: Job) -> dict[str, Any]:
-        loaded = st.registry.get(body.model, ("text",))
+        loaded = st.registry.get(params.model, ("text",))
 
         def on_progress(fraction: float) -> None:
             job.progress = fraction

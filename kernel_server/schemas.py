@@ -1,4 +1,9 @@
-"""Request bodies, validated before any work is queued; a bad field is a 422 naming it."""
+"""Request bodies, validated before any work is queued; a bad field is a 422 naming it.
+
+Each is the wire's request type as pydantic sees it, for the 422 and for the OpenAPI schema:
+its defaults and limits are the wire's, and ``request()`` hands the endpoint the wire's type,
+read by the wire's reader (so both ends agree on what a body holds).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,30 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mymps_magic import wire
 
-Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
+_LOAD = wire.LoadRequest
+_GENERATE = wire.GenerateRequest
+_IMAGE = wire.ImageRequest
 
 
 class LoadBody(BaseModel):
-    """``kind`` left out, ``null`` or ``"detect"``: found from what the source holds (``detect.py``)."""
+    """``wire.LoadRequest``; ``kind`` left out, ``null`` or ``"detect"``: found from what the
+    source holds (``detect.py``)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(min_length=1)
-    kind: Kind | Literal["detect"] | None = "detect"
-    dtype: DType = "auto"
-    path: str | None = None
-    model_class: str | None = None
-    trust_remote_code: bool = False
+    kind: wire.Kind | Literal["detect"] | None = wire.DETECT
+    dtype: wire.DType = wire.DEFAULT_DTYPE
+    path: str | None = _LOAD.path
+    model_class: str | None = _LOAD.model_class
+    trust_remote_code: bool = _LOAD.trust_remote_code
 
-
-_GENERATE = wire.GenerateRequest
+    def request(self) -> wire.LoadRequest:
+        return wire.LoadRequest.from_json(self.model_dump())
 
 
 class GenerateBody(BaseModel):
-    """``wire.GenerateRequest`` as pydantic sees it, for the 422 that names a bad field and for
-    the OpenAPI schema; its defaults and limits are the wire's."""
+    """``wire.GenerateRequest``."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -43,21 +49,27 @@ class GenerateBody(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
 
     def request(self) -> wire.GenerateRequest:
-        """The wire's request, read by the wire's reader (so both ends agree on what it holds)."""
         return wire.GenerateRequest.from_json(self.model_dump())
 
 
 class ImageBody(BaseModel):
+    """``wire.ImageRequest``."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str = Field(min_length=1)
-    prompt: str = ""
-    steps: int = Field(20, ge=1, le=1000)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
-    width: int | None = Field(None, ge=8, le=4096, multiple_of=8)
-    height: int | None = Field(None, ge=8, le=4096, multiple_of=8)
-    num_images: int = Field(1, ge=1, le=16)
+    prompt: str = _IMAGE.prompt
+    steps: int = Field(_IMAGE.steps, ge=1, le=wire.MAX_STEPS)
+    seed: int | None = Field(_IMAGE.seed, ge=0, lt=wire.MAX_SEED)
+    guidance_scale: float | None = Field(_IMAGE.guidance_scale, ge=0.0, le=wire.MAX_GUIDANCE_SCALE)
+    width: int | None = Field(_IMAGE.width, ge=wire.MIN_IMAGE_SIDE, le=wire.MAX_IMAGE_SIDE,
+                              multiple_of=wire.IMAGE_SIDE_STEP)
+    height: int | None = Field(_IMAGE.height, ge=wire.MIN_IMAGE_SIDE, le=wire.MAX_IMAGE_SIDE,
+                               multiple_of=wire.IMAGE_SIDE_STEP)
+    num_images: int = Field(_IMAGE.num_images, ge=1, le=wire.MAX_IMAGES)
+
+    def request(self) -> wire.ImageRequest:
+        return wire.ImageRequest.from_json(self.model_dump())
 
 
 def describe_validation_error(errors: list[dict[str, object]]) -> str:

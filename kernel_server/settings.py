@@ -13,13 +13,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+
+from mymps_magic.wire import DTYPES, KINDS
 
 from .errors import SettingsError
-from .schemas import DType, Kind
-
-KINDS = get_args(Kind)
-DTYPES = get_args(DType)
 
 DEVICES = ("auto", "mps", "cuda", "cpu")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB|K|M|G|T)?\s*$", re.IGNORECASE)

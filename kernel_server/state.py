@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .registry import LoadRequest
+from mymps_magic.wire import LoadRequest
 
 log = logging.getLogger("kernel_server.state")
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ router = APIRouter()
 
 
 async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
-    await ws.send_json({"type": wire.MSG_ERROR, **wire.error_body(message, status)})
+    await ws.send_json(wire.error_message(message, status))
     await ws.close()
 
 
@@ -44,11 +43,11 @@ def _cancelled_stats() -> dict[str, Any]:
 
 def _is_cancel(message: Mapping[str, Any]) -> bool:
     """Whether a message heard mid-generation is the client's ``{"type": "cancel"}``."""
+    text = message.get("text")
     try:
-        frame = json.loads(message.get("text") or "null")
-    except ValueError:
+        return text is not None and isinstance(wire.read_generate_message(text), wire.Cancel)
+    except wire.WireFormatError:
         return False
-    return isinstance(frame, dict) and frame.get("type") == wire.MSG_CANCEL
 
 
 @router.websocket("/ws/generate")
@@ -73,8 +72,8 @@ async def ws_generate(ws: WebSocket) -> None:
             await _ws_error(ws, 400, "the first frame must be a JSON text message "
                             "{model, prompt, max_new_tokens, ...}, not binary")
             return
-        body = GenerateBody.model_validate_json(first["text"])
-        st.registry.get(body.model, ("text",))
+        params = GenerateBody.model_validate_json(first["text"]).request()
+        st.registry.get(params.model, ("text",))
     except WebSocketDisconnect:
         return
     except ValidationError as exc:
@@ -95,14 +94,14 @@ async def ws_generate(ws: WebSocket) -> None:
         loop.call_soon_threadsafe(pieces.put_nowait, text)
 
     job = st.jobs.submit(
-        generation_job(st, body, on_text),
-        "generate", model=body.model, session="ws",
+        generation_job(st, params, on_text),
+        "generate", model=params.model, session="ws",
     )
     done = asyncio.wrap_future(job)
     heard = asyncio.ensure_future(ws.receive())  # a goodbye, or a message it should not send
     try:
         while (text := await next_piece(pieces, done, heard)) is not None:
-            await ws.send_json({"type": wire.MSG_TOKEN, "text": text})
+            await ws.send_json(wire.token_message(text))
         if heard.done() and not done.done():
             asked = _is_cancel(heard.result())
             st.jobs.abandon(job, "cancelled by its client" if asked else "cancelled: its client disconnected")
@@ -115,14 +114,14 @@ async def ws_generate(ws: WebSocket) -> None:
             # job: the done frame below ("cancelled") goes out once it is off /jobs.
             await asyncio.wait({done}, timeout=CANCEL_WAIT_S)
         for text in left_over(pieces):
-            await ws.send_json({"type": wire.MSG_TOKEN, "text": text})
+            await ws.send_json(wire.token_message(text))
         try:
             stats = done.result() if done.done() and not done.cancelled() else _cancelled_stats()
         except BaseException as exc:
             err = as_server_error(exc)
             await _ws_error(ws, err.status, err.message)
             return
-        await ws.send_json({"type": wire.MSG_DONE, **{k: v for k, v in stats.items() if k != "text"}})
+        await ws.send_json(wire.done_message(stats))
         await ws.close()
     except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
         st.jobs.abandon(job, "cancelled: its client disconnected")

@@ -8,8 +8,9 @@ errors whose one-line messages say what to do.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -114,8 +115,9 @@ class Connection:
                     obj = json.loads(line)
                 except ValueError:
                     raise self._not_mymps(response.status_code) from None
-                if isinstance(obj, dict) and "error" in obj and "event" not in obj:
-                    raise self.error_frame(obj)
+                failure = wire.read_error_body(obj)
+                if failure is not None:
+                    raise self.error_from(failure)
                 yield obj
 
     def put_stream(self, path: str, parts: list[bytes | memoryview]) -> dict[str, Any]:
@@ -171,7 +173,8 @@ class Connection:
                 "Check the server's log, or give the Client a larger timeout."
             ) from None
         except httpx.TransportError:
-            raise errors.ConnectionError(f"Lost the connection to {address} before the answer came. {FIX_LINK}") from None
+            raise errors.ConnectionError(
+                f"Lost the connection to {address} before the answer came. {FIX_LINK}") from None
 
     @contextmanager
     def ws_errors(self) -> Iterator[None]:
@@ -191,9 +194,10 @@ class Connection:
         except (InvalidStatus, HandshakeError) as exc:
             status, body = (exc.status, exc.body) if isinstance(exc, HandshakeError) else (
                 exc.response.status_code, exc.response.body)
+            failure = _error_of(body or b"")
             if status in (401, 403):
-                raise self.auth_error(_server_reason(body or b"")) from None
-            raise errors.error_for_status(status, _error_message(body or b"", status), _server_code(body or b"")) from None
+                raise self.auth_error(failure.message or None) from None
+            raise errors.error_for_status(status, _error_message(failure, status), failure.code) from None
         except (ConnectionClosed, Closed) as exc:
             if isinstance(exc, Closed):
                 code, reason = exc.code, exc.reason
@@ -221,19 +225,19 @@ class Connection:
     def _raise_for_status(self, status: int, body: bytes) -> None:
         if status < 400:
             return
+        failure = _error_of(body)
         if status == 401:
-            raise self.auth_error(_server_reason(body))
-        raise errors.error_for_status(status, _error_message(body, status), _server_code(body))
+            raise self.auth_error(failure.message or None)
+        raise errors.error_for_status(status, _error_message(failure, status), failure.code)
 
-    def error_frame(self, frame: dict[str, Any]) -> errors.MympsError:
-        """The error for an ``{"error", "status"?}`` NDJSON line or WebSocket frame."""
-        message = str(frame.get("error") or "The server reported an error without a message.")
-        status = frame.get("status")
-        if status == 401:
+    def error_from(self, failure: wire.ErrorBody) -> errors.MympsError:
+        """The error for an ``{"error", "status"?}`` NDJSON line or WebSocket message, where no
+        HTTP status carries the error's."""
+        message = failure.message or "The server reported an error without a message."
+        if failure.status == 401:
             return self.auth_error(message)
-        if isinstance(status, int):
-            code = frame.get("code")
-            return errors.error_for_status(status, message, code if isinstance(code, str) else None)
+        if failure.status is not None:
+            return errors.error_for_status(failure.status, message, failure.code)
         return errors.ServerError(message)
 
     def auth_error(self, server_says: str | None = None) -> errors.AuthError:
@@ -269,25 +273,15 @@ class Connection:
         )
 
 
-def _server_reason(body: bytes | bytearray) -> str | None:
-    """The server's ``{"error": ...}`` message, if the body is one."""
+def _error_of(body: bytes | bytearray) -> wire.ErrorBody:
+    """The error an answer's body carries; an empty one where it is not an error body."""
     try:
         obj = json.loads(body)
     except ValueError:
-        return None
-    return str(obj["error"]) if isinstance(obj, dict) and obj.get("error") else None
+        obj = None
+    return wire.read_error_body(obj) or wire.ErrorBody("")
 
 
-def _server_code(body: bytes | bytearray) -> str | None:
-    """The ``code`` of a server's error body, where it has one."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    code = obj.get("code") if isinstance(obj, dict) else None
-    return code if isinstance(code, str) else None
-
-
-def _error_message(body: bytes | bytearray, status: int) -> str:
+def _error_message(failure: wire.ErrorBody, status: int) -> str:
     """The server's ``{"error": ...}`` message, or a fallback naming the status."""
-    return _server_reason(body) or f"The server answered HTTP {status} without saying why; see its log."
+    return failure.message or f"The server answered HTTP {status} without saying why; see its log."

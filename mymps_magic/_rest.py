@@ -50,11 +50,8 @@ class RestCalls:
 
     def load_model(self, name: str, kind: str | None, dtype: str, path: str | None, model_class: str | None,
                    trust_remote_code: bool, progress: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"name": name, "kind": kind, "dtype": dtype, "trust_remote_code": trust_remote_code}
-        if path is not None:
-            body["path"] = path
-        if model_class is not None:
-            body["model_class"] = model_class
+        body = wire.LoadRequest(name, wire.DETECT if kind is None else kind, dtype, path, model_class,
+                                trust_remote_code).to_json()
         if not progress:
             return self._connection.json("POST", "/models/load", json_body=body, wait=True)
         return self._load_with_progress(body)
@@ -67,14 +64,15 @@ class RestCalls:
         bar: tqdm[Any] | None = None
         final: dict[str, Any] | None = None
         try:
-            for event in self._connection.ndjson("POST", "/models/load", json_body=body):
-                if event.get("event") != wire.EVENT_PROGRESS:
-                    final = event
+            for line in self._connection.ndjson("POST", "/models/load", json_body=body):
+                event = wire.read_progress_event(line)
+                if event is None:
+                    final = line
                     continue
                 if bar is None:
                     bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
-                bar.set_postfix_str(str(event.get("message") or event.get("stage") or ""), refresh=False)
-                bar.update(max(0, round(float(event.get("progress", 0)) * 100) - bar.n))
+                bar.set_postfix_str(event.message or event.stage, refresh=False)
+                bar.update(max(0, round(event.progress * 100) - bar.n))
             if bar is not None and final is not None:
                 bar.update(100 - bar.n)
         finally:
@@ -92,7 +90,7 @@ class RestCalls:
 
     def generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                  seed: int | None, stop: str | Sequence[str] | None) -> dict[str, Any]:
-        body = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+        body = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop).to_json()
         return self._connection.json("POST", "/generate", json_body=body, wait=True)
 
     def stream_generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
@@ -102,9 +100,7 @@ class RestCalls:
 
     def image(self, model: str, prompt: str, steps: int, seed: int | None, guidance_scale: float | None,
               width: int | None, height: int | None, num_images: int) -> list[Image]:
-        body: dict[str, Any] = {"model": model, "prompt": prompt, "steps": steps, "num_images": num_images}
-        optional = {"seed": seed, "guidance_scale": guidance_scale, "width": width, "height": height}
-        body.update({key: value for key, value in optional.items() if value is not None})
+        body = wire.ImageRequest(model, prompt, steps, seed, guidance_scale, width, height, num_images).to_json()
         answer = self._connection.json("POST", "/image", json_body=body, wait=True)
 
         from PIL import Image as PILImage
@@ -127,10 +123,10 @@ class RestCalls:
 
 
 def _generation_request(model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int | None, stop: str | Sequence[str] | None) -> dict[str, Any]:
-    """The body of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
+                        seed: int | None, stop: str | Sequence[str] | None) -> wire.GenerateRequest:
+    """The request of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-    return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops).to_json()
+    return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops)
 
 
 def _path_segment(name: str) -> str:

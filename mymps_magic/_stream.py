@@ -13,7 +13,7 @@ in the loop) cancels the generation, and returns only once the server has stoppe
 Why a cancel message and not just a close: the server's WebSocket layer answers a close frame at
 once, before the generation has seen it, so a client whose close returned could still find its
 job in ``/jobs`` (the stop button's cell ended with the job still running). Instead the client
-sends ``{"type": "cancel"}`` (`wire.MSG_CANCEL`) and reads on until the server's ``done`` frame,
+sends ``{"type": "cancel"}`` (`wire.cancel_message`) and reads on until the server's ``done`` frame,
 which the server sends once the job has stopped; that frame (``stop_reason: "cancelled"``, the
 tokens generated so far) becomes `TokenStream.stats`. The wait is bounded by the client's
 timeout; a server that closes instead (an older one) leaves stats counted on this side.
@@ -55,7 +55,7 @@ class TokenStream:
         AuthError, ConnectionError, ServerError: as for any other call.
     """
 
-    def __init__(self, connection: Connection, request: dict[str, Any]) -> None:
+    def __init__(self, connection: Connection, request: wire.GenerateRequest) -> None:
         self._connection = connection
         self._request = request
         self._sync: SyncConnection | None = None
@@ -67,7 +67,7 @@ class TokenStream:
 
     def __repr__(self) -> str:
         state = "finished" if self._finished else "open" if self._sync or self._async else "not started"
-        return f"<TokenStream {self._request.get('model')!r} {state}>"
+        return f"<TokenStream {self._request.model!r} {state}>"
 
     # The plain iterator.
 
@@ -99,7 +99,7 @@ class TokenStream:
                         proxy=None,  # a tunnel endpoint, not the internet (see _connection.py)
                         legacy=True,  # closed by close(), not by a with-block
                     )
-                    self._sync.send(json.dumps(self._request))
+                    self._sync.send(json.dumps(self._request.to_json()))
                     self._sent_at = time.monotonic()
                 while not self._finished:
                     piece = self._handle(self._sync.recv())
@@ -137,7 +137,7 @@ class TokenStream:
 
         deadline = time.monotonic() + self._connection.timeout
         try:
-            ws.send(json.dumps({"type": wire.MSG_CANCEL}))
+            ws.send(json.dumps(wire.cancel_message()))
             while not self._finished:
                 self._settle(ws.recv(timeout=max(0.0, deadline - time.monotonic())))
         except (WebSocketException, OSError, TimeoutError):
@@ -201,7 +201,7 @@ class TokenStream:
         from websockets.exceptions import WebSocketException
 
         async def read_to_done() -> None:
-            await ws.send(json.dumps({"type": wire.MSG_CANCEL}))
+            await ws.send(json.dumps(wire.cancel_message()))
             while not self._finished:
                 self._settle(await ws.recv())
 
@@ -223,27 +223,25 @@ class TokenStream:
             open_timeout=self._connection.timeout,
             proxy=None,
         )
-        await self._async.send(json.dumps(self._request))
+        await self._async.send(json.dumps(self._request.to_json()))
         self._sent_at = time.monotonic()
 
     def _handle(self, raw: str | bytes) -> str | None:
         """Read one frame: a token's text, or None after ``done`` (and for frame types added later)."""
         try:
-            frame = json.loads(raw)
-        except ValueError:
-            frame = None
-        if not isinstance(frame, dict):
-            raise errors.ServerError("The server sent a stream frame mymps cannot read. Is it a mymps server?")
-        kind = frame.get("type")
-        if kind == wire.MSG_TOKEN:
+            message = wire.read_generate_message(raw)
+        except wire.WireFormatError:
+            raise errors.ServerError(
+                "The server sent a stream frame mymps cannot read. Is it a mymps server?") from None
+        if isinstance(message, wire.Token):
             self._pieces += 1
-            return str(frame.get("text", ""))
-        if kind == wire.MSG_DONE:
+            return message.text
+        if isinstance(message, wire.Done):
             self._finished = True
-            self.stats = {key: value for key, value in frame.items() if key != "type"}
-        elif kind == wire.MSG_ERROR:
+            self.stats = message.stats
+        elif isinstance(message, wire.ErrorBody):
             self._finished = True
-            raise self._connection.error_frame(frame)
+            raise self._connection.error_from(message)
         return None
 
     def _settle(self, raw: str | bytes) -> None:

@@ -77,6 +77,7 @@ from .bodies import DETECT as DETECT
 from .bodies import DTYPES as DTYPES
 from .bodies import IMAGE_SIDE_STEP as IMAGE_SIDE_STEP
 from .bodies import KINDS as KINDS
+from .bodies import DEFAULT_DTYPE as DEFAULT_DTYPE
 from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
 from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
 from .bodies import MAX_IMAGES as MAX_IMAGES

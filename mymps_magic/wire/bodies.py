@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from .errors import WireFormatError
 
@@ -21,8 +21,9 @@ Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 KINDS: tuple[str, ...] = get_args(Kind)
 DTYPES: tuple[str, ...] = get_args(DType)
-DETECT = "detect"
+DETECT: Final = "detect"
 """The kind that asks the server to find the kind from what the source holds."""
+DEFAULT_DTYPE: Final = "auto"
 
 MAX_NEW_TOKENS = 8192
 MAX_TEMPERATURE = 10.0
@@ -51,7 +52,7 @@ class LoadRequest:
 
     name: str
     kind: str = DETECT
-    dtype: str = "auto"
+    dtype: str = DEFAULT_DTYPE
     path: str | None = None
     model_class: str | None = None
     trust_remote_code: bool = False
