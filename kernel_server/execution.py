@@ -7,23 +7,21 @@ The session (``sessions.py``) only decides when it runs.
 
 from __future__ import annotations
 
-import ast
-import io
-import itertools
-import linecache
 import sys
-import tokenize
 import traceback
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import CodeType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
+
+import IPython
+from IPython.core.error import UsageError
 
 from mymps_magic import wire
 
 from .capture import Execution, Outlet, progress
 from .errors import is_out_of_memory
-from .richrepr import mimebundle
+from .shell import shell_of
 
 if TYPE_CHECKING:
     from .device import Device
@@ -31,12 +29,15 @@ if TYPE_CHECKING:
 
 _SERVER_DIR = str(Path(__file__).resolve().parent)
 _WIRE_DIR = str(Path(wire.__file__).resolve().parent)
+_IPYTHON_DIR = str(Path(IPython.__file__).resolve().parent)  # the shell's frames around a cell's code
 
 
 def run_request(job: Job, frame: wire.Frame, namespace: dict[str, Any], execution: Execution, outlet: Outlet,
-                device: Device) -> wire.Frame:
+                device: Device, client_torch: bool) -> wire.Frame:
     """Run a ``run`` or ``cell`` request in ``namespace``, its output going to ``outlet``;
-    returns its final frame (never raises: a failure is an ``error`` frame)."""
+    returns its final frame (never raises: a failure is an ``error`` frame). A cell runs in the
+    namespace's IPython shell (:mod:`.shell`); ``client_torch`` (the client has torch, its hello
+    said) makes a tensor value plain data, sent back (:func:`cell_value_frame`)."""
     rid = frame.id
     try:
         if frame.type == "run":
@@ -51,14 +52,11 @@ def run_request(job: Job, frame: wire.Frame, namespace: dict[str, Any], executio
             see_namespace(fn, namespace)
             with execution.capture(outlet), job.user_code():
                 value = fn(*args, **kwargs)
-            return value_frame(rid, value, None)
-        body, last = compile_cell(wire.read_source(frame))
+            return value_frame(rid, value)
+        shell = shell_of(namespace)
         with execution.capture(outlet), job.user_code():
-            exec(body, namespace)
-            value = eval(last, namespace) if last is not None else None
-        if value is not None:
-            namespace["_"] = value
-        return value_frame(rid, value, outlet)
+            value, mime, handle = shell.run(wire.read_source(frame))
+        return cell_value_frame(rid, value, mime, handle, client_torch)
     except BaseException as exc:
         if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
             return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), wire.ERROR_CANCELLED)
@@ -111,38 +109,11 @@ def new_namespace(device: Any, registry: Any, execution: Execution) -> dict[str,
     }
 
 
-_cell_numbers = itertools.count(1)
-
-
-def compile_cell(source: str) -> tuple[CodeType, CodeType | None]:
-    """Compile a cell as IPython does: the last statement, if an expression, gives its value.
-
-    The source is registered with ``linecache`` so tracebacks show the cell's lines.
-    """
-    filename = f"<mymps-cell-{next(_cell_numbers)}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    tree = ast.parse(source, filename=filename, mode="exec")
-    last = None
-    final = tree.body[-1] if tree.body else None
-    if isinstance(final, ast.Expr) and not _ends_with_semicolon(source):
-        tree.body.pop()
-        last = ast.Expression(final.value)
-    body = compile(tree, filename, "exec")
-    return body, (compile(last, filename, "eval") if last is not None else None)
-
-
-def _ends_with_semicolon(source: str) -> bool:
-    """IPython's rule: a cell whose last token is ``;`` shows no value."""
-    significant = [tok for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-                   if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER,
-                                       tokenize.DEDENT, tokenize.INDENT)]
-    return bool(significant) and significant[-1].string == ";"
-
-
 def remote_traceback(exc: BaseException) -> list[str]:
     """The traceback the user should see: their frames, without the server's own."""
-    if isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith("<mymps-cell-"):
-        return traceback.format_exception_only(type(exc), exc)  # the cell's line and caret, no parser frames
+    if isinstance(exc, UsageError) or (
+            isinstance(exc, SyntaxError) and exc.filename and exc.filename.startswith("<mymps-cell-")):
+        return traceback.format_exception_only(type(exc), exc)  # one line, or the cell's line and caret
     tb: TracebackType | None = exc.__traceback__
     while tb is not None and _is_server_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
@@ -157,7 +128,7 @@ def _files_in(line: str) -> list[str]:
 
 
 def _is_server_frame(filename: str) -> bool:
-    return filename.startswith((_SERVER_DIR, _WIRE_DIR))
+    return filename.startswith((_SERVER_DIR, _WIRE_DIR, _IPYTHON_DIR))
 
 
 def error_frame(request_id: int, exc: BaseException, code: str = wire.ERROR_REMOTE) -> wire.Frame:
@@ -190,21 +161,72 @@ def unpickle_error(exc: BaseException) -> Exception:
     return RuntimeError(f"the server could not unpickle what was sent ({type(exc).__name__}: {exc}){hint}")
 
 
-def value_frame(rid: int, value: Any, outlet: Outlet | None, names: list[str] | None = None) -> wire.Frame:
-    """The result frame for ``value``: pickled, plus its rich repr for a cell's last value."""
-    mime = mimebundle(value)[0] if outlet is not None and value is not None else None
+def value_frame(rid: int, value: Any, names: list[str] | None = None) -> wire.Frame:
+    """The result frame of a ``run`` (its value) or a ``pull`` of ``names`` (their values): pickled."""
     try:
         buffers = wire.dumps(value)
     except Exception as exc:
-        if outlet is not None:  # a cell's value still shows through its repr
-            return wire.unpicklable(rid, f"{type(value).__name__}: {exc}", mime)
-        what = f"{names[0]!r}" if names and len(names) == 1 else f"the {type(value).__name__} value"
-        if names and len(names) > 1:
-            what = "one of " + ", ".join(map(repr, names))
+        what = f"the {type(value).__name__} value"
+        if names:
+            what = f"{names[0]!r}" if len(names) == 1 else "one of " + ", ".join(map(repr, names))
         return error_frame(rid, TypeError(
             f"cannot send {what} back: it cannot be pickled ({type(exc).__name__}: {exc}). Keep it remote in "
             "a variable and pull plain data (numbers, lists, arrays, tensors) instead"), wire.ERROR_PICKLE)
-    return wire.result(rid, buffers, mime)
+    return wire.result(rid, buffers)
+
+
+def cell_value_frame(rid: int, value: Any, mime: dict[str, Any] | None, handle: str, client_torch: bool
+                     ) -> wire.Frame:
+    """The result frame of a cell: its value's mimebundle always, the value itself only when it
+    is plain data (:func:`is_plain`). Anything else (a model, ``DEVICE``, a tokenizer) stays on
+    the server under ``handle``: moving it is the user's explicit choice (``pull``, ``fetch()``),
+    never a side effect of showing it."""
+    if mime is None:
+        return wire.result(rid, wire.dumps(None))
+    if not is_plain(value, client_torch):
+        return wire.kept(rid, mime, handle, f"a {type(value).__name__} stays on the server")
+    try:
+        buffers = wire.dumps(value)
+    except Exception as exc:
+        return wire.kept(rid, mime, handle, f"{type(value).__name__}: {exc}")
+    return wire.result(rid, buffers, mime, handle)
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_MAX_PLAIN_ITEMS = 100_000
+"""Past this many items, a container is not walked further: it stays on the server."""
+
+
+def is_plain(value: Any, client_torch: bool) -> bool:
+    """Whether a cell's value is data the client can hold: numbers, strings, bytes, None,
+    lists, tuples, sets and dicts of them, numpy arrays (not of objects), and tensors when the
+    client has torch (a tensor is a numpy array there only through an explicit pull)."""
+    np = sys.modules.get("numpy")
+    torch = sys.modules.get("torch") if client_torch else None
+    stack, seen = [value], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > _MAX_PLAIN_ITEMS:
+            return False
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind in (list, tuple, set, frozenset):
+            stack.extend(item)
+        elif kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif not _is_array(item, np, torch):
+            return False
+    return True
+
+
+def _is_array(item: Any, np: Any, torch: Any) -> bool:
+    """A numpy scalar or array (not of objects), or a tensor where ``torch`` is given."""
+    if np is not None and (isinstance(item, np.generic) or (isinstance(item, np.ndarray) and item.dtype != object)):
+        return True
+    return torch is not None and isinstance(item, torch.Tensor)
 
 
 def versions_mismatch(python: str, cloudpickle: str) -> str | None:

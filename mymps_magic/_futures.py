@@ -25,13 +25,16 @@ class RemoteFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         withdraw: asks the server to drop a request that has not started and, if it did, stops
             waiting for it; True then. Handed in by the session channel, which makes the future,
             so this module never calls back into the channel's.
+        pull: one name's value from the session namespace, for a cell's `RemoteValue` to fetch
+            the object it shows; handed in by the channel as ``withdraw`` is.
     """
 
-    def __init__(self, request_id: int, withdraw: Callable[[int], bool]) -> None:
+    def __init__(self, request_id: int, withdraw: Callable[[int], bool], pull: Callable[[str], Any]) -> None:
         super().__init__()
         self.request_id = request_id
         self.job_id: str | None = None
         self._withdraw = withdraw
+        self.pull = pull
 
     def cancel(self) -> bool:
         if self.done():
@@ -54,17 +57,19 @@ def settle(future: RemoteFuture, frame: wire.Frame, source: Any = None) -> None:
         future.set_exception(error)
         return
     try:
-        future.set_result(_result_value(frame))
+        future.set_result(_result_value(frame, future.pull))
     except Exception as exc:
         future.set_exception(exc)
 
 
-def _result_value(frame: wire.Frame) -> Any:
+def _result_value(frame: wire.Frame, pull: Callable[[str], Any]) -> Any:
+    """A plain value, or a cell's `RemoteValue`: with the value where it is plain data (the server
+    decides), else only its repr and the name it is kept under remotely, which ``fetch()`` pulls."""
     result = wire.read_result(frame)
     if result.fields is not None:
         return result.fields
-    if result.unpicklable is not None:
-        return RemoteValue(result.mime or {}, reason=result.unpicklable)
+    if result.kept is not None:
+        return RemoteValue(result.mime or {}, reason=result.kept, handle=result.handle or "", pull=pull)
     try:
         value = wire.loads(result.buffers)
     except Exception as exc:
@@ -72,7 +77,7 @@ def _result_value(frame: wire.Frame) -> Any:
             f"The server's answer could not be unpickled here ({type(exc).__name__}: {exc}); "
             "install the same packages on both sides, or send plain data") from None
     if result.mime is not None:
-        return RemoteValue(result.mime, value=value)
+        return RemoteValue(result.mime, value=value, handle=result.handle or "", pull=pull)
     return value
 
 

@@ -20,12 +20,14 @@ request carries ``ack``, the last server frame the client has, so the server can
 
 =============  ==========================================================================
 ``hello``      first frame: ``session`` (id to resume, or None), ``last_seq`` (last server
-               frame seen), ``python`` ("3.11"), ``cloudpickle`` (version), ``protocol``
+               frame seen), ``python`` ("3.11"), ``cloudpickle`` (version), ``protocol``,
+               ``torch`` (whether the client has torch: only then is a tensor sent as a value)
 ``run``        ``fn``: the function's own pickle stream, buffers: pickled ``(args, kwargs)``;
                or, without ``fn`` (a function whose pickle has out-of-band buffers), buffers:
                pickled ``(fn, args, kwargs)``. The value comes back in ``result``
-``cell``       ``source``: Python source run in the namespace; ``result`` carries the value of
-               the last expression (pickled, when it pickles) and its ``mime`` bundle
+``cell``       ``source``: a cell, run by the session's IPython shell; ``result`` carries the
+               value of the last expression: its ``mime`` bundle and ``handle`` (the name it
+               is kept under, ``_N``), and the value itself only when it is plain data
 ``push``       buffers: a pickled ``dict`` merged into the namespace
 ``pull``       ``names``: list of names; ``result`` carries a pickled tuple of values
 ``interrupt``  raise ``KeyboardInterrupt`` in this session's running code (``target`` request
@@ -55,7 +57,9 @@ gets exactly what it missed):
 ``display``    ``data`` (mimebundle: mime -> str or bytes), ``metadata``
 ``progress``   ``bar`` (id), ``n``, ``total``, ``desc``, ``unit``, ``elapsed``, ``closed``
 ``result``     the request's outcome; buffers: the pickled value where there is one;
-               ``mime``: rich repr of a cell's last value; ``fields`` for small plain answers
+               ``mime``, ``handle``: rich repr of a cell's last value and the name it is kept
+               under; ``kept``: why that value stayed on the server; ``fields`` for small
+               plain answers
 ``error``      ``ename``, ``evalue``, ``traceback`` (lines, server frames trimmed), and
                ``code``: one of :mod:`.codes` ("remote": the user's code raised, "pickle",
                "name", "version", "cancelled", "bad_request")
@@ -73,11 +77,11 @@ much, before the request's next frame; ``result`` and ``error`` frames are never
 
 from __future__ import annotations
 
+from .bodies import DEFAULT_DTYPE as DEFAULT_DTYPE
 from .bodies import DETECT as DETECT
 from .bodies import DTYPES as DTYPES
 from .bodies import IMAGE_SIDE_STEP as IMAGE_SIDE_STEP
 from .bodies import KINDS as KINDS
-from .bodies import DEFAULT_DTYPE as DEFAULT_DTYPE
 from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
 from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
 from .bodies import MAX_IMAGES as MAX_IMAGES
@@ -142,6 +146,7 @@ from .messages import ack as ack
 from .messages import answer as answer
 from .messages import display as display
 from .messages import hello as hello
+from .messages import kept as kept
 from .messages import progress as progress
 from .messages import read_ack as read_ack
 from .messages import read_hello as read_hello
@@ -156,7 +161,6 @@ from .messages import request as request
 from .messages import result as result
 from .messages import started as started
 from .messages import stream as stream
-from .messages import unpicklable as unpicklable
 from .messages import upload as upload
 from .messages import welcome as welcome
 from .pickling import dumps as dumps

@@ -8,6 +8,8 @@ hot path (``run``, ``result``) are built and read without a copy or a layer of c
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,9 +24,17 @@ REQUEST_KINDS = frozenset({"run", "cell", "push", "pull", "interrupt", "cancel",
 
 
 def hello(session: str | None, last_seq: int) -> Frame:
-    """The first frame of a connection: the session to resume and the last frame seen of it."""
+    """The first frame of a connection: the session to resume and the last frame seen of it, and
+    whether this end has torch (the server sends a cell's tensor value only to a client that does)."""
     return Frame("hello", 0, {"session": session, "last_seq": last_seq, "python": frames.PYTHON_VERSION,
-                              "cloudpickle": frames.cloudpickle_version(), "protocol": frames.PROTOCOL_VERSION})
+                              "cloudpickle": frames.cloudpickle_version(), "protocol": frames.PROTOCOL_VERSION,
+                              "torch": _has_torch()})
+
+
+@functools.cache
+def _has_torch() -> bool:
+    """Whether torch is installed here, found without importing it (the client never does)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,7 @@ class Hello:
     last_seq: int
     python: str
     cloudpickle: str
+    torch: bool
 
 
 def read_hello(frame: Frame) -> Hello:
@@ -43,7 +54,7 @@ def read_hello(frame: Frame) -> Hello:
     session, last_seq = frame.get("session"), frame.get("last_seq") or 0
     if not isinstance(session, (str, type(None))) or not isinstance(last_seq, int):
         raise WireFormatError("hello's session must be a string or null and last_seq a number")
-    return Hello(session, last_seq, str(frame.get("python")), str(frame.get("cloudpickle")))
+    return Hello(session, last_seq, str(frame.get("python")), str(frame.get("cloudpickle")), frame.get("torch") is True)
 
 
 def request(kind: str, request_id: int, ack: int, fields: dict[str, Any] | None = None,
@@ -172,26 +183,31 @@ def answer(request_id: int, **fields: Any) -> Frame:
     return Frame("result", request_id, {"fields": fields})
 
 
-def result(request_id: int, buffers: list[Any], mime: dict[str, Any] | None = None) -> Frame:
-    """A ``result`` carrying a pickled value (``wire.dumps``), and a cell value's mimebundle."""
-    return Frame("result", request_id, {} if mime is None else {"mime": mime}, buffers)
+def result(request_id: int, buffers: list[Any], mime: dict[str, Any] | None = None, handle: str | None = None
+           ) -> Frame:
+    """A ``result`` carrying a pickled value (``wire.dumps``); for a cell's value, its mimebundle
+    and the name the server keeps it under."""
+    return Frame("result", request_id, {} if mime is None else {"mime": mime, "handle": handle}, buffers)
 
 
-def unpicklable(request_id: int, reason: str, mime: dict[str, Any] | None) -> Frame:
-    """A cell's value that does not pickle: its mimebundle, and why it cannot come back."""
-    return Frame("result", request_id, {"unpicklable": reason, **({} if mime is None else {"mime": mime})})
+def kept(request_id: int, mime: dict[str, Any], handle: str, reason: str) -> Frame:
+    """A cell's value that stays on the server: its mimebundle, the name it is kept under (a
+    ``pull`` of it moves it), and why it did not come (not plain data, or it did not pickle)."""
+    return Frame("result", request_id, {"kept": reason, "mime": mime, "handle": handle})
 
 
 class Result(NamedTuple):
-    """A ``result`` frame, read: exactly one of ``fields`` (an answer), ``unpicklable`` (with its
-    ``mime``) or ``buffers`` (a pickled value, with ``mime`` for a cell's value) holds."""
+    """A ``result`` frame, read: exactly one of ``fields`` (an answer), ``kept`` (a cell's value
+    left on the server, with its ``mime`` and ``handle``) or ``buffers`` (a pickled value, with
+    ``mime`` and ``handle`` for a cell's value) holds."""
 
     fields: dict[str, Any] | None
-    unpicklable: str | None
+    kept: str | None
     mime: dict[str, Any] | None
+    handle: str | None
     buffers: list[Any]
 
 
 def read_result(frame: Frame) -> Result:
     f = frame.fields
-    return Result(f.get("fields"), f.get("unpicklable") or None, f.get("mime"), frame.buffers)
+    return Result(f.get("fields"), f.get("kept") or None, f.get("mime"), f.get("handle"), frame.buffers)

@@ -1,0 +1,176 @@
+"""The IPython shell that runs a session's cells: IPython's own syntax, magics and display hook.
+
+A remote cell should behave like a local one, so it runs through ``InteractiveShell.run_cell``
+(input transformers for ``!cmd`` and ``%magic``, line and cell magics, the display hook that
+keeps ``_``), in the session's own namespace. One shell per namespace, made on its first cell:
+``run`` requests never need one. What would reach a terminal is redirected instead:
+
+* the display hook does not print the cell's value: it keeps it, with its mimebundle
+  (:mod:`.richrepr`), for the result frame, and keeps only the last three values (``_``,
+  ``__``, ``___`` and their ``_N`` names): a GPU server cannot keep every output, as ``Out``
+  does in IPython, for the whole session;
+* tracebacks are not printed: the error goes back as the request's error frame;
+* magics that need a terminal or the notebook itself fail with one line (`UNSUPPORTED`).
+
+The shell is not IPython's singleton (``InteractiveShell.instance()``), nor put in
+``sys.modules`` as ``__main__`` would be: several sessions each have one, and a function
+defined in a cell must still pickle by value.
+"""
+
+from __future__ import annotations
+
+import atexit
+import signal
+from typing import Any
+
+from IPython.core.compilerop import CachingCompiler
+from IPython.core.displayhook import DisplayHook
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets import Type
+from traitlets.config import Config
+
+from .richrepr import mimebundle
+
+KEPT_VALUES = 3
+"""How many of a session's last cell values stay on the server (as ``_``, ``__``, ``___``)."""
+
+SHELL_KEY = "__mymps_shell__"
+"""The namespace's key for its shell, hidden from ``%who`` like IPython's own names."""
+
+UNSUPPORTED: dict[str, str] = {
+    "debug": "the server has no terminal to debug in; reproduce the error in a local cell",
+    "pdb": "the server has no terminal to debug in; reproduce the error in a local cell",
+    "edit": "it edits the server's files in a terminal editor; edit locally and push or %pip the code",
+    "load": "it would fill a cell on the server; run it in a local cell",
+    "paste": "it reads a terminal's clipboard; paste the code into the cell",
+    "cpaste": "it reads a terminal's clipboard; paste the code into the cell",
+    "recall": "the input history it recalls is the server's; copy the code instead",
+    "rerun": "the input history it reruns is the server's; copy the code instead",
+    "macro": "the input history it reads is the server's; define a function instead",
+    "gui": "the server has no event loop of a GUI; display figures with display(fig)",
+    "mymps": "it runs in the notebook: use it in a local cell",
+}
+"""Line magics a remote cell refuses, and why (the rest of IPython's work as they do locally)."""
+
+UNSUPPORTED_CELL: dict[str, str] = {
+    name: "its output needs the notebook's display machinery; return an IPython.display object instead"
+    for name in ("html", "javascript", "js", "latex", "markdown", "svg")
+} | {"mymps": "a remote cell cannot start another remote cell"}
+"""Cell magics a remote cell refuses, and why."""
+
+_INTERRUPTED = (-signal.SIGINT, 128 + signal.SIGINT)
+"""The exit codes of a shell command stopped by the interrupt that ``system`` forwarded to it."""
+
+
+class CellValueHook(DisplayHook):
+    """The display hook: keeps the cell's value and its mimebundle for the result frame."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.bundle: dict[str, Any] | None = None
+
+    def write_output_prompt(self) -> None:
+        """No ``Out[N]:`` prompt: the notebook shows the value as the cell's own output."""
+
+    def compute_format_data(self, result: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        data, metadata = mimebundle(result)
+        self.bundle = data
+        return data, metadata
+
+    def write_format_data(self, format_dict: Any, md_dict: Any = None) -> None:
+        """Not printed: the bundle goes back in the result frame."""
+
+    def update_user_ns(self, result: Any) -> None:
+        super().update_user_ns(result)  # type: ignore[no-untyped-call]
+        user_ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
+        outputs: dict[int, Any] = user_ns["_oh"]
+        for number in sorted(outputs)[:-KEPT_VALUES]:
+            del outputs[number]
+            user_ns.pop(f"_{number}", None)
+
+
+class CellCompiler(CachingCompiler):
+    """Names each cell ``<mymps-cell-N>``, as tracebacks and the client expect."""
+
+    def get_code_name(self, raw_code: str, transformed_code: str, number: int) -> str:
+        return f"<mymps-cell-{number}>"
+
+
+class RemoteShell(InteractiveShell):
+    """One session's IPython shell over its namespace; see the module docstring."""
+
+    displayhook_class = Type(CellValueHook)
+    compiler_class = Type(CellCompiler)
+
+    def __init__(self, namespace: dict[str, Any]) -> None:
+        config = Config()
+        config.HistoryManager.enabled = False  # no sqlite file per session
+        config.InteractiveShell.warn_venv = False
+        hidden = dict(namespace)  # what the server put there: not the user's names, for %who
+        super().__init__(config=config, user_ns=namespace)  # type: ignore[no-untyped-call]
+        atexit.unregister(self.atexit_operations)  # else every session's shell lives until exit
+        self.user_ns_hidden.update(hidden)
+        self.shown_error: BaseException | None = None
+        for name, why in UNSUPPORTED.items():
+            self.register_magic_function(_refusal(name, "%", why), "line", name)
+        for name, why in UNSUPPORTED_CELL.items():
+            self.register_magic_function(_refusal(name, "%%", why), "cell", name)
+
+    def init_sys_modules(self) -> None:
+        """Not registered as a module: a function defined in a cell must pickle by value."""
+
+    def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
+        """Not printed: `run` raises it, and the session sends it back as an error frame."""
+        self.shown_error = self._get_exc_info(exc_tuple)[1]  # type: ignore[no-untyped-call]
+
+    def showsyntaxerror(self, filename: str | None = None, running_compiled_code: bool = False) -> None:
+        self.showtraceback()
+
+    def showindentationerror(self) -> None:
+        self.showtraceback()
+
+    def system_piped(self, cmd: str) -> None:
+        """``!cmd``; the stop button stops the cell too, not only the command (IPython would
+        go on with the rest of the cell)."""
+        super().system_piped(cmd)  # type: ignore[no-untyped-call]
+        if self.user_ns.get("_exit_code") in _INTERRUPTED:
+            raise KeyboardInterrupt
+
+    system = system_piped
+
+    def run(self, source: str) -> tuple[Any, dict[str, Any] | None, str]:
+        """Run one cell; returns its value (None when it has none or ends in ``;``), the
+        value's mimebundle, and the name it is kept under (``_N``: `Client` pulls it to fetch it).
+
+        Raises:
+            BaseException: what the cell raised (a ``SyntaxError``, a ``UsageError`` of a magic).
+        """
+        self.shown_error = None
+        hook = self.displayhook
+        assert isinstance(hook, CellValueHook)  # displayhook_class
+        hook.bundle = None
+        result = self.run_cell(source, store_history=True)  # type: ignore[no-untyped-call]
+        result.raise_error()
+        if self.shown_error is not None:  # caught and shown inside a magic, as IPython does
+            raise self.shown_error
+        handle = f"_{result.execution_count}"
+        return (result.result, hook.bundle, handle) if hook.bundle is not None else (None, None, handle)
+
+
+def _refusal(name: str, prefix: str, why: str) -> Any:
+    def refuse(*args: Any) -> None:
+        raise UsageError(f"{prefix}{name} is not supported in a remote cell: {why}")
+
+    return refuse
+
+
+def shell_of(namespace: dict[str, Any]) -> RemoteShell:
+    """The namespace's shell, made on its first cell."""
+    shell = namespace.get(SHELL_KEY)
+    if not isinstance(shell, RemoteShell):
+        shell = RemoteShell(namespace)
+        namespace[SHELL_KEY] = shell
+        shell.user_ns_hidden[SHELL_KEY] = shell
+    return shell
+
