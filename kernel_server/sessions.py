@@ -51,6 +51,7 @@ class Session:
         self.outbox = Outbox(manager.buffer_bytes)
         self.last_request = 0
         self.mismatch: str | None = None
+        self.client_torch = False  # the client has torch (its hello says): a cell's tensor comes back
         self.jobs: dict[int, Job] = {}
         self.disconnected_at: float | None = time.time()
         self._live: Mailbox | None = None
@@ -220,7 +221,8 @@ class Session:
             if frame.get("notify_start"):  # only futures need it: a blocking caller just waits
                 self.emit_threadsafe(wire.started(rid, job.id))
             outlet = Outlet(functools.partial(self.emit_output, job), rid, self._off_loop)
-            return run_request(job, frame, self.namespace, manager.execution, outlet, manager.device)
+            return run_request(job, frame, self.namespace, manager.execution, outlet, manager.device,
+                               self.client_torch)
 
         job = self.manager.jobs.submit(work, frame.type, session=self.id)
         self.jobs[rid] = job
@@ -281,7 +283,7 @@ class Session:
                 "session; define it there first (a %%mymps cell or run) or push it"), wire.ERROR_NAME))
             return
         values = tuple(self.namespace[n] for n in names)
-        self.emit(await asyncio.to_thread(value_frame, frame.id, values, None, names))
+        self.emit(await asyncio.to_thread(value_frame, frame.id, values, names))
 
     async def _reset(self, frame: wire.Frame) -> None:
         # Emptied, not just replaced: functions defined in it refer to it as their globals, a
@@ -368,6 +370,7 @@ class SessionManager:
 
     def welcome(self, session: Session, resumed: bool, hello: wire.Hello) -> wire.Frame:
         session.mismatch = versions_mismatch(hello.python, hello.cloudpickle)
+        session.client_torch = hello.torch
         return wire.welcome(session.id, resumed, platform.python_version(), server_version(), session.last_request,
                             session.mismatch, self.buffer_bytes)
 
