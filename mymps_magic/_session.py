@@ -269,7 +269,7 @@ class SessionChannel:
             # of its own on the way of a quick call.
             self._acked, self._unacked_bytes = self._last_seq, 0
             frame = wire.request(kind, rid, self._acked, fields, buffers)
-            request = Request(frame, RemoteFuture(rid, self.withdraw), waiter, source)
+            request = Request(frame, RemoteFuture(rid, self.withdraw, self.pull_one), waiter, source)
             self._reader.add(request)
             self._send_locked(frame)
         return request
@@ -325,6 +325,10 @@ class SessionChannel:
         except (concurrent.futures.TimeoutError, errors.MympsError):
             return False
         return bool(answer.get("cancelled"))
+
+    def pull_one(self, name: str) -> Any:
+        """One name's value from the namespace: what a cell's `RemoteValue.fetch` pulls."""
+        return self.call("pull", {"names": [name]})[0]
 
     def withdraw(self, rid: int) -> bool:
         """Drop a request that never ran: the server's queue forgets it, then this channel does;

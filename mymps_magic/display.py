@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from mymps_magic import errors
 
 
 def _ipython_shell() -> Any:
@@ -36,24 +38,51 @@ def in_kernel() -> bool:
 class RemoteValue:
     """A remote cell's last value, shown through the rich repr the server made of it.
 
-    `Client.run_cell_rich` and ``%%mymps`` return it, so the notebook shows a remote image or
-    table even when the object itself cannot travel; `Client.run_cell` returns it only then.
+    `Client.run_cell_rich` and ``%%mymps`` return it; `Client.run_cell` returns it for a value
+    that is not plain data (a model, ``DEVICE``, a tensor where this side has no torch). Such a
+    value stays on the server (as ``_`` there) and ``fetch()`` moves it here when asked.
 
     Args:
         mime: the server's mimebundle of the value (``text/plain`` at least).
-        value: the value itself, where it was pickled there and unpickled here.
+        value: the value itself, where it was plain data and came with its repr.
         reason: why the value did not come back (empty when it did).
+        handle: the name the server keeps the value under (``_N``, N the cell's number there).
+        pull: gets one name's value from the session (`fetch` calls it with ``handle``).
     """
 
-    def __init__(self, mime: dict[str, Any], value: Any = None, reason: str = "") -> None:
+    def __init__(self, mime: dict[str, Any], value: Any = None, reason: str = "", handle: str = "",
+                 pull: Callable[[str], Any] | None = None) -> None:
         self.mime = mime
         self.value = value
         self.reason = reason
+        self.handle = handle
+        self._pull = pull
 
     @property
     def arrived(self) -> bool:
         """Whether ``value`` holds the object itself, rather than None for one left remote."""
         return not self.reason
+
+    def fetch(self) -> Any:
+        """The object itself: ``value`` where it arrived, else moved from the server now (it
+        stays there too). The server keeps the values of its last three cells (``_``, ``__``,
+        ``___``); assign an older one to a name and `Client.pull` that.
+
+        Raises:
+            RemoteNameError: the server no longer keeps the value.
+            PicklingError: the value cannot be pickled there or unpickled here.
+        """
+        if self.arrived:
+            return self.value
+        if self._pull is None or not self.handle:
+            raise errors.RemoteNameError("this remote value was not kept on the server; assign it to a name in a "
+                                         "cell and pull that name")
+        try:
+            return self._pull(self.handle)
+        except errors.RemoteNameError:
+            raise errors.RemoteNameError(
+                f"the value of remote cell {self.handle.lstrip('_')} is no longer kept on the server (only the last "
+                "three are: _, __, ___); assign it to a name in a cell and pull that name") from None
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return dict(self.mime)
