@@ -83,7 +83,8 @@ class LoadRequest:
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise WireFormatError("a load request needs 'name' as a non-empty string")
-        kind = fields.get("kind") or DETECT
+        kind = fields.get("kind", DETECT)
+        kind = DETECT if kind is None else kind
         dtype = fields.get("dtype", cls.dtype)
         if kind not in (*KINDS, DETECT):
             raise WireFormatError(f"kind must be one of {', '.join(KINDS)} or {DETECT}, not {kind!r}")
