@@ -57,7 +57,7 @@ async def ws_generate(ws: WebSocket) -> None:
     One request per connection: any message the client sends during the generation cancels it,
     and the connection closes with ``wire.CLOSE_PROTOCOL_MISUSE`` and :data:`ONE_REQUEST` (a
     second request on the same socket has no id to tell its tokens from the first's). The
-    exception is ``{"type": "cancel"}`` (``wire.MSG_CANCEL``): it is answered, once the job has
+    exception is ``{"type": "cancel"}`` (``wire.cancel_message``): it is answered, once the job has
     stopped (at most :data:`CANCEL_WAIT_S` later), by the ``done`` frame (``stop_reason:
     "cancelled"``, the tokens so far; none for a job cancelled while still queued) and a normal
     close.
