@@ -53,7 +53,7 @@ def run_request(job: Job, frame: wire.Frame, namespace: dict[str, Any], executio
             with execution.capture(outlet), job.user_code():
                 value = fn(*args, **kwargs)
             return value_frame(rid, value)
-        shell = shell_of(namespace)
+        shell = shell_of(namespace, PREDEFINED)
         with execution.capture(outlet), job.user_code():
             value, mime, handle = shell.run(wire.read_source(frame))
         return cell_value_frame(rid, value, mime, handle, client_torch)
@@ -82,6 +82,10 @@ class ModelsView(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"models({', '.join(self._registry.names()) or 'none loaded'})"
+
+
+PREDEFINED = ("DEVICE", "models", "tokenizers", "torch", "np", "display", "progress")
+"""The names SPEC 5 promises remote code (`new_namespace`, and the session's ``tokenizers``)."""
 
 
 def new_namespace(device: Any, registry: Any, execution: Execution) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import signal
+from collections.abc import Iterable
 from typing import Any
 
 from IPython.core.compilerop import CachingCompiler
@@ -103,14 +104,14 @@ class RemoteShell(InteractiveShell):
     displayhook_class = Type(CellValueHook)
     compiler_class = Type(CellCompiler)
 
-    def __init__(self, namespace: dict[str, Any]) -> None:
+    def __init__(self, namespace: dict[str, Any], predefined: Iterable[str]) -> None:
+        """``predefined``: the names the server gives every session, hidden from ``%who``."""
         config = Config()
         config.HistoryManager.enabled = False  # no sqlite file per session
         config.InteractiveShell.warn_venv = False
-        hidden = dict(namespace)  # what the server put there: not the user's names, for %who
         super().__init__(config=config, user_ns=namespace)  # type: ignore[no-untyped-call]
         atexit.unregister(self.atexit_operations)  # else every session's shell lives until exit
-        self.user_ns_hidden.update(hidden)
+        self.user_ns_hidden.update({name: namespace[name] for name in predefined if name in namespace})
         self.shown_error: BaseException | None = None
         for name, why in UNSUPPORTED.items():
             self.register_magic_function(_refusal(name, "%", why), "line", name)
@@ -165,11 +166,11 @@ def _refusal(name: str, prefix: str, why: str) -> Any:
     return refuse
 
 
-def shell_of(namespace: dict[str, Any]) -> RemoteShell:
-    """The namespace's shell, made on its first cell."""
+def shell_of(namespace: dict[str, Any], predefined: Iterable[str]) -> RemoteShell:
+    """The namespace's shell, made on its first cell (``predefined`` as for `RemoteShell`)."""
     shell = namespace.get(SHELL_KEY)
     if not isinstance(shell, RemoteShell):
-        shell = RemoteShell(namespace)
+        shell = RemoteShell(namespace, predefined)
         namespace[SHELL_KEY] = shell
         shell.user_ns_hidden[SHELL_KEY] = shell
     return shell

@@ -129,3 +129,9 @@ def test_the_stop_button_interrupts_a_shell_command(c: Client) -> None:
         running.result(timeout=PATIENCE_S)
     assert info.value.ename == "KeyboardInterrupt"
     assert "after" not in _stdout(running)
+
+
+def test_who_lists_names_pushed_before_the_first_cell(c: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    c.push(early=1)  # the session's shell does not exist yet: it is made by the first cell
+    c.run_cell("%who")
+    assert capsys.readouterr().out.split() == ["early"]
