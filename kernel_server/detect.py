@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest, NotFound
+from mymps_magic.wire import DETECT
 
-DETECT = "detect"
-"""The kind a caller gives (or leaves as the default) to have it found from the source."""
+from .errors import BadRequest, NotFound
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

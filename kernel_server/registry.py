@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mymps_magic.wire import KINDS, LoadRequest
+from mymps_magic.wire import DETECT, KINDS, LoadRequest
 
 from . import detect
 from .device import Device
@@ -135,7 +135,7 @@ class Registry:
         if model is None:
             return False
         loaded_dtype = dtype_name(model.dtype)
-        wanted = [want for want, have, any_ in ((request.kind, model.kind, detect.DETECT),
+        wanted = [want for want, have, any_ in ((request.kind, model.kind, DETECT),
                                                 (request.dtype, loaded_dtype, "auto")) if want not in (have, any_)]
         if wanted:
             name = request.name
@@ -161,7 +161,7 @@ class Registry:
         return model
 
     def _load(self, request: LoadRequest, progress: Progress, check_cancelled: Callable[[], None]) -> LoadedModel:
-        if request.kind not in (*KINDS, detect.DETECT):
+        if request.kind not in (*KINDS, DETECT):
             raise Unprocessable(f"unknown kind {request.kind!r}; use one of {', '.join(KINDS)}")
         dtype = self._dtype(request.dtype)
         _check_exists(request)
