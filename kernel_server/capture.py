@@ -12,6 +12,7 @@ import io
 import itertools
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -45,6 +46,7 @@ class Outlet:
         self._may_wait = may_wait
         self._bars = itertools.count(1)
         self._partial: dict[str, str] = {}  # per stream, text written after its last newline
+        self._since: dict[str, float] = {}  # per stream, when that line began
         self._state = threading.Lock()
         self._order = threading.RLock()
         self._timer: threading.Timer | None = None
@@ -54,45 +56,63 @@ class Outlet:
 
     def stream(self, name: str, text: str) -> None:
         """Send whole lines at once; the rest of a line waits for its newline, a flush, the
-        next display or progress, or :data:`FLUSH_INTERVAL_S`. So ``print``'s text and the
-        newline it writes apart travel (and show in the notebook) as one piece, while
-        ``print(".", end="")`` in a loop still shows its dots as they come, a batch at a time."""
+        next display or progress, or until it is :data:`FLUSH_INTERVAL_S` old. So ``print``'s
+        text and the newline it writes apart travel (and show in the notebook) as one piece,
+        while ``print(".", end="")`` in a loop still shows its dots as they come, in batches."""
         with self._ordered():
             with self._state:
                 text = self._partial.pop(name, "") + text
                 cut = text.rfind("\n") + 1
+                if cut:
+                    self._since.pop(name, None)
                 if cut < len(text):
                     self._partial[name] = text[cut:]
+                    self._since.setdefault(name, time.monotonic())
                     if self._timer is None:
-                        # A timer, not a wait in the writer's thread: the user's code goes on.
-                        self._timer = threading.Timer(FLUSH_INTERVAL_S, self._flush_late)
-                        self._timer.daemon = True
-                        self._timer.start()
+                        self._start_timer(FLUSH_INTERVAL_S)
             if cut:
                 self.emit(wire.stream(self.request_id, name, text[:cut]))
+
+    def _start_timer(self, delay: float) -> None:
+        # A timer, not a wait in the writer's thread: the user's code goes on meanwhile.
+        self._timer = threading.Timer(delay, self._flush_late)
+        self._timer.daemon = True
+        self._timer.start()
 
     def flush(self, name: str | None = None) -> None:
         """Send what waits for a newline (of one stream, or of both)."""
         with self._ordered():
             with self._state:
-                waiting = [(key, self._partial.pop(key, "")) for key in
-                           ([name] if name is not None else list(self._partial))]
-                if not self._partial and self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
+                waiting = self._take([name] if name is not None else list(self._partial))
             for key, text in waiting:
-                if text:
-                    self.emit(wire.stream(self.request_id, key, text))
+                self.emit(wire.stream(self.request_id, key, text))
+
+    def _take(self, names: list[str]) -> list[tuple[str, str]]:
+        """Take the partial lines of ``names`` (``_state`` held); the timer stops with the last."""
+        taken = [(name, self._partial.pop(name)) for name in names if name in self._partial]
+        for name in names:
+            self._since.pop(name, None)
+        if not self._partial and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return taken
 
     def _flush_late(self) -> None:
+        """Send the partial lines that are old enough; wait again for the younger ones (a line
+        that ends within the interval must never be cut, however long ago the timer started)."""
         with self._order:
             with self._state:
                 if self._timer is None or self._timer.ident != threading.get_ident():
                     return  # flushed meanwhile: a newer timer (or none) is in charge
                 self._timer = None
+                now = time.monotonic()
+                waiting = self._take([name for name, since in self._since.items() if now - since >= FLUSH_INTERVAL_S])
+                if self._since:
+                    self._start_timer(max(0.01, min(self._since.values()) + FLUSH_INTERVAL_S - now))
             # A job cancelled while its output waited for room: its text is dropped.
             with contextlib.suppress(Cancelled):
-                self.flush()
+                for key, text in waiting:
+                    self.emit(wire.stream(self.request_id, key, text))
 
     def display(self, *objs: Any) -> None:
         with self._ordered():

@@ -121,6 +121,23 @@ def test_a_line_written_in_two_writes_arrives_in_one_piece(make_client: Callable
     assert len(pieces) < 20, f"a fast loop's partial lines are batched, not sent a write each: {len(pieces)}"
 
 
+@pytest.mark.slow
+def test_lines_that_complete_within_the_interval_are_never_cut(
+    make_client: Callable[[], tuple[Client, Recorder]]
+) -> None:
+    """Lines written in two pieces 20 ms apart, for 1.5 s: the partial-line timer fires many
+    times meanwhile, and must never send a line without its end (each line completes well
+    within the 0.2 s a partial line may wait)."""
+    client, out = make_client()
+    lines = client.run_cell("import sys, time\n_n, _end = 0, time.monotonic() + 1.5\n"
+                            "while time.monotonic() < _end:\n"
+                            "    sys.stdout.write('first half, '); time.sleep(0.02); print('second half'); _n += 1\n"
+                            "_n")
+    pieces = [text for name, text in out.pieces if name == "stdout"]
+    assert "".join(pieces) == "first half, second half\n" * lines
+    assert [piece for piece in pieces if not piece.endswith("\n")] == [], f"{len(pieces)} pieces"
+
+
 def test_a_call_queued_behind_another_sessions_job_says_which_job_it_waits_for(
     make_client: Callable[[], tuple[Client, Recorder]], go: Path
 ) -> None:
