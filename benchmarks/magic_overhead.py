@@ -13,7 +13,13 @@ itself (the client the magics use, without the magic) is measured in the same al
 it. The first row minus the ``%%mymps`` row is the cost of the magic layer. The loop row is the
 cost of the remote call when it runs back to back.
 
-Run: ``.venv/bin/python benchmarks/magic_overhead.py [--cells 200] [--warmup 20]``.
+The same run then shows what a cell's last value costs (issue 12): remote cells ending in a
+256 MiB ``torch.nn.Linear``, in a 2x2 one, and in ``None``, alternately. The module stays on the
+server (only its repr comes back), so the big one must cost no more than ``None`` plus its repr:
+the mimebundle made on the server (timed there in a loop) and the ``execute_result`` the kernel
+then shows, which the 2x2 module's cell has too. Size must not show: big minus small is noise.
+
+Run: ``.venv/bin/python benchmarks/magic_overhead.py [--cells 200] [--warmup 20] [--value-cells 50]``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ LOCAL_CELL = "pass"
 REMOTE_CELL = "%%mymps\npass"
 CLIENT_CELL = "_mymps_client.run_cell('pass')"
 REPLY_TIMEOUT_S = 30.0
+BIG_SETUP = "%%mymps\nbig = torch.nn.Linear(8192, 8192)  # 256 MiB of float32\nsmall = torch.nn.Linear(2, 2)"
+BIG_CELL = "%%mymps\nbig"
+SMALL_CELL = "%%mymps\nsmall"
+NONE_CELL = "%%mymps\nNone"
+REPR_TIMING = ("import time\nfrom kernel_server.richrepr import mimebundle\n_s = time.perf_counter()\n"
+               "for _ in range(100):\n    mimebundle(big)\n(time.perf_counter() - _s) / 100")
+NOISE_MS = 0.1
 
 # Runs inside the kernel: times the client call the magic makes, with no kernel messages around it.
 _IN_KERNEL_TIMING = """
@@ -99,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=int, default=200, help="cells of each kind that are measured")
     parser.add_argument("--warmup", type=int, default=20, help="cells of each kind run first, not measured")
+    parser.add_argument("--value-cells", type=int, default=100, help="cells ending in each module, and in None")
     args = parser.parse_args()
 
     print(machine_line(), flush=True)
@@ -119,6 +133,17 @@ def main() -> None:
             if client_run.status != "ok":
                 raise RuntimeError(f"the in-kernel timing failed: {client_run.error}")
             in_kernel = [float(x) for x in client_run.stdout.strip().strip("[]").split(",")]
+            round_trip(kernel, BIG_SETUP)
+            values: dict[str, list[float]] = {BIG_CELL: [], SMALL_CELL: [], NONE_CELL: []}
+            for i in range(args.warmup + args.value_cells):
+                for code, times in values.items():
+                    elapsed = round_trip(kernel, code)
+                    if i >= args.warmup:
+                        times.append(elapsed)
+            repr_s = kernel.execute(f"_mymps_client.run_cell({REPR_TIMING!r})", timeout=60).result
+            if repr_s is None:
+                raise RuntimeError("the repr timing gave no value")
+            repr_ms = float(repr_s["text/plain"]) * 1e3
         finally:
             kernel.close()
 
@@ -136,6 +161,23 @@ def main() -> None:
     added = medians["%%mymps cell (pass)"] - medians["local cell (pass)"]
     ok = "met" if added < TARGET_ADDED_MS else "NOT met"
     print(f"\nadded by %%mymps at the median: {added:.2f} ms (target: under {TARGET_ADDED_MS:g} ms: {ok})")
+
+    print(f"\na cell's last value, {args.value_cells} cells of each after {args.warmup} warm-up (milliseconds):")
+    print(f"  {'':46} {'median':>8} {'p99':>8} {'max':>8}")
+    value_medians = {}
+    for name, code in (("%%mymps cell ending in a 256 MiB Linear", BIG_CELL),
+                       ("%%mymps cell ending in a 2x2 Linear", SMALL_CELL),
+                       ("%%mymps cell ending in None", NONE_CELL)):
+        med, p99, top = stats_ms(values[code])
+        value_medians[code] = med
+        print(f"  {name:46} {med:8.2f} {p99:8.2f} {top:8.2f}")
+    print(f"  {'its mimebundle, made on the server':46} {repr_ms:8.3f}")
+    shown = value_medians[SMALL_CELL] - value_medians[NONE_CELL]
+    extra = value_medians[BIG_CELL] - value_medians[NONE_CELL]
+    ok = "met" if extra <= shown + repr_ms + NOISE_MS else "NOT met"
+    print(f"\nthe 256 MiB module's cell costs {extra:.2f} ms more than None's at the median; showing a repr costs "
+          f"{shown:.2f} ms (2x2 module minus None) plus {repr_ms:.3f} ms to make it (target: no more than that, "
+          f"within {NOISE_MS:g} ms of noise: {ok})")
 
 
 if __name__ == "__main__":
