@@ -59,10 +59,16 @@ def run_request(job: Job, frame: wire.Frame, namespace: dict[str, Any], executio
         return cell_value_frame(rid, value, mime, handle, client_torch)
     except BaseException as exc:
         if job.cancelled_flag:  # stopped by a cancel or the shutdown, not by the user's code
-            return error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), wire.ERROR_CANCELLED)
-        if is_out_of_memory(exc):
+            failed = error_frame(rid, RuntimeError(f"the call was {job.cancel_reason}"), wire.ERROR_CANCELLED)
+        else:
+            failed = error_frame(rid, exc)
+        # The frames' locals go now: IPython's own frames refer to the error (a cycle), which
+        # would keep the failing code's tensors until the cyclic collector runs, and an
+        # out-of-memory error could not free them below.
+        traceback.clear_frames(exc.__traceback__)
+        if is_out_of_memory(exc) and not job.cancelled_flag:
             device.free_memory()
-        return error_frame(rid, exc)
+        return failed
 
 
 class ModelsView(Mapping[str, Any]):

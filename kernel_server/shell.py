@@ -7,8 +7,8 @@ keeps ``_``), in the session's own namespace. One shell per namespace, made on i
 
 * the display hook does not print the cell's value: it keeps it, with its mimebundle
   (:mod:`.richrepr`), for the result frame, and keeps only the last three values (``_``,
-  ``__``, ``___`` and their ``_N`` names): a GPU server cannot keep every output, as ``Out``
-  does in IPython, for the whole session;
+  ``__``, ``___`` and their ``_N`` names; ``Out`` stays empty): a GPU server cannot keep every
+  output, as IPython does, for the whole session;
 * tracebacks are not printed: the error goes back as the request's error frame;
 * magics that need a terminal or the notebook itself fail with one line (`UNSUPPORTED`).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import signal
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -70,6 +71,7 @@ class CellValueHook(DisplayHook):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.bundle: dict[str, Any] | None = None
+        self.kept: list[int] = []  # the numbers of the cells whose values are kept, newest first
 
     def write_output_prompt(self) -> None:
         """No ``Out[N]:`` prompt: the notebook shows the value as the cell's own output."""
@@ -83,12 +85,17 @@ class CellValueHook(DisplayHook):
         """Not printed: the bundle goes back in the result frame."""
 
     def update_user_ns(self, result: Any) -> None:
-        super().update_user_ns(result)  # type: ignore[no-untyped-call]
+        """``_``, ``__``, ``___`` and ``_N`` for the last `KEPT_VALUES` cells, held by the namespace
+        only (not by this hook nor ``Out``, as in IPython), so that emptying it (a reset, a
+        session's end) frees a big value at once, not at the next run of the cyclic collector.
+        Unlike IPython, ``_`` is updated even after the user assigned it (``for _ in ...``)."""
         user_ns: dict[str, Any] = self.shell.user_ns  # type: ignore[union-attr]
-        outputs: dict[int, Any] = user_ns["_oh"]
-        for number in sorted(outputs)[:-KEPT_VALUES]:
-            del outputs[number]
+        user_ns["___"], user_ns["__"], user_ns["_"] = user_ns.get("__"), user_ns.get("_"), result
+        self.kept.insert(0, self.prompt_count)
+        user_ns[f"_{self.prompt_count}"] = result
+        for number in self.kept[KEPT_VALUES:]:
             user_ns.pop(f"_{number}", None)
+        del self.kept[KEPT_VALUES:]
 
 
 class CellCompiler(CachingCompiler):
@@ -122,8 +129,15 @@ class RemoteShell(InteractiveShell):
         """Not registered as a module: a function defined in a cell must pickle by value."""
 
     def showtraceback(self, exc_tuple: Any = None, *args: Any, **kwargs: Any) -> None:
-        """Not printed: `run` raises it, and the session sends it back as an error frame."""
-        self.shown_error = self._get_exc_info(exc_tuple)[1]  # type: ignore[no-untyped-call]
+        """Not printed: `run` raises it, and the session sends it back as an error frame. Nor
+        kept in ``sys.last_traceback`` as IPython does: its frames would keep their locals (a
+        batch of tensors on the device, after an out-of-memory error) until the next error."""
+        self.shown_error = exc_tuple[1] if exc_tuple is not None else sys.exc_info()[1]
+
+    def _format_exception_for_storage(self, exception: BaseException, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """IPython (9) formats each error for its history with stack_data, whose caches then keep
+        the failing frames (and their locals: tensors) alive; the error frame has the traceback."""
+        return {"ename": type(exception).__name__, "evalue": str(exception), "traceback": []}
 
     def showsyntaxerror(self, filename: str | None = None, running_compiled_code: bool = False) -> None:
         self.showtraceback()
@@ -147,14 +161,16 @@ class RemoteShell(InteractiveShell):
         Raises:
             BaseException: what the cell raised (a ``SyntaxError``, a ``UsageError`` of a magic).
         """
-        self.shown_error = None
         hook = self.displayhook
         assert isinstance(hook, CellValueHook)  # displayhook_class
         hook.bundle = None
         result = self.run_cell(source, store_history=True)  # type: ignore[no-untyped-call]
-        result.raise_error()
-        if self.shown_error is not None:  # caught and shown inside a magic, as IPython does
-            raise self.shown_error
+        self.last_execution_result = None  # it holds the value: only the namespace may
+        # The error of the cell, else one a magic caught and showed, as IPython does; not kept
+        # here, where its traceback would keep its frames' locals alive.
+        error, self.shown_error = result.error_before_exec or result.error_in_exec or self.shown_error, None
+        if error is not None:
+            raise error
         handle = f"_{result.execution_count}"
         return (result.result, hook.bundle, handle) if hook.bundle is not None else (None, None, handle)
 

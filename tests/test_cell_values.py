@@ -19,7 +19,7 @@ from kernels import Kernel, ok
 from kit import ServerProcess
 from lightclient import LightVenv, light_notebook
 
-from mymps_magic import Client, RemoteNameError, wire
+from mymps_magic import Client, RemoteError, RemoteNameError, wire
 from mymps_magic.display import RemoteValue
 
 
@@ -122,3 +122,18 @@ def test_the_light_client_shows_what_it_cannot_unpickle(light_nb: Kernel, llama:
         "print(type(t).__name__, t.arrived, repr(t))\nprint(c.run_cell('[1, 2.5]'))\n"
         "print(type(t.fetch()).__name__)"))
     assert run.stdout == "RemoteValue False tensor([0, 1, 2])\n[1, 2.5]\nndarray\n", run.stdout
+
+
+def test_a_reset_frees_the_kept_values_at_once(client: Client) -> None:
+    """Only the namespace holds a cell's value (not the shell, nor IPython's output history or
+    last traceback), so emptying it frees a big value without waiting for the cyclic collector."""
+    client.run_cell("import gc, weakref\ngc.disable()\nclass Big:\n    pass\nbig = Big()\nbig")
+    client.run_cell("def fails(x):\n    raise ValueError('no')")
+    with pytest.raises(RemoteError):
+        client.run_cell("fails(big)")
+    client.run_cell("import builtins\nbuiltins.mymps_probe = weakref.ref(big)\ndel big")
+    try:
+        client.reset()
+        assert client.run_cell("import builtins\nbuiltins.mymps_probe() is None") is True
+    finally:
+        client.run_cell("import builtins, gc\ndel builtins.mymps_probe\ngc.enable()")
