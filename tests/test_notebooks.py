@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import importlib.metadata
 import io
 import json
 import os
@@ -182,6 +183,25 @@ def test_quickstart(run_notebook: RunNotebook, server: ServerProcess, tiny_model
     assert 900 < float(nb.result("remote-cell")) < 1150, "mean squared norm of 1024 standard normals"
     assert nb.stream("remote-state") == "Tensor (1024, 1024) cpu\n", "the remote variable outlives its cell"
 
+    model_repr = nb.result("model-value")
+    assert model_repr.startswith("GPT2LMHeadModel(\n  (transformer): GPT2Model("), "the model's repr, not the model"
+    generated_hf = ast.literal_eval(nb.result("hf-generate"))
+    assert generated_hf.startswith("The meaning of life is") and len(generated_hf) > len("The meaning of life is")
+
+    machine, names, *pip = nb.stream("ipython").splitlines()
+    uname = os.uname()
+    assert machine == f"{uname.sysname} {uname.machine}" or machine.startswith("GPU 0: "), machine
+    assert {"TEXT_MODEL", "gram", "x", "tokenizer", "model"} <= set(names.split()), names
+    assert not {"models", "tokenizers", "DEVICE"} & set(names.split()), f"%who lists predefined names: {names}"
+    assert "Name: torch" in pip and f"Version: {importlib.metadata.version('torch')}" in pip, pip
+
+    assert nb.stream("remote-on") == f"Every following cell will run remotely on {server.host}:{server.port}, until %mymps off.\n"
+    [marker] = nb.outputs("remote-mode", "display_data")
+    assert marker["data"]["text/plain"] == f"[mymps] ran remotely on {server.host}:{server.port}"
+    assert nb.result("remote-mode") == "6.0"
+    assert nb.stream("remote-off") == "Cells run locally again.\n"
+    assert nb.result("local-again") == "False", "y was defined on the server, not in the notebook"
+
     assert nb.stream("cleanup").startswith(f"Unloaded {model} (")
     assert model not in loaded_models(server)
 
@@ -200,6 +220,14 @@ def test_remote_training(run_notebook: RunNotebook) -> None:
     assert last < first / 10, "the loss pulled back from the server fell during training"
     assert "model is local: False" in nb.stream("curve"), "the model stays remote"
     assert len(nb.pngs("curve")) == 1, "the loss curve is plotted locally"
+
+    handle = re.compile(r"<remote cell \d+: (running|done)>")
+    assert handle.fullmatch(nb.result("noblock")), "--noblock returns a handle at once"
+    assert handle.fullmatch(nb.result("handle")), nb.result("handle")
+    steps = re.findall(r"step (\d+): loss ([\d.]+)\n", nb.stream("wait"))
+    assert [int(step) for step, _ in steps] == [300, 400, 500], nb.stream("wait")
+    assert float(nb.result("wait")) == pytest.approx(float(steps[-1][1]), abs=1e-4), "the waited cell's value"
+    assert float(nb.result("wait")) < first / 10
 
     error = re.search(r"max error against sin\(x\): ([\d.e-]+)", nb.stream("plot-prediction"))
     assert error and float(error[1]) < 0.3, nb.stream("plot-prediction")
