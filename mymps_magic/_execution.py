@@ -36,7 +36,6 @@ class SessionExecution:
         """The channel once opened; None before the first session call and after `close`."""
         # Per instance: one lock shared by every client would make each wait on another's connect.
         self._channel_lock = threading.Lock()
-        self._sink = OutputSink()
 
     @property
     def session(self) -> SessionChannel:
@@ -45,7 +44,7 @@ class SessionExecution:
         if channel is None:
             with self._channel_lock:
                 if self.channel is None:
-                    self.channel = SessionChannel(self._connection, self._sink)
+                    self.channel = SessionChannel(self._connection, OutputSink())
                 channel = self.channel
         return channel
 
@@ -92,6 +91,7 @@ class SessionExecution:
         channel = self.session
         request = channel.request("cell", {"source": source})  # sent now: later cells queue behind it
         future = CellFuture(request.frame.id)
+        request.keep(future.kept)  # before anyone waits for it: only the waiter renders its output
         future.set_running_or_notify_cancel()
         threading.Thread(target=self._finish_cell, args=(channel, request, future, timeout),
                          name=f"mymps-cell-{request.frame.id}", daemon=True).start()
@@ -99,14 +99,13 @@ class SessionExecution:
 
     def _finish_cell(self, channel: SessionChannel, request: Request, future: CellFuture,
                      timeout: float | None) -> None:
-        """On a thread of its own: wait for a submitted cell as a blocking cell would, keeping
-        what it renders in the future instead of showing it under whichever cell runs now."""
-        with self._sink.keep(request.frame.id, future.kept):
-            try:
-                result = channel.wait(request, timeout)
-            except Exception as exc:
-                future.set_exception(exc)
-                return
+        """On a thread of its own: wait for a submitted cell as a blocking cell would, its output
+        kept in the future instead of shown under whichever cell runs now."""
+        try:
+            result = channel.wait(request, timeout)
+        except Exception as exc:
+            future.set_exception(exc)
+            return
         future.set_result(result if isinstance(result, RemoteValue) else None)
 
     def interrupt(self, jobs: Callable[[], list[dict[str, Any]]]) -> bool:

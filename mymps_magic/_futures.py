@@ -6,19 +6,22 @@ request; this module turns it into what the caller gets.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
 from mymps_magic import errors, wire
+from mymps_magic._keptoutput import OutputFuture
 from mymps_magic._pickling import fill_sources
 from mymps_magic.display import RemoteValue
 from mymps_magic.remote import _remote_error
 
 
-class RemoteFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class RemoteFuture(OutputFuture[Any]):
     """The outcome of a remote call; ``cancel()`` drops it from the server's queue if it has
     not started, and returns False once it runs, as ``concurrent.futures`` does.
+
+    The output of a submitted call shows under the cell that submitted it, as it comes, and stays
+    in the future: ``outputs`` and ``display_outputs(wait)`` (in a later cell, say) show it again.
 
     Args:
         request_id: the session request it waits for.

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mymps_magic import wire
 from mymps_magic._futures import RemoteFuture, settle
+from mymps_magic.display import cell_parent, shown_under
 
 if TYPE_CHECKING:
+    from mymps_magic._keptoutput import KeptOutput
     from mymps_magic._websocket import ClientWebSocket
     from mymps_magic.display import OutputSink
 
@@ -55,7 +57,12 @@ class Channel(Protocol):
 
 
 class Request:
-    """One request in flight: its frame (resent after a reconnect), its future and its output."""
+    """One request in flight: its frame (resent after a reconnect), its future and its output.
+
+    Where its output goes: a blocking caller renders it on its own thread, in its own cell. That
+    of a request nobody waits for (``submit``) is rendered by whichever thread reads, under the
+    cell that sent it (``parent``), and kept in its future (``kept``) as well.
+    """
 
     def __init__(self, frame: wire.Frame, future: RemoteFuture, waiter: bool, source: Any = None) -> None:
         self.frame = frame
@@ -63,6 +70,14 @@ class Request:
         self.source = source  # the function a `run` sends, whose source lines its traceback lacks
         # A blocking caller renders its own output; None means whoever reads renders it.
         self.events: collections.deque[wire.Frame] | None = collections.deque() if waiter else None
+        self.kept: KeptOutput | None = None if waiter else future.kept
+        self.shown = True
+        self.parent = None if waiter else cell_parent()  # read on the sending thread: its cell
+
+    def keep(self, kept: KeptOutput) -> None:
+        """Keep the output in ``kept`` instead of showing it (a ``--noblock`` cell's; call it
+        before anyone waits for the request)."""
+        self.kept, self.shown = kept, False
 
 
 class Reader:
@@ -140,10 +155,7 @@ class Reader:
         if frame.type in wire.OUTPUT_FRAMES:
             events = request.events
             if events is None:  # nobody waits for it: shown from whichever thread reads
-                try:
-                    self._render(frame.id, frame)
-                except Exception as exc:  # never the reader's problem, whoever it is
-                    print(f"mymps: could not show the output of request {frame.id}: {exc}", file=sys.stderr)
+                self._render_unwatched(request, frame)
             else:
                 events.append(frame)
                 self.notify_callers()
@@ -152,6 +164,8 @@ class Reader:
             request.future.job_id = wire.read_started(frame)
             request.future.set_running_or_notify_cancel()
             return
+        if request.events is None:
+            self._render_unwatched(request, None)  # closes the bars it left open
         settle(request.future, frame, request.source)
         if request.events is not None:
             self.notify_callers()
@@ -252,18 +266,39 @@ class Reader:
         done = request.future.done()
         events = request.events
         while events:
-            self._render(request.frame.id, events.popleft())
+            self._render(request, events.popleft())
         return done
 
-    def _render(self, rid: int, frame: wire.Frame) -> None:
+    def _render_unwatched(self, request: Request, frame: wire.Frame | None) -> None:
+        """Render an output frame (None: the request's end) of a request nobody waits for, on
+        whichever thread reads, under the cell that sent it."""
+        try:
+            if request.parent is None:
+                self._render(request, frame)
+            else:
+                with shown_under(request.parent):
+                    self._render(request, frame)
+        except Exception as exc:  # never the reader's problem, whoever it is
+            print(f"mymps: could not show the output of request {request.frame.id}: {exc}", file=sys.stderr)
+
+    def _render(self, request: Request, frame: wire.Frame | None) -> None:
+        rid, sink, kept = request.frame.id, self._channel.sink, request.kept
+        if frame is None:
+            sink.finish(rid)
+            return
         output = wire.read_output(frame)
         if output.kind == "stream":
-            self._channel.sink.stream(output.name, output.text, rid)
+            if kept is not None:
+                kept.stream(output.name, output.text)
+            if request.shown:
+                sink.stream(output.name, output.text, rid)
         elif output.kind == "display":
-            self._channel.sink.display(output.data, output.metadata, rid)
-        else:
-            self._channel.sink.progress(rid, output.data)
-
+            if kept is not None:
+                kept.display(output.data, output.metadata)
+            if request.shown:
+                sink.display(output.data, output.metadata, rid)
+        elif request.shown:
+            sink.progress(rid, output.data)
 
     def _take_role(self, me: int, request: Request, timeout: float) -> bool:
         """Become the socket's reader; or, while another thread reads, wait (up to ``timeout``)
@@ -292,6 +327,7 @@ class Reader:
         with self._role:
             if request is not None and not request.future.done() and request.events is not None:
                 request.events = None  # the caller stopped waiting (a second Ctrl-C): whoever reads renders it
+                request.parent = cell_parent()  # still under the caller's cell
                 self.unwatched += 1
             if self._reader == me:
                 self._reader = None

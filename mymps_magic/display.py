@@ -5,16 +5,15 @@ into ``stream`` messages), displays go through IPython's display machinery as ra
 and progress bars are ``tqdm.auto`` bars (widgets where ipywidgets is installed). Outside a
 kernel the same calls print text and draw text bars.
 
-The output of one request may be kept instead (`OutputSink.keep`): that of a cell that nobody
-watches yet (``%%mymps --noblock``) waits in a `KeptOutput`, to be shown under the cell that
-asks for it, as ipyparallel's ``AsyncResult.display_outputs`` does.
+Output that arrives after its cell ended (that of a call ``submit`` sent) still belongs to that
+cell: `cell_parent` names the cell that sends a request, and `shown_under` makes ipykernel publish
+what is shown meanwhile under that cell's message, whichever cell runs when it arrives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +32,39 @@ def _ipython_shell() -> Any:
 def in_kernel() -> bool:
     shell = _ipython_shell()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def cell_parent() -> dict[str, Any] | None:
+    """The message of the cell running now on this thread (its ``execute_request``), which output
+    belongs under; None outside a kernel."""
+    shell = _ipython_shell()
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        return None
+    parent: dict[str, Any] = kernel.get_parent()
+    return parent or None
+
+
+@contextlib.contextmanager
+def shown_under(parent: dict[str, Any]) -> Iterator[None]:
+    """Publish what this thread shows in this block (stream text, displays, progress bars) under
+    the cell of ``parent`` (a `cell_parent`), not under whichever cell runs now.
+
+    ipykernel 7 keeps a per-thread parent on its output streams and display publisher
+    (``set_thread_parent``) and buffers each parent's text apart; where there is none (an older
+    kernel, a stream the user swapped in) output shows under the current cell as before.
+    """
+    shell = _ipython_shell()
+    routed: list[tuple[Any, Any]] = []
+    for target in (sys.stdout, sys.stderr, getattr(shell, "display_pub", None)):
+        set_thread_parent = getattr(target, "set_thread_parent", None)
+        if set_thread_parent is not None:
+            routed.append((target, set_thread_parent(parent)))
+    try:
+        yield
+    finally:
+        for target, token in reversed(routed):
+            target.reset_thread_parent(token)
 
 
 class RemoteValue:
@@ -91,83 +123,21 @@ class RemoteValue:
         return str(self.mime.get("text/plain", f"<remote value: {self.reason}>"))
 
 
-class KeptOutput:
-    """What a cell printed and displayed, in order, kept until someone shows it (any number of
-    times). Progress bars are not kept: they describe a moment that is over when shown later.
-
-    Each item is ``("stdout" | "stderr", text)`` or ``("display", {"data": ..., "metadata": ...})``.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, Any]] = []
-        self._arrived = threading.Condition()
-
-    def add(self, kind: str, content: Any) -> None:
-        with self._arrived:
-            self.items.append((kind, content))
-            self._arrived.notify_all()
-
-    def merged(self) -> list[tuple[str, Any]]:
-        """The items, with the pieces of one stream that follow each other joined."""
-        merged: list[tuple[str, Any]] = []
-        for kind, content in list(self.items):
-            if merged and kind != "display" and merged[-1][0] == kind:
-                merged[-1] = (kind, merged[-1][1] + content)
-            else:
-                merged.append((kind, content))
-        return merged
-
-    def show(self, sink: OutputSink, start: int = 0) -> int:
-        """Show the items from ``start`` on through ``sink``; returns how many there are now."""
-        items = self.items[start:]
-        for kind, content in items:
-            if kind == "display":
-                sink.display(content["data"], content["metadata"])
-            else:
-                sink.stream(kind, content)
-        return start + len(items)
-
-    def wait_for_more(self, than: int, timeout: float) -> None:
-        """Return when there are more than ``than`` items, or after ``timeout`` seconds."""
-        with self._arrived:
-            self._arrived.wait_for(lambda: len(self.items) > than, timeout)
-
-
 class OutputSink:
     """Renders one client's remote output; progress bars are kept per (request, bar).
 
-    ``request`` names the session request an output belongs to (0: none), whose output may be
-    kept rather than shown (`keep`).
+    ``request`` names the session request an output belongs to (0: none).
     """
 
     def __init__(self) -> None:
         self._bars: dict[tuple[int, int], Any] = {}
-        self._kept: dict[int, KeptOutput] = {}
-
-    @contextlib.contextmanager
-    def keep(self, request: int, kept: KeptOutput) -> Iterator[None]:
-        """While in this block, what request ``request`` renders goes into ``kept`` instead of
-        showing (enter it before waiting for the request: its output is rendered as it is waited for)."""
-        self._kept[request] = kept
-        try:
-            yield
-        finally:
-            del self._kept[request]
 
     def stream(self, name: str, text: str, request: int = 0) -> None:
-        kept = self._kept.get(request)
-        if kept is not None:
-            kept.add("stderr" if name == "stderr" else "stdout", text)
-            return
         target = sys.stderr if name == "stderr" else sys.stdout
         target.write(text)
         target.flush()
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, request: int = 0) -> None:
-        kept = self._kept.get(request)
-        if kept is not None:
-            kept.add("display", {"data": data, "metadata": metadata or {}})
-            return
         if in_kernel():
             from IPython.display import publish_display_data
 
@@ -180,8 +150,6 @@ class OutputSink:
         print(text)
 
     def progress(self, request: int, fields: dict[str, Any]) -> None:
-        if request in self._kept:
-            return
         key = (request, int(fields.get("bar", 0)))
         bar = self._bars.get(key)
         if bar is None:
