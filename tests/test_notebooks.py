@@ -262,6 +262,8 @@ def test_arrays_and_functions(run_notebook: RunNotebook, server: ServerProcess) 
     assert nb.stream("connect") == f"Client('{server.host}:{server.port}') cpu\n"
     assert nb.stream("push-pull") == "round trip equal: True float32 (1000, 256) 3.0\n"
     assert nb.stream("run-cell") == "computed on cpu\nscaled equal: True\n"
+    assert nb.stream("remote-value") == "RemoteValue: Linear(in_features=256, out_features=4, bias=True)\n", \
+        "a value that is not plain data stays on the server and comes back as its repr"
 
     # The same array as the notebook's, so the remote SVD can be checked here.
     a = np.random.default_rng(0).standard_normal((1000, 256)).astype(np.float32)
