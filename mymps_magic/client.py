@@ -320,7 +320,8 @@ class Client:
         Returns:
             A ``concurrent.futures.Future``: ``result(timeout)``, ``done()``, ``cancel()``
             (True only while it is still queued; a running call is stopped with `interrupt`).
-            Its ``job_id`` is the id ``/jobs`` shows once it runs.
+            Its ``job_id`` is the id ``/jobs`` shows once it runs. Its output shows under the
+            cell that submitted it and stays in ``outputs``; ``display_outputs(wait)`` shows it again.
         """
         return self._execution.submit(fn, args, kwargs)
 
