@@ -276,8 +276,8 @@ def test_arrays_and_functions(run_notebook: RunNotebook, server: ServerProcess) 
     assert nb.stream("remote") == "means match: True\nstds match: True\n"
 
     submit = nb.stream("submit")
-    took = re.search(r"submitted 5 calls in ([\d.]+) s", submit)
-    assert took and float(took[1]) < 0.5, f"submit returns at once, before the 1 s of remote sleeps: {submit}"
+    # submit returns at once: the last call, behind 0.8 s of the others' remote sleeps, is not done yet
+    assert re.search(r"submitted 5 calls in [\d.]+ s\nthe last one still running: True\n", submit), submit
     assert "results: [0, 1, 4, 9, 16]\n" in submit
 
     assert nb.stream("errors").startswith("caught ZeroDivisionError: division by zero"), nb.stream("errors")
