@@ -20,6 +20,7 @@ defined in a cell must still pickle by value.
 from __future__ import annotations
 
 import atexit
+import shlex
 import signal
 import sys
 from collections.abc import Iterable
@@ -124,6 +125,7 @@ class RemoteShell(InteractiveShell):
             self.register_magic_function(_refusal(name, "%", why), "line", name)
         for name, why in UNSUPPORTED_CELL.items():
             self.register_magic_function(_refusal(name, "%%", why), "cell", name)
+        self.register_magic_function(self._pip, "line", "pip")
 
     def init_sys_modules(self) -> None:
         """Not registered as a module: a function defined in a cell must pickle by value."""
@@ -144,6 +146,12 @@ class RemoteShell(InteractiveShell):
 
     def showindentationerror(self) -> None:
         self.showtraceback()
+
+    def _pip(self, line: str) -> None:
+        """``%pip``, as IPython's but for its last line: there is no kernel to restart here."""
+        self.system(f"{shlex.quote(sys.executable)} -m pip {line}")
+        print("Note: new packages import at once; packages the server had already imported keep their old "
+              "version until the server restarts.")
 
     def system_piped(self, cmd: str) -> None:
         """``!cmd``; the stop button stops the cell too, not only the command (IPython would

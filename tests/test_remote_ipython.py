@@ -76,6 +76,9 @@ def test_pip_runs_in_the_servers_environment(c: Client, capsys: pytest.CaptureFi
     c.run_cell("%pip --version")
     out = capsys.readouterr().out
     assert out.startswith("pip ") and str(Path(sys.prefix)) in out, out  # the test server shares this venv
+    # No kernel to restart there: the note says what holds for the server instead.
+    assert "restart the kernel" not in out, out
+    assert "already imported keep their old version until the server restarts" in out.replace("\n", " "), out
 
 
 @pytest.mark.slow
