@@ -125,7 +125,7 @@ class RemoteShell(InteractiveShell):
             self.register_magic_function(_refusal(name, "%", why), "line", name)
         for name, why in UNSUPPORTED_CELL.items():
             self.register_magic_function(_refusal(name, "%%", why), "cell", name)
-        self.register_magic_function(self._pip, "line", "pip")
+        self.register_magic_function(_pip_of(self), "line", "pip")
 
     def init_sys_modules(self) -> None:
         """Not registered as a module: a function defined in a cell must pickle by value."""
@@ -146,12 +146,6 @@ class RemoteShell(InteractiveShell):
 
     def showindentationerror(self) -> None:
         self.showtraceback()
-
-    def _pip(self, line: str) -> None:
-        """``%pip``, as IPython's but for its last line: there is no kernel to restart here."""
-        self.system(f"{shlex.quote(sys.executable)} -m pip {line}")
-        print("Note: new packages import at once; packages the server had already imported keep their old "
-              "version until the server restarts.")
 
     def system_piped(self, cmd: str) -> None:
         """``!cmd``; the stop button stops the cell too, not only the command (IPython would
@@ -181,6 +175,16 @@ class RemoteShell(InteractiveShell):
             raise error
         handle = f"_{result.execution_count}"
         return (result.result, hook.bundle, handle) if hook.bundle is not None else (None, None, handle)
+
+
+def _pip_of(shell: InteractiveShell) -> Any:
+    def pip(line: str) -> None:
+        """``%pip``, as IPython's but for its last line: there is no kernel to restart here."""
+        shell.system(f"{shlex.quote(sys.executable)} -m pip {line}")  # type: ignore[no-untyped-call]
+        print("Note: new packages import at once; packages the server had already imported keep their old "
+              "version until the server restarts.")
+
+    return pip
 
 
 def _refusal(name: str, prefix: str, why: str) -> Any:
