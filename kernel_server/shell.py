@@ -25,7 +25,7 @@ import re
 import shlex
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from IPython.core.compilerop import CachingCompiler
@@ -173,18 +173,21 @@ class RemoteShell(InteractiveShell):
         else:
             cell = raw_cell if raw_cell.endswith("\n") else raw_cell + "\n"
         if len(cell.splitlines()) == 1:
+            prefilter = self.prefilter_manager
+            assert prefilter is not None  # made in __init__
             with self.builtin_trap:
-                cell = self.prefilter_manager.prefilter_lines(cell) + "\n"
+                cell = prefilter.prefilter_lines(cell) + "\n"
         lines = cell.splitlines(keepends=True)
         for transform in self.input_transformers_post:
             lines = transform(lines)
         return "".join(lines)
 
-    def _tee(self, channel: str) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _tee(self, channel: str) -> Iterator[None]:
         """IPython (9) keeps every cell's printed text for its history, for the whole session
         (too much on a server), by patching ``write`` onto ``sys.stdout``: the server's router,
         shared by every session. Nothing is kept here (and 2 us per cell are saved)."""
-        return contextlib.nullcontext()
+        yield
 
     def run(self, source: str) -> tuple[Any, dict[str, Any] | None, str]:
         """Run one cell; returns its value (None when it has none or ends in ``;``), the
