@@ -35,7 +35,7 @@ from typing import Any
 
 from _common import QUIET_ENV, ServerProcess
 
-from kernels import Kernel
+from notebook_kernel import Kernel
 
 os.environ.update(QUIET_ENV)
 

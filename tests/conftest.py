@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import httpx
 import pytest
 
-from kernels import CellRun, Kernel, notebook, ok
+from notebook_kernel import CellRun, Kernel, notebook, ok
 from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, auth, build_tiny_models
 
 if TYPE_CHECKING:

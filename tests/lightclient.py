@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels import Kernel, ok
+from notebook_kernel import Kernel, ok
 from kit import REPO_ROOT, ServerProcess
 
 __all__ = ["KERNEL_NAME", "LIGHT_ROOT", "LightVenv", "light_notebook", "light_venv"]

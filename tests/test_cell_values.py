@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from kernels import Kernel, ok
+from notebook_kernel import Kernel, ok
 from kit import ServerProcess
 from lightclient import LightVenv, light_notebook
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels import Kernel
+from notebook_kernel import Kernel
 from kit import ServerProcess, TinyModels
 
 

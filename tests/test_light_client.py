@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kernels import Kernel, ok
+from notebook_kernel import Kernel, ok
 from kit import ServerProcess, TinyModels
 from lightclient import LightVenv, light_notebook
 

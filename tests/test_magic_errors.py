@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from kernels import CellRun, Kernel, ok
+from notebook_kernel import CellRun, Kernel, ok
 from kit import ServerProcess
 from mymps_magic.cli.localserver import free_port
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kernels import CellRun, Kernel, ok
+from notebook_kernel import CellRun, Kernel, ok
 from kit import ServerProcess
 
 from mymps_magic import Client, RemoteError

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pytest
 from PIL import Image
 
-from kernels import CellRun, Kernel, ok
+from notebook_kernel import CellRun, Kernel, ok
 from kit import MakeServer, ServerProcess, TinyModels
 
 GPT2 = "magics-gpt2-unload"

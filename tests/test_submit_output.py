@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kernels import Kernel
+from notebook_kernel import Kernel
 
 from mymps_magic import Client
 
