@@ -3,7 +3,9 @@
 Each verb imports what it needs when it runs, so ``mymps --help`` stays instant and the light
 client install can run every verb that does not need the server extra. The verbs' modules live
 beside this one: `tunnel` (with `tunnelsettings` and `tunnelcheck`), `deploy`, `demo` (over
-`localserver`), and `ssh`, the OpenSSH command lines that tunnel and deploy share.
+`localserver`), and `ssh`, the OpenSSH command lines that tunnel and deploy share; `commands`
+(with `columns`) holds the verbs that talk to a running server (status, models, load, unload,
+jobs, cancel, generate), and `dashboard` hands over to the `mymps_magic.dashboard` package.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import sys
 import mymps_magic
 
 __all__ = ["main"]
+
+SERVER_VERBS = ("status", "models", "load", "unload", "jobs", "cancel", "generate")
+"""The verbs of `commands`: each talks to a running server, found as `Client` finds it."""
 
 SERVER_EXTRA_HINT = "This needs the server extra: pip install '.[server]' (or 'mymps[server]')."
 
@@ -50,11 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_tunnel(verbs)
     _add_deploy(verbs)
+    _add_server_verbs(verbs)
+    # add_help=False: `mymps dashboard --help` passes through to the dashboard's own options.
+    verbs.add_parser("dashboard", add_help=False,
+                     help="serve the web dashboard on this machine (its options: mymps dashboard --help)",
+                     description="Serve the web dashboard on this machine.")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.verb == "serve":
         return _serve(rest)
+    if args.verb == "dashboard":
+        return _dashboard(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb in SERVER_VERBS:
+        from mymps_magic.cli import commands
+
+        return commands.run(args)
     if args.verb == "tunnel":
         return _tunnel(args)
     if args.verb == "deploy":
@@ -126,6 +142,39 @@ def _add_deploy(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     deploy.add_argument("--dry-run", action="store_true", help="print the exact commands and run none of them")
 
 
+def _add_server_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The verbs of `commands`, each with the flags that override where `Client` finds the server."""
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--host", help="the server's host (default: MYMPS_SERVER_HOST, else 127.0.0.1)")
+    server.add_argument("--port", help="its port (default: MYMPS_SERVER_PORT, else MYMPS_PORT, else 5555)")
+    server.add_argument("--token-file", metavar="FILE",
+                        help="file holding the server's token (default: MYMPS_TOKEN, else ~/.mymps/token)")
+
+    def add(verb: str, help: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(verb, parents=[server], help=help, description=help[0].upper() + help[1:] + ".")
+
+    add("status", "the server, its device and memory, counts of models and jobs, and the round-trip time")
+    add("models", "the loaded models, one line each")
+    load = add("load", "load a model onto the server's device, with a progress bar")
+    load.add_argument("name", help="a hub id or a path on the server")
+    load.add_argument("--kind", choices=["text", "diffusion", "auto", "torchscript", "checkpoint"],
+                      help="what the name holds (default: the server finds out)")
+    load.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                      help="(default: auto, float16 on mps/cuda and float32 on cpu)")
+    add("unload", "unload a model and free its device memory").add_argument("name")
+    add("jobs", "the running and queued jobs, one line each")
+    add("cancel", "cancel a running or queued job").add_argument("id", help="a job's ID, as `mymps jobs` shows it")
+    generate = add("generate", "generate text with a loaded model, printed as it comes (Ctrl-C cancels it)")
+    generate.add_argument("name", help="a loaded text model")
+    generate.add_argument("prompt")
+    # Unset options are left out of the call, so that the defaults stay Client.stream_generate's.
+    generate.add_argument("--max-new-tokens", type=int, metavar="N", help="(default: as Client.generate)")
+    generate.add_argument("--temperature", type=float, metavar="T", help="0 for greedy (default: as Client.generate)")
+    generate.add_argument("--top-p", type=float, metavar="P", help="(default: as Client.generate)")
+    generate.add_argument("--seed", type=int, metavar="S", help="makes sampling repeatable")
+    generate.add_argument("--stop", action="append", metavar="TEXT", help="stop when this is produced (repeatable)")
+
+
 def _serve(argv: list[str]) -> int:
     try:
         from kernel_server.__main__ import main as serve
@@ -135,6 +184,16 @@ def _serve(argv: list[str]) -> int:
         print(f"mymps serve: {exc.name} is missing. {SERVER_EXTRA_HINT}", file=sys.stderr)
         return 1
     return serve(argv)
+
+
+def _dashboard(argv: list[str]) -> int:
+    try:
+        from mymps_magic.dashboard import main as dashboard
+    except ModuleNotFoundError as exc:
+        print(f"mymps dashboard: {exc.name} is missing. Install the dashboard extra: pip install 'mymps[dashboard]'",
+              file=sys.stderr)
+        return 1
+    return dashboard(argv)
 
 
 def _demo() -> int:
