@@ -19,7 +19,7 @@ from mymps_magic.wire import GenerateRequest
 EXAMPLES = """\
 Examples:
   %mymps connect localhost:5555 --token-file ~/.mymps/token
-  %mymps status                      # server, device memory, models, jobs
+  %mymps status                      # a live panel: memory, models, jobs, with buttons
   %mymps health | models | stats | jobs
   %mymps load microsoft/phi-2 --dtype float16
   %mymps generate microsoft/phi-2 "The meaning of life is" --max-new-tokens 32 --stop "\\n\\n" --seed 1
@@ -65,8 +65,9 @@ def line_parser() -> MagicArgumentParser:
     c.add_argument("address", nargs="?", help="HOST:PORT (default MYMPS_SERVER_HOST/PORT, else 127.0.0.1:5555)")
     c.add_argument("--token-file", help="file holding the server's token")
     c.add_argument("--token", help="the token itself (it stays in the notebook history: prefer --token-file)")
-    for name, text in [("status", "server, device memory, models and jobs at a glance"),
-                       ("health", "server status (needs no token)"), ("models", "the loaded models"),
+    status = command("status", "a live panel: device memory, models (Unload, Load) and jobs (Cancel)")
+    status.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between refreshes")
+    for name, text in [("health", "server status (needs no token)"), ("models", "the loaded models"),
                        ("stats", "CPU, RAM and device memory"), ("jobs", "running and queued jobs"),
                        ("reset", "clear the remote namespace; models stay loaded"),
                        ("interrupt", "KeyboardInterrupt in this session's running remote code"),

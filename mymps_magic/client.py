@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from mymps_magic._session import SessionChannel
     from mymps_magic._stream import TokenStream
     from mymps_magic.display import RemoteValue
+    from mymps_magic.panel import Panel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,6 +133,27 @@ class Client:
             AuthError: the token is missing or wrong.
         """
         return self._rest.jobs()
+
+    def panel(self, interval: float = 5.0) -> Panel:
+        """A live panel of this server for the notebook: memory, models, jobs, with buttons.
+
+        It refreshes itself every ``interval`` seconds on a thread, through connections of its
+        own (this client's session is left alone), until ``panel.close()``.
+
+        Args:
+            interval: seconds between refreshes.
+
+        Returns:
+            A `mymps_magic.panel.Panel` (an ipywidgets ``VBox``); display it, or let it be the
+            cell's value.
+
+        Raises:
+            BadRequestError: ``interval`` is not a positive number.
+        """
+        from mymps_magic.panel import Panel
+
+        settings = self.settings
+        return Panel(lambda: Client(settings.host, settings.port, token=settings.token), interval)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one is dropped, a running generation stops at its next token.

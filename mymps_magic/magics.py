@@ -14,7 +14,7 @@ import io
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -25,6 +25,9 @@ from mymps_magic._cellfuture import CellFuture
 from mymps_magic._remote_mode import RemoteMode, show_marker
 from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
+
+if TYPE_CHECKING:
+    from mymps_magic.panel import Panel
 
 
 def _size(n: float) -> str:
@@ -73,6 +76,8 @@ class MympsMagics(Magics):
         self.client: Client | None = None
         self.mode = RemoteMode(shell)
         self.last_cell: CellFuture | None = None
+        self.panel: Panel | None = None
+        """The panel ``%mymps status`` showed last, closed when the next one shows."""
         """The handle of the last ``%%mymps --noblock`` cell: what ``%mymps wait`` waits for."""
         self._parser = _magic_args.line_parser()
         self._cell_parser = _magic_args.cell_parser()
@@ -148,16 +153,12 @@ class MympsMagics(Magics):
         print(_table(rows, ["id", "kind", "state", "model", "session", "progress", "since"]) if rows else "No jobs.")
 
     def _status(self, args: argparse.Namespace) -> None:
-        c = self.connected
-        start = time.perf_counter()
-        h = c.health()
-        latency = (time.perf_counter() - start) * 1e3
-        print(f"Server  {c.settings.address}  mymps {h.get('version')}  ({latency:.1f} ms round trip)")
-        self._stats(args)
-        print()
-        self._models(args)
-        print()
-        self._jobs(args)
+        if not args.interval > 0:
+            raise UsageError(f"--interval {args.interval:g}: give a positive number of seconds, e.g. 5")
+        if self.panel is not None:  # one live panel per notebook: the old one stops refreshing
+            self.panel.close()
+        self.panel = self.connected.panel(interval=args.interval)
+        display(self.panel)
 
     def _load(self, args: argparse.Namespace) -> None:
         answer = self.connected.load_model(args.name, args.kind, args.dtype, path=args.path,
