@@ -63,7 +63,8 @@ def test_failed_connect_is_one_line_and_keeps_the_working_client(nb: Kernel, ser
     port = free_port()
     line = one_line(nb.execute(f"%mymps connect 127.0.0.1:{port}"), "ConnectionError")
     assert f"127.0.0.1:{port}" in line and "mymps tunnel" in line and "mymps serve" in line
-    assert ok(nb.execute("%mymps status")).stdout.startswith(f"Server  127.0.0.1:{server.port}  ")
+    status = ok(nb.execute("%mymps status")).of_type("display_data")[-1]["content"]["data"]["text/plain"]
+    assert status.startswith(f"Server  127.0.0.1:{server.port}  "), status
     assert ok(nb.execute("%%mymps\nkept_across_connect")).result == {"text/plain": "'yes'"}
 
 
