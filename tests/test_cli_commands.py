@@ -21,7 +21,8 @@ import pytest
 
 from kit import QUIET_ENV, REPO_ROOT, ServerProcess, TinyModels
 from mymps_magic import Client
-from mymps_magic.cli.columns import human_bytes, relative_time, table
+from mymps_magic._humanize import ago, size
+from mymps_magic.cli.columns import table
 
 LLAMA = "cli-llama"
 # Greedy decoding of this prompt on the tiny Llama loops without EOS: it runs to max_new_tokens.
@@ -246,19 +247,19 @@ def test_dashboard_without_its_extra_says_what_to_install() -> None:
                           "Install the dashboard extra: pip install 'mymps[dashboard]'\n")
 
 
-# The columns' pieces.
+# The cells' pieces: the formats the commands print.
 
 
-@pytest.mark.parametrize(("size", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
-                                            (5 * 2**20, "5.0 MiB"), (int(15.6 * 2**30), "15.6 GiB")])
-def test_human_bytes(size: int, text: str) -> None:
-    assert human_bytes(size) == text
+@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
+                                         (5 * 2**20, "5.0 MiB"), (int(15.6 * 2**30), "15.6 GiB")])
+def test_sizes_read_in_binary_units(n: int, text: str) -> None:
+    assert size(n) == text
 
 
-@pytest.mark.parametrize(("age", "text"), [(-3, "just now"), (4, "just now"), (42, "42 s ago"), (150, "2 min ago"),
-                                           (2 * 3600 + 5, "2 h ago"), (3 * 86400, "3 days ago")])
-def test_relative_time(age: float, text: str) -> None:
-    assert relative_time(1000.0 - age, now=1000.0) == text
+@pytest.mark.parametrize(("age", "text"), [(-3, "just now"), (42, "42 s ago"), (150, "2 min ago"),
+                                           (2 * 3600 + 5, "2 h ago"), (3 * 86400, "3 d ago")])
+def test_times_read_as_ages(age: float, text: str) -> None:
+    assert ago(1000.0 - age, now=1000.0) == text
 
 
 def test_table_aligns_columns_under_their_headers() -> None:

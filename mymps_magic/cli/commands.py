@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mymps_magic import errors
-from mymps_magic.cli.columns import human_bytes, relative_time, table
+from mymps_magic._humanize import ago, size
+from mymps_magic.cli.columns import table
 from mymps_magic.client import Client
 
 __all__ = ["VERBS", "run"]
@@ -46,9 +47,9 @@ def _status(client: Client, args: argparse.Namespace) -> int:
     latency_ms = (time.perf_counter() - started) * 1000
     stats = client.stats()
     device, jobs = stats["device"], stats["jobs"]
-    memory = f"{human_bytes(device['allocated'])} / {human_bytes(device['total'])}"
+    memory = f"{size(device['allocated'])} / {size(device['total'])}"
     if device["kind"] == "mps":  # Metal's own figure includes its caches; the allocated one does not
-        memory += f" (driver {human_bytes(device['driver'])})"
+        memory += f" (driver {size(device['driver'])})"
     facts = [
         ("server", f"mymps {health['version']} at {client.settings.address} (protocol {health['protocol']}, "
                    f"python {health['python']}, torch {health['torch']})"),
@@ -67,8 +68,8 @@ def _models(client: Client, args: argparse.Namespace) -> int:
     if not models:
         print("No models loaded. Load one with: mymps load NAME")
         return 0
-    rows = [[m["name"], m["kind"], m["dtype"], m["device"], human_bytes(m["bytes"]), _count(m["parameters"]),
-             relative_time(m["loaded_at"]), relative_time(m["last_used"])] for m in models]
+    rows = [[m["name"], m["kind"], m["dtype"], m["device"], size(m["bytes"]), _count(m["parameters"]),
+             ago(m["loaded_at"]), ago(m["last_used"])] for m in models]
     _print_lines(table([["NAME", "KIND", "DTYPE", "DEVICE", "SIZE", "PARAMS", "LOADED", "LAST USED"], *rows]))
     return 0
 
@@ -85,7 +86,7 @@ def _load(client: Client, args: argparse.Namespace) -> int:
 
 def _unload(client: Client, args: argparse.Namespace) -> int:
     answer = client.unload_model(args.name)
-    print(f"Unloaded {args.name}, freed {human_bytes(answer['freed_bytes'])}.")
+    print(f"Unloaded {args.name}, freed {size(answer['freed_bytes'])}.")
     return 0
 
 
@@ -95,7 +96,7 @@ def _jobs(client: Client, args: argparse.Namespace) -> int:
         print("No jobs running or queued.")
         return 0
     rows = [[job["id"], job["kind"], job["state"], job.get("model") or "-", job.get("session") or "-",
-             "-" if job.get("progress") is None else f"{job['progress']:.0%}", relative_time(job["submitted"])]
+             "-" if job.get("progress") is None else f"{job['progress']:.0%}", ago(job["submitted"])]
             for job in jobs]
     _print_lines(table([["ID", "KIND", "STATE", "MODEL", "SESSION", "PROGRESS", "AGE"], *rows]))
     return 0
