@@ -160,6 +160,24 @@ def test_the_token_file_flag_is_read(server: ServerProcess, tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr
 
 
+def test_ctrl_c_while_waiting_for_the_server_is_one_line(server: ServerProcess, tmp_path: Path) -> None:
+    # A server that takes the connection and never answers: the command waits until Ctrl-C.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        env = cli_env(server, tmp_path, MYMPS_SERVER_PORT=str(silent.getsockname()[1]))
+        process = subprocess.Popen([sys.executable, "-m", "mymps_magic.cli", "models"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+        connection, _ = silent.accept()
+        with connection:
+            connection.recv(4096)  # the request is sent: the command waits for the answer
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err == "mymps models: interrupted.\n"
+
+
 # A running generation: seen in `jobs`, cancelled by `cancel` or by Ctrl-C.
 
 

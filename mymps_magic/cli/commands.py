@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         The exit status: 0, 1 after a `MympsError` (its message on stderr), or 130 after Ctrl-C
-        stopped a generation.
+        (a generation is stopped on the server first).
     """
     try:
         with Client(args.host, args.port, token_file=args.token_file) as client:
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except errors.MympsError as exc:
         print(f"mymps {args.verb}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the server: the shell's answer, not a traceback
+        print(f"mymps {args.verb}: interrupted.", file=sys.stderr)
+        return SIGINT_STATUS
 
 
 def _status(client: Client, args: argparse.Namespace) -> int:
