@@ -18,6 +18,7 @@ from notebook_kernel import CellRun, Kernel, notebook, ok
 from kit import QUIET_ENV, MakeServer, ServerProcess, TinyModels, auth, build_tiny_models
 
 if TYPE_CHECKING:
+    from dashboardprocess import DashboardProcess
     from lightclient import LightVenv
     from mymps_magic import Client
 
@@ -171,3 +172,13 @@ def light_client(request: pytest.FixtureRequest) -> LightVenv:
 
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         return light_venv()
+
+
+@pytest.fixture
+def dashboard(make_server: MakeServer, tmp_path: Path) -> Iterator[tuple[ServerProcess, DashboardProcess]]:
+    """A server of the test's own (its models may be unloaded) and `mymps dashboard` in front of it."""
+    from dashboardprocess import DashboardProcess
+
+    server = make_server()
+    with DashboardProcess(server.port, server.token, tmp_path / "dashboard-home") as process:
+        yield server, process
