@@ -16,7 +16,8 @@ setup() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         # One pip command for everything: the server extra pins torch==2.13.0, so accelerate's
         # torch>=2.0 cannot pull a multi-GB CUDA build.
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[server,test]"
+        echo "setup: installing the project with its server, dashboard and test extras into $venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[server,dashboard,test]"
         echo "$want" > "$stamp"
     fi
 }
@@ -28,6 +29,15 @@ system_packages() {
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync >/dev/null
         else
             echo "note: openssh-server, openssh-client and rsync are missing; the tunnel and deploy tests will be skipped" >&2
+        fi
+    fi
+    # The browser tests drive Debian's chromium through Playwright, which cannot fetch its own browser here.
+    if ! command -v chromium >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "setup: installing chromium (apt-get) for the browser tests"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        else
+            echo "note: chromium is missing; the browser tests will be skipped (as root, scripts/dev.sh test installs it)" >&2
         fi
     fi
 }
