@@ -22,7 +22,9 @@ import pytest
 from kit import QUIET_ENV, REPO_ROOT, ServerProcess, TinyModels
 from mymps_magic import Client
 from mymps_magic._humanize import ago, size
+from mymps_magic.cli import SERVER_VERBS
 from mymps_magic.cli.columns import table
+from mymps_magic.cli.commands import VERBS
 
 LLAMA = "cli-llama"
 # Greedy decoding of this prompt on the tiny Llama loops without EOS: it runs to max_new_tokens.
@@ -133,6 +135,14 @@ def test_no_jobs_says_so(env: dict[str, str]) -> None:
 def test_an_unknown_model_is_one_line(env: dict[str, str]) -> None:
     assert_one_line_error(mymps(env, "unload", "no-such-model"), "mymps unload:", "no-such-model")
     assert_one_line_error(mymps(env, "generate", "no-such-model", "hi"), "mymps generate:", "no-such-model")
+
+
+def test_a_bad_dtype_is_one_line_naming_the_good_ones(env: dict[str, str]) -> None:
+    assert_one_line_error(mymps(env, "load", "some-model", "--dtype", "float8"), "mymps load:", "bfloat16")
+
+
+def test_every_command_has_its_verb() -> None:
+    assert set(SERVER_VERBS) == set(VERBS)
 
 
 def test_an_unknown_job_is_one_line(env: dict[str, str]) -> None:

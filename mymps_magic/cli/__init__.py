@@ -157,10 +157,10 @@ def _add_server_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]
     add("models", "the loaded models, one line each")
     load = add("load", "load a model onto the server's device, with a progress bar")
     load.add_argument("name", help="a hub id or a path on the server")
-    load.add_argument("--kind", choices=["text", "diffusion", "auto", "torchscript", "checkpoint"],
-                      help="what the name holds (default: the server finds out)")
-    load.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                      help="(default: auto, float16 on mps/cuda and float32 on cpu)")
+    # No argparse choices: the wire's Kind and DType are the one list, and a bad value's error names them.
+    load.add_argument("--kind", help="text, diffusion, auto, torchscript or checkpoint (default: the server finds out)")
+    load.add_argument("--dtype", default="auto", help="auto (float16 on mps/cuda, float32 on cpu), float32, float16 "
+                                                      "or bfloat16 (default: auto)")
     add("unload", "unload a model and free its device memory").add_argument("name")
     add("jobs", "the running and queued jobs, one line each")
     add("cancel", "cancel a running or queued job").add_argument("id", help="a job's ID, as `mymps jobs` shows it")
