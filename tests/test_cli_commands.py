@@ -263,6 +263,12 @@ def test_dashboard_gets_every_argument_after_the_verb() -> None:
     assert out.stdout == "dashboard ['--port', '9000', '--help']\n"
 
 
+def test_dashboard_help_is_the_dashboards_own() -> None:
+    out = run_main("", "dashboard", "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: mymps dashboard") and "--port" in out.stdout, out.stdout
+
+
 def test_dashboard_without_its_extra_says_what_to_install() -> None:
     setup = ("class Missing:\n"
              "    def find_spec(self, name, path=None, target=None):\n"
