@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from dashboardprocess import DashboardProcess
 from kit import REPO_ROOT, ServerProcess, TinyModels
 from mymps_magic import Client
+from mymps_magic.cli.localserver import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +132,11 @@ def test_a_non_loopback_bind_needs_allow_remote(args: list[str], env: dict[str, 
     assert done.returncode == 2
     assert names in done.stderr and "--allow-remote" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_server_shows_disconnected_with_the_reason(tmp_path: Path) -> None:
+    with DashboardProcess(free_port(), "not-a-real-token", tmp_path / "home") as process:
+        html = httpx.get(f"{process.url}/status", timeout=30, trust_env=False).text
+    assert "disconnected from 127.0.0.1" in html
+    assert "Cannot reach" in html and "Last errors" in html
+    assert "not-a-real-token" not in html
