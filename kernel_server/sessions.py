@@ -237,7 +237,7 @@ class Session:
 
     def _job_done(self, rid: int, job: Job) -> None:
         if job.cancelled():
-            self._posted.post(functools.partial(self.jobs.pop, rid, None))
+            self._posted.post(functools.partial(self._cancelled, rid, job))
             return
         exc = job.exception()
         frame = job.result() if exc is None else error_frame(rid, exc)
@@ -252,6 +252,14 @@ class Session:
         for rid, job in list(self.jobs.items()):
             if target in (0, rid):
                 self.manager.jobs.interrupt(job)
+
+    def _cancelled(self, rid: int, job: Job) -> None:
+        """A queued job was dropped. A cancel of this session's own answered already and took
+        it off ``jobs``; one from outside (DELETE /jobs: `mymps cancel`, the panel, the
+        dashboard) did not, and the caller, still waiting, is told here."""
+        if self.jobs.pop(rid, None) is not None:
+            self.emit(error_frame(rid, RuntimeError(f"job {job.id} was {job.cancel_reason} before it ran"),
+                                  wire.ERROR_CANCELLED))
 
     def _cancel(self, rid: int, target: int) -> None:
         job = self.jobs.get(target)

@@ -23,7 +23,7 @@ import pytest
 
 from kit import REPO_ROOT, MakeServer, ServerProcess, auth
 from mymps_magic import AuthError, BadRequestError, Client, wire
-from mymps_magic.errors import ClosedError, ServerGoneError
+from mymps_magic.errors import CancelledError, ClosedError, ServerGoneError
 from test_reconnect import Proxy
 
 SCRIPT_TIMEOUT_S = 120.0
@@ -289,3 +289,39 @@ def test_a_message_over_the_clients_limit_stops_the_session_with_one_line_until_
             c.run(int, "2")
         c.reset()
         assert c.run(int, "3") == 3
+
+
+def test_a_queued_call_cancelled_from_outside_the_session_raises_cancelled(server: ServerProcess,
+                                                                           tmp_path: Path) -> None:
+    """`mymps cancel`, the dashboard or the panel cancel a queued call with DELETE /jobs/ID:
+    its future ends with CancelledError naming the job, instead of waiting forever."""
+    release = tmp_path / "release"
+
+    def blocker(path: str) -> str:
+        import os
+        import time
+        while not os.path.exists(path):
+            time.sleep(0.02)
+        return "released"
+
+    def listed(http: httpx.Client) -> list[dict[str, Any]]:
+        answer: list[dict[str, Any]] = http.get("/jobs").json()["jobs"]
+        return answer
+
+    with Client(port=server.port, token=server.token) as c, \
+            httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers=auth(server.token)) as http:
+        first = c.submit(blocker, str(release))
+        second = c.submit(int, "7")
+        deadline = time.monotonic() + HANG_S
+        queued: list[dict[str, Any]] = []
+        while not queued and time.monotonic() < deadline:  # the blocker running, the call behind it
+            now = listed(http)
+            if any(job["state"] == "running" for job in now):
+                queued = [job for job in now if job["state"] == "queued"]
+        assert queued, listed(http)
+        assert http.delete(f"/jobs/{queued[0]['id']}").status_code == 200
+        with pytest.raises(CancelledError, match=queued[0]["id"]):
+            second.result(timeout=HANG_S)
+        release.touch()
+        assert first.result(timeout=HANG_S) == "released"
+        assert c.run(int, "8") == 8
