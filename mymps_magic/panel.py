@@ -81,6 +81,7 @@ class Panel(widgets.VBox):  # type: ignore[misc]
             widgets.HTML("<b>Jobs</b>"), self.jobs,
             self.error_list,
         ], layout=widgets.Layout(border="1px solid #ccc", padding="6px"))
+        self.add_class("mymps-panel")  # for style sheets and browser tests to find it
         self.refresh()
         self._thread = threading.Thread(target=self._run, name="mymps-panel", daemon=True)
         self._thread.start()

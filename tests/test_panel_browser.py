@@ -1,0 +1,143 @@
+"""The panel in a real browser: JupyterLab on loopback, headless Chromium driven by Playwright.
+
+What a user sees in JupyterLab: the memory bar, the models table with its Unload buttons, the
+Load form and the jobs table render from the widget's own front end, and a click on Unload
+unloads the model on the server (checked over the server's API). A screenshot of the page and
+one of the panel are saved under the test's temp dir (the README's docs/panel.png came from one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kit import ServerProcess, TinyModels, auth
+from mymps_magic.cli.localserver import free_port
+
+CHROMIUM = "/usr/bin/chromium"
+MODEL = "panel-browser-llama"
+
+
+def wait_for(predicate: object, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.2)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture
+def lab(tmp_path: Path, server: ServerProcess) -> Iterator[str]:
+    """JupyterLab on a free loopback port, its kernels reaching `server`; yields the base URL
+    with the token as a query."""
+    root, home = tmp_path / "notebooks", tmp_path / "jupyter"
+    root.mkdir()
+    env = {**os.environ,
+           "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_DATA_DIR": str(home / "data"),
+           "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "IPYTHONDIR": str(home / "ipython"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token}
+    port, token = free_port(), "panel-browser-test"
+    log = (tmp_path / "lab.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--ServerApp.port_retries=0", "--allow-root"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        def up() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited with {process.returncode}; see {tmp_path / 'lab.log'}")
+            return _answers(f"{url}/api/status?token={token}")
+
+        wait_for(up, f"JupyterLab to answer (see {tmp_path / 'lab.log'})")
+        notebook = {
+            "cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                       "source": "%load_ext mymps_magic\n%mymps status --interval 1"}],
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5,
+        }
+        (root / "panel.ipynb").write_text(json.dumps(notebook))
+        yield f"{url}/lab/tree/panel.ipynb?token={token}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def model_names(server: ServerProcess) -> list[str]:
+    answer = httpx.get(f"{server.url}/models", headers=auth(server.token), timeout=30, trust_env=False)
+    return [m["name"] for m in answer.json()["models"]]
+
+
+def run_all_cells(page: Any, panel: Any) -> None:
+    """Run > Run All Cells until the panel shows: a click that lands while the page still wires
+    the kernel up runs nothing (the cell keeps its "[ ]"), and running the cell again is harmless."""
+    from playwright.sync_api import expect
+
+    for attempt in range(5):
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        try:
+            expect(panel).to_be_visible(timeout=20_000)
+            return
+        except AssertionError:
+            if attempt == 4:
+                raise
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_panel_renders_in_jupyterlab_and_its_unload_button_unloads(
+        lab: str, server: ServerProcess, tiny_models: TinyModels, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    body = {"name": MODEL, "path": str(tiny_models.text_llama), "kind": "text"}
+    loaded = httpx.post(f"{server.url}/models/load", json=body, headers=auth(server.token), timeout=120,
+                        trust_env=False)
+    assert loaded.status_code == 200, loaded.text
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(lab)
+            expect(page.get_by_role("button", name="Python 3 (ipykernel) | Idle")).to_be_visible(timeout=90_000)
+            panel = page.locator(".mymps-panel")
+            run_all_cells(page, panel)
+            expect(panel.locator(".widget-hprogress").first).to_be_visible()
+            expect(panel.get_by_text("allocated of")).to_be_visible()
+            expect(panel.get_by_text("connected")).to_be_visible()
+            row = panel.locator(".widget-hbox").filter(has_text=MODEL).filter(
+                has=page.get_by_role("button", name="Unload", exact=True))
+            expect(row).to_have_count(1, timeout=30_000)
+            expect(row.get_by_text("float32")).to_be_visible()
+            expect(panel.get_by_role("button", name="Load", exact=True)).to_be_visible()
+            page.screenshot(path=str(tmp_path / "jupyterlab.png"))
+            panel.screenshot(path=str(tmp_path / "panel.png"))
+
+            row.get_by_role("button", name="Unload", exact=True).click()
+            wait_for(lambda: MODEL not in model_names(server), "the click on Unload to unload the model")
+            expect(row).to_have_count(0, timeout=30_000)  # the panel refreshed after acting
+            page.screenshot(path=str(tmp_path / "after-unload.png"))
+        finally:
+            browser.close()
