@@ -9,7 +9,6 @@ while a cell runs, and stops when the panel is closed.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from collections.abc import Callable
 from typing import Any
