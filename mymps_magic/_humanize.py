@@ -33,3 +33,20 @@ def ago(t: float | None, now: float | None = None) -> str:
         if seconds < limit:
             return f"{seconds // scale:.0f} {unit} ago"
     return f"{seconds // 86400:.0f} d ago"
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``"1 min"``: whole units, the largest that fits (a job's age)."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+    return f"{seconds // 86400:.0f} d"
+
+
+def percent(fraction: float | None) -> str:
+    """``0.25`` -> ``"25%"``; None (no progress reported) -> ``"-"``."""
+    return "-" if fraction is None else f"{fraction * 100:.0f}%"

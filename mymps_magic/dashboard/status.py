@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mymps_magic import _humanize as humanize
 from mymps_magic.client import Client
-from mymps_magic.dashboard import humanize
 from mymps_magic.errors import MympsError
 
 MAX_ERRORS = 8
