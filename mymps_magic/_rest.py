@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -49,35 +49,48 @@ class RestCalls:
         return list(self._connection.json("GET", "/models")["models"])
 
     def load_model(self, name: str, kind: str | None, dtype: str, path: str | None, model_class: str | None,
-                   trust_remote_code: bool, progress: bool) -> dict[str, Any]:
+                   trust_remote_code: bool,
+                   progress: bool | Callable[[wire.ProgressEvent], None]) -> dict[str, Any]:
         body = wire.LoadRequest(name, wire.DETECT if kind is None else kind, dtype, path, model_class,
                                 trust_remote_code).to_json()
-        if not progress:
+        if progress is False:
             return self._connection.json("POST", "/models/load", json_body=body, wait=True)
-        return self._load_with_progress(body)
+        if callable(progress):
+            return self._load_with_progress(body, progress)
+        return self._load_with_bar(body)
 
-    def _load_with_progress(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _load_with_bar(self, body: dict[str, Any]) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         # The bar appears with the first progress event, so that a request the server rejects
         # at once (bad kind, unknown path) prints only its error.
         bar: tqdm[Any] | None = None
-        final: dict[str, Any] | None = None
+
+        def show(event: wire.ProgressEvent) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
+            bar.set_postfix_str(event.message or event.stage, refresh=False)
+            bar.update(max(0, round(event.progress * 100) - bar.n))
+
         try:
-            for line in self._connection.ndjson("POST", "/models/load", json_body=body):
-                event = wire.read_progress_event(line)
-                if event is None:
-                    final = line
-                    continue
-                if bar is None:
-                    bar = tqdm(total=100, desc=f"Loading {body['name']}", bar_format="{l_bar}{bar}| {elapsed}{postfix}")
-                bar.set_postfix_str(event.message or event.stage, refresh=False)
-                bar.update(max(0, round(event.progress * 100) - bar.n))
-            if bar is not None and final is not None:
+            final = self._load_with_progress(body, show)
+            if bar is not None:
                 bar.update(100 - bar.n)
+            return final
         finally:
             if bar is not None:
                 bar.close()
+
+    def _load_with_progress(self, body: dict[str, Any],
+                            on_event: Callable[[wire.ProgressEvent], None]) -> dict[str, Any]:
+        final: dict[str, Any] | None = None
+        for line in self._connection.ndjson("POST", "/models/load", json_body=body):
+            event = wire.read_progress_event(line)
+            if event is None:
+                final = line
+            else:
+                on_event(event)
         if final is None:
             raise errors.ServerError("The server ended the load without saying how it went; see its log.")
         return final

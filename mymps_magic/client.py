@@ -22,7 +22,7 @@ from mymps_magic._connection import Connection
 from mymps_magic._execution import SessionExecution
 from mymps_magic._rest import RestCalls
 from mymps_magic._settings import Settings
-from mymps_magic.wire import GenerateRequest
+from mymps_magic.wire import GenerateRequest, ProgressEvent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,7 +182,7 @@ class Client:
 
     def load_model(self, name: str, kind: str | None = None, dtype: str = "auto", *, path: str | None = None,
                    model_class: str | None = None, trust_remote_code: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool | Callable[[ProgressEvent], None] = True) -> dict[str, Any]:
         """Load a model onto the server's device, where it stays until unloaded.
 
         Loading a name that is already loaded does nothing and says so (``already_loaded``).
@@ -197,7 +197,9 @@ class Client:
             model_class: for ``checkpoint``: ``"package.module:ClassName"``, importable on the
                 server and constructed without arguments.
             trust_remote_code: let transformers run the model repository's own code.
-            progress: show a progress bar while the server loads.
+            progress: show a progress bar while the server loads; False for none; or a callable
+                that gets each ``ProgressEvent`` (``stage``, ``progress`` 0..1, ``message``)
+                to show it its own way (the panel's Load form does).
 
         Returns:
             ``{"status": "ok", "name", "device", "kind", "dtype", "load_time_s",

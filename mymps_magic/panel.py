@@ -161,15 +161,13 @@ class Panel(widgets.VBox):  # type: ignore[misc]
         self._in_background(f"load {request.name}", lambda: self._load(request))
 
     def _load(self, request: wire.LoadRequest) -> None:
-        final: dict[str, Any] = {}
+        def show(event: wire.ProgressEvent) -> None:  # the form's bar, not tqdm's
+            self.load_form.progress(event.progress, event.message or event.stage)
+
         try:
-            # The NDJSON progress lines feed the form's bar; Client.load_model would draw tqdm's.
-            for line in self._act._connection.ndjson("POST", "/models/load", json_body=request.to_json()):
-                event = wire.read_progress_event(line)
-                if event is None:
-                    final = line
-                else:
-                    self.load_form.progress(event.progress, event.message or event.stage)
+            final = self._act.load_model(request.name, None if request.kind == wire.DETECT else request.kind,
+                                         request.dtype, path=request.path, model_class=request.model_class,
+                                         trust_remote_code=request.trust_remote_code, progress=show)
         except Exception as exc:
             self.load_form.finished(f"failed: {_reason(exc)}", failed=True)
             raise
