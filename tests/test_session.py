@@ -1036,16 +1036,29 @@ def test_jobs_show_the_session_of_each_job(c: Client, make_client: Callable[[], 
     assert mine.result(timeout=PATIENCE_S) == "mine"
 
 
-def test_push_and_pull_never_wait_for_another_sessions_job(c: Client, make_client: Callable[[], Client]) -> None:
+def wait_for_file(path: str, value: Any) -> Any:
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return value
+
+
+def test_push_and_pull_never_wait_for_another_sessions_job(c: Client, make_client: Callable[[], Client],
+                                                           tmp_path: Path) -> None:
+    """The busy job ends only once the push and pull are done: had they waited for it, they
+    would never return (seen as a hang, not as a slow machine)."""
     other = make_client()
-    busy = c.submit(sleep_then, 3.0, "busy")
+    release = tmp_path / "release"
+    busy = c.submit(wait_for_file, str(release), "busy")
     wait_running(busy)
-    started = time.monotonic()
-    other.push(x=np.arange(1000))
-    assert other.pull("x").sum() == 499500
-    assert time.monotonic() - started < 1.0
+    answered: list[Any] = []
+    moving = threading.Thread(target=lambda: (other.push(x=np.arange(1000)), answered.append(other.pull("x"))),
+                              daemon=True)
+    moving.start()
+    moving.join(60)
+    assert answered and answered[0].sum() == 499500, "push and pull waited for another session's job"
     assert not busy.done()
     other.interrupt()  # another session's interrupt leaves this one's code alone
+    release.touch()
     assert busy.result(timeout=PATIENCE_S) == "busy"
 
 
