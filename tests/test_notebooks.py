@@ -161,7 +161,9 @@ def test_quickstart(run_notebook: RunNotebook, server: ServerProcess, tiny_model
     assert ast.literal_eval(nb.result("settings")) == model
     assert nb.stream("tunnel").startswith(f"mymps tunnel: up at 127.0.0.1:{server.port}: mymps "), nb.stream("tunnel")
     assert nb.stream("connect").startswith(f"Connected to {server.host}:{server.port}: mymps ")
-    status = nb.stream("status")
+    panel = nb.outputs("status", "display_data")  # the panel; its text form for front ends without widgets
+    assert panel and "application/vnd.jupyter.widget-view+json" in panel[-1]["data"], nb.outputs("status")
+    status = str(panel[-1]["data"]["text/plain"])
     assert f"Server  {server.host}:{server.port}" in status and "device  cpu" in status, status
     assert nb.stream("load").startswith(f"Loaded {model} on cpu")
 
