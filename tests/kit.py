@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from mymps_magic.cli.localserver import LocalServer
 
@@ -296,3 +297,14 @@ class ServerProcess(LocalServer):
 
 MakeServer = Callable[..., ServerProcess]
 """The type of conftest's ``make_server`` fixture: keyword options in, a started server out."""
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``predicate`` until it is truthy and return its value; a ``TimeoutError`` names
+    ``what`` after ``timeout`` seconds (a bound that tells "hung" from "slow", not a speed limit)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.05)
+    return value

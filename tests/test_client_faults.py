@@ -25,6 +25,7 @@ from kit import REPO_ROOT, MakeServer, ServerProcess, auth
 from mymps_magic import AuthError, BadRequestError, Client, wire
 from mymps_magic.errors import CancelledError, ClosedError, ServerGoneError
 from test_reconnect import Proxy
+from test_session import wait_for_file
 
 SCRIPT_TIMEOUT_S = 120.0
 HANG_S = 30.0
@@ -297,20 +298,13 @@ def test_a_queued_call_cancelled_from_outside_the_session_raises_cancelled(serve
     its future ends with CancelledError naming the job, instead of waiting forever."""
     release = tmp_path / "release"
 
-    def blocker(path: str) -> str:
-        import os
-        import time
-        while not os.path.exists(path):
-            time.sleep(0.02)
-        return "released"
-
     def listed(http: httpx.Client) -> list[dict[str, Any]]:
         answer: list[dict[str, Any]] = http.get("/jobs").json()["jobs"]
         return answer
 
     with Client(port=server.port, token=server.token) as c, \
             httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers=auth(server.token)) as http:
-        first = c.submit(blocker, str(release))
+        first = c.submit(wait_for_file, str(release), "released")
         second = c.submit(int, "7")
         deadline = time.monotonic() + HANG_S
         queued: list[dict[str, Any]] = []

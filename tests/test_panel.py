@@ -17,18 +17,9 @@ import httpx
 import pytest
 
 from notebook_kernel import Kernel, ok
-from kit import MakeServer, ServerProcess, TinyModels, auth
+from kit import MakeServer, ServerProcess, TinyModels, auth, wait_for
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def value_of(kernel: Kernel, expression: str) -> Any:

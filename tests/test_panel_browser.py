@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,20 +21,12 @@ from typing import Any
 import httpx
 import pytest
 
-from kit import ServerProcess, TinyModels, auth
+from kit import ServerProcess, TinyModels, auth, wait_for
 from mymps_magic.cli.localserver import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 MODEL = "panel-browser-llama"
 TOKEN = "panel-browser-test"
-
-
-def wait_for(predicate: object, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
 
 
 def _answers(url: str) -> bool:
@@ -70,7 +61,7 @@ def jupyter(app: str, tmp_path: Path, server: ServerProcess) -> Iterator[str]:
                 raise RuntimeError(f"jupyter {app} exited with {process.returncode}; see {log_path}")
             return _answers(f"{url}/api/status?token={TOKEN}")
 
-        wait_for(up, f"jupyter {app} to answer (see {log_path})")
+        wait_for(up, f"jupyter {app} to answer (see {log_path})", timeout=90)
         notebook = {
             "cells": [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
                        "source": "%load_ext mymps_magic\n%mymps status --interval 1"}],
@@ -150,7 +141,7 @@ def check_the_panel_and_unload(page: Any, server: ServerProcess, tmp_path: Path,
     panel.screenshot(path=str(tmp_path / "panel.png"))
 
     row.get_by_role("button", name="Unload", exact=True).click()
-    wait_for(lambda: MODEL not in model_names(server), "the click on Unload to unload the model")
+    wait_for(lambda: MODEL not in model_names(server), "the click on Unload to unload the model", timeout=90)
     expect(row).to_have_count(0, timeout=30_000)  # the panel refreshed after acting
     page.screenshot(path=str(tmp_path / "after-unload.png"))
 
