@@ -9,11 +9,13 @@ import contextlib
 import io
 import re
 import threading
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from kit import REPO_ROOT, ServerProcess, TinyModels, wait_for
+from test_session import wait_for_file
 
-from kit import REPO_ROOT, ServerProcess, TinyModels
 from mymps_magic import Client, NotFoundError
 
 LLAMA = "readme-cancel-llama"
@@ -70,3 +72,20 @@ def test_the_example_ends_when_the_job_fails_before_it_is_listed(client: Client)
     outcome = run_example(client, "readme-cancel-not-loaded")
     assert isinstance(outcome.get("raised"), NotFoundError), outcome
     assert "readme-cancel-not-loaded" in str(outcome["raised"])
+
+
+def test_the_example_cancels_a_queued_generation(client: Client, llama: str, server: ServerProcess,
+                                                 tmp_path: Path) -> None:
+    """Another session holds the device, so the example finds its generation queued: the job is
+    dropped before it runs, and the example still prints "cancelled" (it used to raise the
+    call's CancelledError, which a busy machine showed now and then)."""
+    release = tmp_path / "release"
+    with Client(host="127.0.0.1", port=server.port, token=server.token) as other:
+        holding = other.submit(wait_for_file, str(release), "held")
+        wait_for(lambda: any(j["state"] == "running" for j in client.jobs()), "the other session's job running")
+        outcome = run_example(client, llama)
+        release.touch()
+        assert holding.result(timeout=HUNG_S) == "held"
+    assert "raised" not in outcome, outcome
+    assert outcome["printed"] == "cancelled\n"
+    assert not [j for j in client.jobs() if j["model"] == llama]
