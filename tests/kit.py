@@ -16,7 +16,9 @@ costs nothing, so client-only tests that need just `ServerProcess` stay fast.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ __all__ = [
     "build_tiny_diffusion",
     "build_tiny_models",
     "build_tiny_torchscript",
+    "never_ending_copy",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -121,6 +124,19 @@ def _seeded() -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         yield
+
+
+def never_ending_copy(model: Path, into: Path) -> Path:
+    """A copy of a tiny model whose end-of-text id no sample can take, so a generation of N
+    tokens gives N tokens (the random tiny model otherwise samples its EOS now and then)."""
+    shutil.copytree(model, into)
+    for name in ("config.json", "generation_config.json"):
+        file = into / name
+        if file.exists():
+            config = json.loads(file.read_text())
+            config["eos_token_id"] = 10**6
+            file.write_text(json.dumps(config))
+    return into
 
 
 def build_tiny_diffusion(directory: str | Path) -> Path:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from dashboardprocess import DashboardProcess
-from kit import REPO_ROOT, ServerProcess, TinyModels
+from kit import REPO_ROOT, ServerProcess, TinyModels, never_ending_copy
 from mymps_magic import Client
 from mymps_magic.cli.localserver import free_port
 
@@ -72,8 +72,9 @@ def test_load_shows_progress_and_the_page_shows_the_model(page: httpx.Client, se
 
 
 def test_generation_streams_pieces_then_done(page: httpx.Client, server_client: Client,
-                                             tiny_models: TinyModels) -> None:
-    server_client.load_model("tiny", path=str(tiny_models.text_gpt2), dtype="float32", progress=False)
+                                             tiny_models: TinyModels, tmp_path: Path) -> None:
+    gpt2 = never_ending_copy(tiny_models.text_gpt2, tmp_path / "tiny")
+    server_client.load_model("tiny", path=str(gpt2), dtype="float32", progress=False)
     streamed = events(page, "/generate", {"model": "tiny", "prompt": "hello", "max_new_tokens": 12})
     pieces = [event["text"] for event in streamed if "text" in event]
     assert len(pieces) >= 2, streamed

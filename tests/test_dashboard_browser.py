@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from dashboardprocess import DashboardProcess
-from kit import ServerProcess, TinyModels
+from kit import ServerProcess, TinyModels, never_ending_copy
 from mymps_magic import Client
 
 pytestmark = [
@@ -23,6 +23,7 @@ pytestmark = [
 ]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
 
 
 @pytest.fixture
@@ -41,7 +42,8 @@ def test_the_page_unloads_and_streams(dashboard: tuple[ServerProcess, DashboardP
     page = browser_page
     with Client(port=server.port, token=server.token) as client:
         client.load_model("tiny-gpt2", path=str(tiny_models.text_gpt2), dtype="float32", progress=False)
-        client.load_model("tiny-llama", path=str(tiny_models.text_llama), dtype="float32", progress=False)
+        llama = never_ending_copy(tiny_models.text_llama, tmp_path / "tiny-llama")
+        client.load_model("tiny-llama", path=str(llama), dtype="float32", progress=False)
         seen: list[str] = []
         page.on("response", lambda response: seen.append(response.text()) if response.ok else None)
         page.goto(process.url)
