@@ -179,12 +179,12 @@ class JobQueue:
             jobs = ([self._running] if self._running else []) + list(self._queue)
         return [job.describe() for job in jobs]
 
-    def using(self, model: str) -> list[Job]:
+    def using(self, model: str) -> tuple[Job, ...]:
         """The running and queued jobs of ``model``: while there are any, it is in use
         (``lifetime.py`` neither expires nor evicts it)."""
         with self._lock:
             jobs = ([self._running] if self._running else []) + list(self._queue)
-        return [job for job in jobs if job.model == model]
+        return tuple(job for job in jobs if job.model == model)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
