@@ -17,7 +17,7 @@ import time
 
 from .errors import ServerStartError, SettingsError
 from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
-from .settings import Settings, is_loopback, parse_preload, parse_seconds, parse_size
+from .settings import Settings, is_loopback, keep_alive_setting, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
 
@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(MYMPS_SESSION_IDLE, default 3600)")
     p.add_argument("--session-buffer", help="output a session keeps for a client that is not reading, e.g. 256MiB; "
                    "past it, output is dropped with a note (MYMPS_SESSION_BUFFER, default 256MiB)")
+    p.add_argument("--keep-alive", metavar="DURATION",
+                   help="how long a model stays loaded once idle, unless its load or a request says otherwise: "
+                   "seconds, 5m, 1h, 0 (unload when idle) or -1 (forever) (MYMPS_KEEP_ALIVE, default -1)")
+    p.add_argument("--memory-limit", metavar="SIZE",
+                   help="the most memory the loaded models may take together, e.g. 20GiB, on a machine shared "
+                   "with others (MYMPS_MEMORY_LIMIT, default: the device's own)")
+    p.add_argument("--no-evict", action="store_true", default=None,
+                   help="a load that does not fit fails with 507 instead of unloading the least recently used "
+                   "idle models (MYMPS_NO_EVICT=1)")
     return p
 
 
@@ -70,6 +79,9 @@ def settings_from(argv: list[str] | None) -> Settings:
         session_buffer=parse_size(args.session_buffer, "--session-buffer") if args.session_buffer else None,
         preload=tuple(parse_preload(spec, "--preload") for spec in args.preload) if args.preload else None,
         restore=args.restore,
+        keep_alive=keep_alive_setting(args.keep_alive, "--keep-alive") if args.keep_alive else None,
+        memory_limit=parse_size(args.memory_limit, "--memory-limit") if args.memory_limit else None,
+        no_evict=args.no_evict,
     ))
 
 

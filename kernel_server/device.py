@@ -46,6 +46,14 @@ class Device:
         process = psutil.Process().memory_info().rss
         return {"allocated": int(process), "driver": int(vm.total - vm.available), "total": int(vm.total)}
 
+    def free(self) -> int:
+        """Bytes a new model can still take: what the driver has not handed out on mps and cuda
+        (of Metal's recommended working set, of the card), the available RAM on cpu."""
+        if self.kind == "cpu":
+            return int(psutil.virtual_memory().available)
+        figures = self.memory()
+        return max(0, figures["total"] - figures["driver"])
+
     def describe(self) -> dict[str, Any]:
         """Kind, name and memory figures in one dict, as ``/stats`` reports the device."""
         return {"kind": self.kind, "name": self.name, **self.memory()}

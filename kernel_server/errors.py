@@ -18,7 +18,7 @@ exception; none of them ever stops the server or unloads a model.
     ├── Unprocessable (422)   a field out of range or of the wrong type
     ├── Cancelled (409)       the job was cancelled before it finished
     ├── Conflict (409)        the name is loaded as another kind or dtype
-    └── OutOfMemory (507)     the device ran out of memory
+    └── OutOfMemory (507)     a load does not fit in the memory that is free, or the device ran out
 """
 
 from __future__ import annotations
@@ -81,12 +81,17 @@ class OutOfMemory(ServerError):
     status = 507
 
 
+_OUT_OF_MEMORY_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA's OutOfMemoryError and MPS's plain RuntimeError that says the same."""
+    """True for CUDA's OutOfMemoryError, Python's MemoryError, and the plain RuntimeError of the
+    MPS and CPU allocators that says the same ("MPS backend out of memory", "DefaultCPUAllocator:
+    can't allocate memory")."""
     import torch
 
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _OUT_OF_MEMORY_WORDS)
     )
 
 

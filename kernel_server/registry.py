@@ -4,6 +4,9 @@ Loading and unloading run as jobs on the device worker (see ``jobs.py``); the re
 only guards its dict, so listing models never waits behind a job. How each kind is read lives in
 ``loaders.py``, how the kind is found from the source in ``detect.py``.
 
+How long a model stays loaded once idle (its ``keep_alive``), and which models a load that does
+not fit unloads, is ``lifetime.py``'s to decide: it attaches itself as the registry's `Keeper`.
+
 Every load, failed load and unload is one line of the ``kernel_server.registry`` log (name, kind,
 dtype, seconds, bytes), so ``server.log`` tells what was on the device when.
 """
@@ -12,18 +15,21 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from mymps_magic.wire import DETECT, KINDS, LoadRequest
+from mymps_magic.wire.keepalive import FOREVER
 
-from . import detect
+from . import detect, footprint
 from .device import Device
 from .errors import BadRequest, Conflict, NotFound, OutOfMemory, Unprocessable, as_server_error, is_out_of_memory
 from .loaders import LOADERS, Progress, first_line
@@ -54,11 +60,21 @@ class LoadedModel:
     bytes: int = 0
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    keep_alive: float = FOREVER
+    """Seconds it stays loaded once idle (counted from ``last_used``); -1: until unloaded."""
+    evicted: tuple[str, ...] = ()
+    """The models its load unloaded to make room."""
 
     def touch(self) -> None:
         self.last_used = time.time()
 
+    @property
+    def expires_at(self) -> float | None:
+        """When it is unloaded if nothing uses it meanwhile; None: never."""
+        return None if self.keep_alive < 0 else self.last_used + self.keep_alive
+
     def describe(self) -> dict[str, Any]:
+        expires = self.expires_at
         return {
             "name": self.name,
             "kind": self.kind,
@@ -68,6 +84,8 @@ class LoadedModel:
             "bytes": self.bytes,
             "loaded_at": self.loaded_at,
             "last_used": self.last_used,
+            "keep_alive": self.keep_alive,
+            "expires_at": None if expires is None else datetime.fromtimestamp(expires, timezone.utc).isoformat(),
         }
 
     def info(self) -> dict[str, Any]:
@@ -78,8 +96,28 @@ class LoadedModel:
                 "config": _jsonable(config)}
 
 
+class Keeper(Protocol):
+    """What decides how long models stay and what a load may unload (``lifetime.Lifetime``)."""
+
+    default_keep_alive: float
+
+    def make_room(self, name: str, needed: int) -> list[str]:
+        """Unload idle models until ``needed`` bytes are free for ``name``; the names unloaded.
+
+        Raises:
+            OutOfMemory: it cannot fit, or may not unload what would make it fit.
+        """
+
+    def changed(self) -> None:
+        """A model was loaded or unloaded."""
+
+
 class Registry:
     """Name -> :class:`LoadedModel`, safe to read from the event loop while the worker loads."""
+
+    keeper: Keeper | None = None
+    """Set by the `Keeper` itself once the server state is built; without one, models stay loaded
+    until unloaded and a load is tried whatever its size."""
 
     def __init__(self, device: Device, on_change: Callable[[list[LoadRequest]], None] | None = None) -> None:
         """``on_change`` gets the load requests of every loaded model after each load and unload
@@ -97,6 +135,15 @@ class Registry:
     def describe(self) -> list[dict[str, Any]]:
         with self._lock:
             return [m.describe() for m in self._models.values()]
+
+    def models(self) -> list[LoadedModel]:
+        """The loaded models, a snapshot."""
+        with self._lock:
+            return list(self._models.values())
+
+    def find(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get(name)
 
     def get(self, name: str, kinds: tuple[str, ...] | None = None) -> LoadedModel:
         """The loaded model called ``name``.
@@ -170,20 +217,22 @@ class Registry:
         if kind == "checkpoint" and not request.model_class:
             raise Unprocessable("kind 'checkpoint' needs model_class, e.g. 'mypackage.nets:Net'")
         progress("start", 0.0, f"loading {request.name} ({kind}, {dtype_name(dtype)})")
+        needed = footprint.estimate(request.source, torch.empty((), dtype=dtype).element_size())
+        evicted = self.keeper.make_room(request.name, needed) if self.keeper and needed else []
+        if evicted:
+            progress("evicted", 0.0, f"unloaded {', '.join(evicted)} to make room")
         try:
             obj, tokenizer = LOADERS[kind](request, dtype, self.device, progress, check_cancelled)
         except BaseException as exc:
             gc.collect()
             self.device.free_memory()
             if is_out_of_memory(exc):
-                raise OutOfMemory(
-                    f"not enough device memory to load {request.name!r}; the other models stay loaded. "
-                    "Unload one (DELETE /models/NAME) or load with a smaller dtype"
-                ) from exc
+                raise OutOfMemory(_allocator_failure(request.name, exc, needed, self.device)) from exc
             if isinstance(exc, OSError):
                 raise NotFound(f"cannot load {request.source!r}: {first_line(exc)}") from exc
             raise
-        model = LoadedModel(request.name, kind, dtype, self.device.kind, obj, request.source, tokenizer=tokenizer)
+        model = LoadedModel(request.name, kind, dtype, self.device.kind, obj, request.source, tokenizer=tokenizer,
+                            keep_alive=self._keep_alive(request), evicted=tuple(evicted))
         model.parameters, model.bytes = _size(obj)
         model.request = replace(request, kind=kind)  # --restore loads it as what it turned out to be
         with self._lock:
@@ -192,8 +241,9 @@ class Registry:
         progress("ready", 1.0, f"{request.name} is on {self.device.kind}")
         return model
 
-    def unload(self, name: str) -> int:
-        """Drop the model and give its device memory back; returns the bytes it held."""
+    def unload(self, name: str, why: str = "") -> int:
+        """Drop the model and give its device memory back; returns the bytes it held. ``why``
+        ends the log line when it was not a client's request (``: idle for 5m``)."""
         started = time.perf_counter()
         with self._lock:
             model = self._models.pop(name, None)
@@ -205,8 +255,8 @@ class Registry:
         gc.collect()
         self.device.free_memory()
         self._changed()
-        log.info("unloaded %s (%s, %s) in %.2f s, %d bytes freed", name, kind, dtype,
-                 time.perf_counter() - started, freed)
+        log.info("unloaded %s (%s, %s) in %.2f s, %d bytes freed%s", name, kind, dtype,
+                 time.perf_counter() - started, freed, f": {why}" if why else "")
         return freed
 
     def _changed(self) -> None:
@@ -214,6 +264,14 @@ class Registry:
             with self._lock:
                 requests = [m.request for m in self._models.values() if m.request is not None]
             self._on_change(requests)
+        if self.keeper is not None:
+            self.keeper.changed()
+
+    def _keep_alive(self, request: LoadRequest) -> float:
+        keep_alive = getattr(request, "keep_alive", None)
+        if keep_alive is not None:
+            return float(keep_alive)
+        return self.keeper.default_keep_alive if self.keeper is not None else FOREVER
 
     def _dtype(self, name: str) -> torch.dtype:
         if name == "auto":
@@ -221,6 +279,22 @@ class Registry:
         if name not in DTYPES:
             raise Unprocessable(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
         return DTYPES[name]
+
+
+_ASKED = re.compile(r"allocate (\d+) bytes|allocate (\d+(?:\.\d+)?) ([KMGT]i?B)", re.IGNORECASE)
+_UNIT = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def _allocator_failure(name: str, exc: BaseException, estimate: int | None, device: Device) -> str:
+    """The 507's one line when the allocator itself refused: what it was asked for (CPU's "you
+    tried to allocate N bytes", CUDA's "Tried to allocate 2.00 GiB"), else the estimate."""
+    needed: float | None = estimate
+    if match := _ASKED.search(str(exc)):
+        exact, number, unit = match.groups()
+        needed = int(exact) if exact else float(number) * _UNIT[unit[0].lower()]
+    wanted = f"needs {footprint.format_size(needed)}" if needed else "needs more memory"
+    return (f"loading {name} {wanted} but {footprint.format_size(device.free())} is free on {device.kind}; "
+            "the other models stay loaded: unload one (DELETE /models/NAME) or load with a smaller dtype")
 
 
 def _quiet_libraries() -> None:

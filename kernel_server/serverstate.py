@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING
 
+from .lifetime import Lifetime
+
 if TYPE_CHECKING:
     from .device import Device
     from .jobs import JobQueue
@@ -29,7 +31,11 @@ def server_version() -> str:
 
 @dataclass
 class ServerState:
-    """What the endpoints share; lives on ``app.state.mymps`` for the app's lifetime."""
+    """What the endpoints share; lives on ``app.state.mymps`` for the app's lifetime.
+
+    Building it starts the models' `Lifetime` (it attaches itself to the registry), so that
+    every app gets expiry and eviction without its lifespan naming them.
+    """
 
     settings: Settings
     device: Device
@@ -37,3 +43,7 @@ class ServerState:
     jobs: JobQueue
     sessions: SessionManager
     started_at: float = field(default_factory=time.time)
+    lifetime: Lifetime = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lifetime = Lifetime(self.settings, self.registry, self.jobs)

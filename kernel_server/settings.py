@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mymps_magic.wire import DTYPES, KINDS
+from mymps_magic.wire import DTYPES, KINDS, WireFormatError
+from mymps_magic.wire.keepalive import FOREVER, parse_keep_alive
 
 from .errors import SettingsError
 
@@ -80,6 +81,11 @@ class Settings:
     session_buffer: int = 256 * 1024**2
     preload: tuple[tuple[str, str, str], ...] = ()
     restore: bool = False
+    # Forever by default: a model someone loaded stays until they unload it, unless they (or the
+    # server's operator) ask for a keep_alive, as Ollama users do.
+    keep_alive: float = FOREVER
+    memory_limit: int | None = None
+    no_evict: bool = False
 
     @property
     def resolved_token_file(self) -> Path:
@@ -128,6 +134,11 @@ class Settings:
             kwargs["session_idle"] = parse_seconds(env["MYMPS_SESSION_IDLE"], "MYMPS_SESSION_IDLE")
         if "MYMPS_SESSION_BUFFER" in env:
             kwargs["session_buffer"] = parse_size(env["MYMPS_SESSION_BUFFER"], "MYMPS_SESSION_BUFFER")
+        if env.get("MYMPS_KEEP_ALIVE"):
+            kwargs["keep_alive"] = keep_alive_setting(env["MYMPS_KEEP_ALIVE"], "MYMPS_KEEP_ALIVE")
+        if env.get("MYMPS_MEMORY_LIMIT"):
+            kwargs["memory_limit"] = parse_size(env["MYMPS_MEMORY_LIMIT"], "MYMPS_MEMORY_LIMIT")
+        kwargs["no_evict"] = _flag(env, "MYMPS_NO_EVICT")
         kwargs.update(given)
         return cls(**kwargs).validated(set(given))  # type: ignore[arg-type]
 
@@ -187,6 +198,18 @@ def parse_seconds(text: str, source: str) -> float:
     if value < 0:
         raise SettingsError(f"{source}: {text!r} is not a number of seconds")
     return value
+
+
+def keep_alive_setting(text: str, source: str) -> float:
+    """``--keep-alive`` / ``MYMPS_KEEP_ALIVE``: the requests' spellings (``5m``, ``-1``, ``300``).
+
+    Raises:
+        SettingsError: naming ``source`` and the spellings when the text is none of them.
+    """
+    try:
+        return parse_keep_alive(text)
+    except WireFormatError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
 
 
 def _port(text: str, source: str) -> int:
