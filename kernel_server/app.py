@@ -23,6 +23,7 @@ from mymps_magic import wire
 from mymps_magic.wire import LoadRequest
 
 from .auth import GuardMiddleware
+from .chat import router as chat_router
 from .device import Device, select_device
 from .errors import ServerError, as_server_error
 from .jobs import Job, JobQueue
@@ -111,6 +112,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(chat_router)
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:

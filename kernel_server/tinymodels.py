@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["SPECIAL_TOKEN", "VOCAB_SIZE", "Arch", "build_tiny_text_model"]
+__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKEN", "VOCAB_SIZE", "Arch", "build_tiny_text_model"]
 
 # A few paragraphs of plain English: enough for a byte-level BPE to learn real merges, so the
 # tiny model's tokens decode to word pieces rather than single bytes.
@@ -37,8 +37,16 @@ VOCAB_SIZE = 500
 
 Arch = Literal["gpt2", "llama"]
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The tiny tokenizer's chat template: each message as ``<|role|>``, its text and the end token,
+then ``<|assistant|>`` for the reply, so ``POST /chat`` and the OpenAI endpoints work on the demo's
+model as on a hub chat model."""
 
-def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
+
+def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2", *, chat_template: bool = True) -> Path:
     """Build and save a tiny causal language model with its tokenizer, offline, in about a second.
 
     The tokenizer is a byte-level BPE trained in memory on a built-in English corpus (vocabulary
@@ -49,6 +57,8 @@ def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
     Args:
         directory: where to save; created if missing. Load it with ``load_model(str(path))``.
         arch: ``"gpt2"`` or ``"llama"``, the two common decoder families.
+        chat_template: give the tokenizer :data:`CHAT_TEMPLATE`; without one the model is a
+            plain language model, as base models on the hub are (``/chat`` refuses it).
 
     Returns:
         The directory, as a `Path`.
@@ -91,6 +101,8 @@ def build_tiny_text_model(directory: str | Path, arch: Arch = "gpt2") -> Path:
         pad_token=SPECIAL_TOKEN,
         model_max_length=256,
     )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
     special = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
     assert isinstance(special, int)
     vocab = len(tokenizer)

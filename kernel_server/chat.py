@@ -1,0 +1,182 @@
+"""``POST /chat`` and ``/ws/chat``: a conversation continued through the model's chat template.
+
+The answer is ``POST /generate``'s (the template's prompt generated as ``/generate`` would) plus
+the reply as ``message`` and the prompt's ``prompt_tokens``; asked with ``stream: true`` or
+``Accept: application/x-ndjson`` it comes as NDJSON lines, the messages of ``/ws/generate``
+(``token``... then ``done`` or ``error``), and ``/ws/chat`` sends those same messages over a
+WebSocket, cancel included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mymps_magic import wire
+
+from .errors import ServerError, Unprocessable
+from .routing import state_of
+from .schemas import GenerateBody, describe_validation_error
+from .textjobs import Pieces, answer, chat_model, chat_prompt, submit
+
+router = APIRouter()
+
+_SAMPLING = GenerateBody.model_fields
+CANCEL_WAIT_S = 2.0
+"""How long a cancelled chat is given to stop (it checks at every token), as on /ws/generate."""
+ONE_REQUEST = "send one request per connection; open a new one for the next reply"
+
+
+class MessageBody(BaseModel):
+    """One message of ``wire.ChatRequest``'s conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: wire.Role
+    content: str
+
+
+class ChatBody(BaseModel):
+    """``wire.ChatRequest`` and ``stream``. The sampling fields are ``/generate``'s, with its
+    limits; one this body does not declare is read (or refused) by the wire's reader."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    model: str = Field(min_length=1)
+    messages: list[MessageBody] = Field(min_length=1, max_length=wire.MAX_MESSAGES)
+    chat_template: str | None = Field(None, min_length=1, description="a Jinja chat template instead of the "
+                                      "tokenizer's own (needed where the model has none)")
+    stream: bool = Field(False, description="answer as NDJSON lines, as Accept: application/x-ndjson does")
+    max_new_tokens: Annotated[int, _SAMPLING["max_new_tokens"]]
+    temperature: Annotated[float | None, _SAMPLING["temperature"]]
+    top_p: Annotated[float | None, _SAMPLING["top_p"]]
+    top_k: Annotated[int | None, _SAMPLING["top_k"]]
+    repetition_penalty: Annotated[float | None, _SAMPLING["repetition_penalty"]]
+    seed: Annotated[int | None, _SAMPLING["seed"]]
+    stop: Annotated[list[str], _SAMPLING["stop"]]
+
+    def request(self) -> wire.ChatRequest:
+        """The wire's request (``stream`` is how to answer, not part of it).
+
+        Raises:
+            Unprocessable: the wire's reader refused a field (one this body does not declare).
+        """
+        try:
+            return wire.ChatRequest.from_json(self.model_dump(exclude={"stream"}))
+        except wire.WireFormatError as exc:
+            raise Unprocessable(str(exc)) from None
+
+
+def reply(result: Mapping[str, Any]) -> dict[str, Any]:
+    """``/chat``'s answer out of the generation's result: the reply as ``message``; a context
+    limit's one-line ``message`` moves to ``note``."""
+    answer = dict(result)
+    note = answer.pop("message", None)
+    if note is not None:
+        answer["note"] = note
+    answer["message"] = {"role": "assistant", "content": answer["text"]}
+    return answer
+
+
+@router.post("/chat")
+async def chat(body: ChatBody, request: Request) -> Any:
+    """Continue the conversation; the client going away cancels it at the next token."""
+    st = state_of(request)
+    asked = body.request()
+    chat_model(st, asked.model, asked.chat_template)
+    prompt = chat_prompt(asked.messages, asked.chat_template)
+    if body.stream or wire.NDJSON in request.headers.get("accept", ""):
+        return StreamingResponse(_lines(Pieces(st, asked.model, prompt, asked.generation)),
+                                 media_type=wire.NDJSON)
+    result = await answer(st, request, submit(st, asked.model, prompt, asked.generation, None))
+    return Response(status_code=499) if result is None else reply(result)  # 499: nobody reads it
+
+
+async def _lines(pieces: Pieces) -> AsyncIterator[bytes]:
+    try:
+        async for piece in pieces:
+            yield wire.ndjson_line(wire.token_message(piece))
+        try:
+            result = pieces.result()
+        except ServerError as err:
+            yield wire.ndjson_line(wire.error_message(err.message, err.status))
+            return
+        yield wire.ndjson_line(wire.done_message(reply(result)))
+    finally:
+        pieces.abandon()
+
+
+@router.websocket("/ws/chat")
+async def ws_chat(ws: WebSocket) -> None:
+    """Stream one reply, as ``/ws/generate`` streams a generation: the first message is the
+    request (``wire.ChatRequest``), then ``token`` messages and ``done`` (with the reply as
+    ``message``) or ``error``; ``{"type": "cancel"}`` stops it (answered by ``done``), a
+    disconnect cancels it, any other message cancels it and closes the connection."""
+    st = state_of(ws)
+    await ws.accept()
+    try:
+        first = await ws.receive()
+        if first["type"] == "websocket.disconnect":
+            return
+        asked = ChatBody.model_validate_json(first.get("text") or "").request()
+        chat_model(st, asked.model, asked.chat_template)
+    except WebSocketDisconnect:
+        return
+    except ValidationError as exc:
+        errors = exc.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            await _error(ws, 400, "the first message must be a JSON text message {model, messages, ...}")
+        else:
+            await _error(ws, 422, describe_validation_error(list(errors)))  # type: ignore[arg-type]
+        return
+    except ServerError as exc:
+        await _error(ws, exc.status, exc.message)
+        return
+    pieces = Pieces(st, asked.model, chat_prompt(asked.messages, asked.chat_template), asked.generation)
+    heard = asyncio.ensure_future(ws.receive())
+    try:
+        async for piece in pieces.until(heard):
+            await ws.send_json(wire.token_message(piece))
+        if heard.done() and not pieces.done.done():
+            if not _is_cancel(heard.result()):
+                pieces.abandon()
+                if heard.result()["type"] != "websocket.disconnect":
+                    await ws.close(wire.CLOSE_PROTOCOL_MISUSE, ONE_REQUEST)
+                return
+            pieces.abandon("cancelled by its client")
+            await asyncio.wait({pieces.done}, timeout=CANCEL_WAIT_S)
+        for piece in pieces.left():
+            await ws.send_json(wire.token_message(piece))
+        if not pieces.done.done() or pieces.done.cancelled():  # still stopping, or cancelled while queued
+            await ws.send_json(wire.done_message({"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0,
+                                                  "stop_reason": "cancelled"}))
+        else:
+            try:
+                result = pieces.result()
+            except ServerError as err:
+                await _error(ws, err.status, err.message)
+                return
+            await ws.send_json(wire.done_message(reply(result)))
+        await ws.close()
+    except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
+        pieces.abandon()
+    finally:
+        heard.cancel()
+
+
+async def _error(ws: WebSocket, status: int, message: str) -> None:
+    await ws.send_json(wire.error_message(message, status))
+    await ws.close()
+
+
+def _is_cancel(message: Mapping[str, Any]) -> bool:
+    text = message.get("text")
+    try:
+        return text is not None and isinstance(wire.read_generate_message(text), wire.Cancel)
+    except wire.WireFormatError:
+        return False
