@@ -155,7 +155,8 @@ class LocalServer:
             raise ServerStartError(f"the server on port {self.port} is already started; stop it first",
                                    None, "", self.log_path)
         self.home.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - open while the server runs; stop() closes it
+        # 0600: the server's output names its models, paths and sessions (as server.log does).
+        self._log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         self.process = subprocess.Popen(
             self.command,
             cwd=self.cwd,
