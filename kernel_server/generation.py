@@ -4,6 +4,11 @@ The original streaming loop fed the whole sequence back for every token (quadrat
 in-process speed). Here the prompt is run once and each later step feeds one token with the
 cache, as ``model.generate`` does, while keeping the loop ours so that every token can be streamed
 and a cancel request is seen between two tokens.
+
+Each token is picked as ``model.generate`` picks it (:class:`Sampling`): the repetition penalty
+first (transformers' ``RepetitionPenaltyLogitsProcessor``), then, when sampling, the temperature,
+top-k (``TopKLogitsWarper``) and top-p; settings the request leaves out are the model's
+``generation_config``'s, so a Hugging Face model decodes here as it does in ``model.generate``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,18 +64,81 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(torch.argmax(logits, dim=-1).item())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        sorted_probs[(cumulative - sorted_probs) >= top_p] = 0.0
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+_GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                                        "repetition_penalty": 1.0}
+"""transformers' own defaults for what a model's ``generation_config`` leaves unset."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each token is picked, every setting decided.
+
+    Attributes:
+        temperature: 0 for greedy decoding (the likeliest token), else the softmax temperature.
+        top_p: keep the smallest set of likeliest tokens whose mass reaches it (1: all).
+        top_k: keep the k likeliest tokens (0: all).
+        repetition_penalty: a token already in the prompt or the output has its logit divided by
+            it (multiplied when negative), as ``RepetitionPenaltyLogitsProcessor`` does (1: off).
+    """
+
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+    @classmethod
+    def decide(cls, params: wire.GenerateRequest, model: Any) -> Sampling:
+        """The request's settings, and the model's ``generation_config``'s where it gives none.
+
+        A request without a temperature samples only when the model's config says ``do_sample``
+        (transformers' rule); a request with one samples unless it is 0 (the original's rule).
+        """
+        config = getattr(model, "generation_config", None)
+
+        def model_says(name: str) -> Any:
+            value = getattr(config, name, None)
+            return _GENERATION_DEFAULTS[name] if value is None else value
+
+        temperature = params.temperature
+        if temperature is None:
+            temperature = float(model_says("temperature")) if model_says("do_sample") else 0.0
+        return cls(
+            temperature=temperature,
+            top_p=float(model_says("top_p") if params.top_p is None else params.top_p),
+            top_k=int(model_says("top_k") if params.top_k is None else params.top_k),
+            repetition_penalty=float(model_says("repetition_penalty") if params.repetition_penalty is None
+                                     else params.repetition_penalty),
+        )
+
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None, generator: torch.Generator | None) -> int:
+        """The next token out of the last position's ``logits``; ``seen`` marks the ids so far
+        (a bool per vocabulary entry, for the repetition penalty)."""
+        logits = logits.float()
+        if seen is not None and self.repetition_penalty != 1.0:
+            penalised = torch.where(logits < 0, logits * self.repetition_penalty, logits / self.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        if self.temperature <= 0:
+            return int(torch.argmax(logits, dim=-1).item())
+        logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            sorted_probs[(cumulative - sorted_probs) >= self.top_p] = 0.0
+            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+            return int(order[choice].item())
+        return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _seen(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A bool per vocabulary entry, set for the ``ids`` of the prompt."""
+    seen = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
+    seen[ids] = True
+    return seen
 
 
 def _generator(device: torch.device, seed: int | None) -> torch.Generator | None:
@@ -155,14 +224,18 @@ def generate(
     budget = _token_budget(context, ids.shape[1], params.max_new_tokens)
     eos = _eos_ids(model)
     generator = _generator(device, params.seed)
+    sampling = Sampling.decide(params, model)
     detok = _Detokenizer(tokenizer, params.stop)
     stop_reason = "length"
     produced = 0
     cache_kw = _cache_keyword(model)
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
+        seen = _seen(ids[0], out.logits.shape[-1]) if sampling.repetition_penalty != 1.0 else None
         for _ in range(budget):
-            token = _sample(out.logits[0, -1, :], params.temperature, params.top_p, generator)
+            token = sampling.pick(out.logits[0, -1, :], seen, generator)
+            if seen is not None:
+                seen[token] = True
             produced += 1
             if token in eos:
                 stop_reason = "eos"

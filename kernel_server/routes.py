@@ -64,7 +64,9 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"models": state_of(request).registry.describe()}
 
 
-def _loaded_answer(st: ServerState, name: str, started: float, already: bool) -> dict[str, Any]:
+def _loaded_answer(st: ServerState, name: str, started: float, already: bool,
+                   ignored: list[str]) -> dict[str, Any]:
+    """The load's answer; ``ignored`` lists the request's fields this endpoint does not know."""
     model = st.registry.get(name)
     answer = {
         "status": "ok",
@@ -77,6 +79,8 @@ def _loaded_answer(st: ServerState, name: str, started: float, already: bool) ->
     }
     if already:
         answer["message"] = f"{name} was already loaded; nothing to do"
+    if ignored:
+        answer["ignored"] = ignored
     return answer
 
 
@@ -86,9 +90,9 @@ async def load_model(body: LoadBody, request: Request) -> Any:
     st = state_of(request)
     started = time.perf_counter()
     ndjson = wire.NDJSON in request.headers.get("accept", "")
-    load_request = body.request()
+    load_request, ignored = body.request(), body.ignored()
     if st.registry.already_loaded(load_request):  # or a 409: loaded as another kind or dtype
-        answer = _loaded_answer(st, load_request.name, started, True)
+        answer = _loaded_answer(st, load_request.name, started, True, ignored)
         return Response(wire.ndjson_line(answer), media_type=wire.NDJSON) if ndjson else answer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -106,7 +110,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
 
     if not ndjson:
         already = await run_job(st, work, "load", load_request.name)
-        return _loaded_answer(st, load_request.name, started, already)
+        return _loaded_answer(st, load_request.name, started, already, ignored)
 
     job = st.jobs.submit(work, "load", model=load_request.name)
 
@@ -118,7 +122,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
             for event in left_over(events):
                 yield wire.ndjson_line(event)
             try:
-                yield wire.ndjson_line(_loaded_answer(st, load_request.name, started, done.result()))
+                yield wire.ndjson_line(_loaded_answer(st, load_request.name, started, done.result(), ignored))
             except BaseException as exc:
                 err = as_server_error(exc)
                 yield wire.ndjson_line(wire.error_body(err.message, err.status, err.code))
@@ -171,7 +175,8 @@ async def infer(request: Request) -> Response:
 @router.post("/generate")
 async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
     """Generate; a client that goes away before the answer cancels it at the next token, as on
-    ``/ws/generate``, so the device is free for the next caller within a moment."""
+    ``/ws/generate``, so the device is free for the next caller within a moment. Fields of the
+    request this endpoint does not know are listed in the answer's ``ignored``."""
     st = state_of(request)
     params = body.request()
     st.registry.get(params.model, ("text",))
@@ -187,11 +192,13 @@ async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
         await asyncio.wait({done}, timeout=2)  # the worker stops at the next token
         return Response(status_code=499)  # type: ignore[return-value]  # nobody reads it
     try:
-        return done.result()  # type: ignore[no-any-return]
+        result: dict[str, Any] = done.result()
     except asyncio.CancelledError:
         raise Cancelled(f"job {job.id} was {job.cancel_reason}") from None
     except BaseException as exc:
         raise as_server_error(exc) from exc
+    ignored = body.ignored()
+    return {**result, "ignored": ignored} if ignored else result
 
 
 async def _disconnected(request: Request) -> None:

@@ -3,11 +3,14 @@
 Each is the wire's request type as pydantic sees it, for the 422 and for the OpenAPI schema:
 its defaults and limits are the wire's, and ``request()`` hands the endpoint the wire's type,
 read by the wire's reader (so both ends agree on what a body holds).
+
+The original's endpoints (load and generate) take fields they do not know, as the original did,
+and ``ignored()`` names them for the answer's ``ignored`` list; ``/image`` refuses them (422).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,38 +21,51 @@ _GENERATE = wire.GenerateRequest
 _IMAGE = wire.ImageRequest
 
 
-class LoadBody(BaseModel):
-    """``wire.LoadRequest``; ``kind`` left out, ``null`` or ``"detect"``: found from what the
-    source holds (``detect.py``)."""
+class _Lenient(BaseModel):
+    """A body of one of the original's endpoints: unknown fields are kept aside, not refused."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    def ignored(self) -> list[str]:
+        """The fields the request sent that this endpoint does not know, sorted."""
+        return sorted(self.model_extra or {})
+
+    def known(self) -> dict[str, Any]:
+        """The body without the ignored fields."""
+        return self.model_dump(exclude=set(self.model_extra or {}))
+
+
+class LoadBody(_Lenient):
+    """``wire.LoadRequest``; ``kind`` left out, ``null`` or ``"detect"``: found from what the
+    source holds (``detect.py``); ``dtype`` in any of ``wire.DTYPE_SPELLINGS``."""
 
     name: str = Field(min_length=1)
     kind: wire.Kind | Literal["detect"] | None = wire.DETECT
-    dtype: wire.DType = wire.DEFAULT_DTYPE
+    dtype: wire.DTypeSpelling = wire.DEFAULT_DTYPE
     path: str | None = _LOAD.path
     model_class: str | None = _LOAD.model_class
     trust_remote_code: bool = _LOAD.trust_remote_code
 
     def request(self) -> wire.LoadRequest:
-        return wire.LoadRequest.from_json(self.model_dump())
+        return wire.LoadRequest.from_json(self.known())
 
 
-class GenerateBody(BaseModel):
-    """``wire.GenerateRequest``."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class GenerateBody(_Lenient):
+    """``wire.GenerateRequest``; a sampling field left out or ``null`` is the model's own
+    (its ``generation_config``)."""
 
     model: str = Field(min_length=1)
     prompt: str = Field(min_length=1)
     max_new_tokens: int = Field(_GENERATE.max_new_tokens, ge=1, le=wire.MAX_NEW_TOKENS)
-    temperature: float = Field(_GENERATE.temperature, ge=0.0, le=wire.MAX_TEMPERATURE)
-    top_p: float = Field(_GENERATE.top_p, gt=0.0, le=1.0)
+    temperature: float | None = Field(_GENERATE.temperature, ge=0.0, le=wire.MAX_TEMPERATURE)
+    top_p: float | None = Field(_GENERATE.top_p, gt=0.0, le=1.0)
+    top_k: int | None = Field(_GENERATE.top_k, ge=0)
+    repetition_penalty: float | None = Field(_GENERATE.repetition_penalty, gt=0.0, le=wire.MAX_REPETITION_PENALTY)
     seed: int | None = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
     stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
 
     def request(self) -> wire.GenerateRequest:
-        return wire.GenerateRequest.from_json(self.model_dump())
+        return wire.GenerateRequest.from_json(self.known())
 
 
 class ImageBody(BaseModel):

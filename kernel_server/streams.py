@@ -41,6 +41,13 @@ def _cancelled_stats() -> dict[str, Any]:
     return {"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0, "stop_reason": "cancelled"}
 
 
+def _with_ignored(stats: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
+    """The ``done`` figures, with the request's unknown fields (``ignored``) where it sent any: in
+    the last frame, which every client of the original reads, and not in an extra first frame
+    that a client written for the original's token frames could take for text."""
+    return {**stats, "ignored": ignored} if ignored else stats
+
+
 def _is_cancel(message: Mapping[str, Any]) -> bool:
     """Whether a message heard mid-generation is the client's ``{"type": "cancel"}``."""
     text = message.get("text")
@@ -60,7 +67,8 @@ async def ws_generate(ws: WebSocket) -> None:
     exception is ``{"type": "cancel"}`` (``wire.cancel_message``): it is answered, once the job has
     stopped (at most :data:`CANCEL_WAIT_S` later), by the ``done`` frame (``stop_reason:
     "cancelled"``, the tokens so far; none for a job cancelled while still queued) and a normal
-    close.
+    close. Fields of the request this endpoint does not know are listed in the ``done`` frame's
+    ``ignored``.
     """
     st = state_of(ws)
     await ws.accept()
@@ -72,7 +80,8 @@ async def ws_generate(ws: WebSocket) -> None:
             await _ws_error(ws, 400, "the first frame must be a JSON text message "
                             "{model, prompt, max_new_tokens, ...}, not binary")
             return
-        params = GenerateBody.model_validate_json(first["text"]).request()
+        body = GenerateBody.model_validate_json(first["text"])
+        params = body.request()
         st.registry.get(params.model, ("text",))
     except WebSocketDisconnect:
         return
@@ -121,7 +130,7 @@ async def ws_generate(ws: WebSocket) -> None:
             err = as_server_error(exc)
             await _ws_error(ws, err.status, err.message)
             return
-        await ws.send_json(wire.done_message(stats))
+        await ws.send_json(wire.done_message(_with_ignored(stats, body.ignored())))
         await ws.close()
     except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
         st.jobs.abandon(job, "cancelled: its client disconnected")

@@ -13,9 +13,9 @@ import typing as _typing
 if _typing.TYPE_CHECKING:
     from mymps_magic._cellfuture import CellFuture as CellFuture
     from mymps_magic._futures import RemoteFuture as RemoteFuture
+    from mymps_magic._original import MympsClient as MympsClient
     from mymps_magic._stream import TokenStream as TokenStream
     from mymps_magic.client import Client as Client
-    from mymps_magic.client import MympsClient as MympsClient
     from mymps_magic.display import RemoteValue as RemoteValue
     from mymps_magic.errors import AuthError as AuthError
     from mymps_magic.errors import BadRequestError as BadRequestError
@@ -38,7 +38,7 @@ if _typing.TYPE_CHECKING:
 _LAZY = {
     "CellFuture": "mymps_magic._cellfuture",
     "Client": "mymps_magic.client",
-    "MympsClient": "mymps_magic.client",
+    "MympsClient": "mymps_magic._original",
     "RemoteFuture": "mymps_magic._futures",
     "RemoteValue": "mymps_magic.display",
     "TokenStream": "mymps_magic._stream",

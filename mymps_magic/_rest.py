@@ -101,14 +101,10 @@ class RestCalls:
     def model_info(self, name: str) -> dict[str, Any]:
         return self._connection.json("GET", f"/models/{_path_segment(name)}/info")
 
-    def generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int | None, stop: str | Sequence[str] | None) -> dict[str, Any]:
-        body = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop).to_json()
-        return self._connection.json("POST", "/generate", json_body=body, wait=True)
+    def generate(self, request: wire.GenerateRequest) -> dict[str, Any]:
+        return self._connection.json("POST", "/generate", json_body=request.to_json(), wait=True)
 
-    def stream_generate(self, model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int | None, stop: str | Sequence[str] | None) -> TokenStream:
-        request = _generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+    def stream_generate(self, request: wire.GenerateRequest) -> TokenStream:
         return TokenStream(self._connection, request)
 
     def image(self, model: str, prompt: str, steps: int, seed: int | None, guidance_scale: float | None,
@@ -135,11 +131,14 @@ class RestCalls:
             raise errors.ServerError(f"The server's answer to /infer is not a tensor map ({exc}).") from None
 
 
-def _generation_request(model: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                        seed: int | None, stop: str | Sequence[str] | None) -> wire.GenerateRequest:
-    """The request of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields."""
+def generation_request(model: str, prompt: str, max_new_tokens: int, temperature: float | None,
+                       top_p: float | None, seed: int | None, stop: str | Sequence[str] | None,
+                       top_k: int | None, repetition_penalty: float | None) -> wire.GenerateRequest:
+    """The request of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields
+    (``stop`` may be one string)."""
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-    return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops)
+    return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops, top_k,
+                                repetition_penalty)
 
 
 def _path_segment(name: str) -> str:

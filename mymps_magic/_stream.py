@@ -48,6 +48,8 @@ class TokenStream:
         stats: None until the stream ends, then ``{"tokens_generated", "time_s",
             "tokens_per_s", "stop_reason"}`` as the server sent them; ``stop_reason`` is
             ``"cancelled"`` for a stream left early.
+        result: None until the stream ends, then the original client's ``.result``: `stats`
+            plus ``text``, every piece received (what ``generate`` would have answered).
 
     Raises (while iterating):
         NotFoundError: the model is not loaded.
@@ -61,9 +63,13 @@ class TokenStream:
         self._sync: SyncConnection | None = None
         self._async: AsyncConnection | None = None
         self._finished = False
-        self._pieces = 0
+        self._pieces: list[str] = []
         self._sent_at = 0.0
         self.stats: dict[str, Any] | None = None
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return None if self.stats is None else {"text": "".join(self._pieces), **self.stats}
 
     def __repr__(self) -> str:
         state = "finished" if self._finished else "open" if self._sync or self._async else "not started"
@@ -234,7 +240,7 @@ class TokenStream:
             raise errors.ServerError(
                 "The server sent a stream frame mymps cannot read. Is it a mymps server?") from None
         if isinstance(message, wire.Token):
-            self._pieces += 1
+            self._pieces.append(message.text)
             return message.text
         if isinstance(message, wire.Done):
             self._finished = True
@@ -257,6 +263,7 @@ class TokenStream:
         if self.stats is not None:
             return
         elapsed = time.monotonic() - self._sent_at if self._sent_at else 0.0
-        self.stats = {"tokens_generated": self._pieces, "time_s": round(elapsed, 4),
-                      "tokens_per_s": round(self._pieces / elapsed, 2) if elapsed > 0 else 0.0,
+        pieces = len(self._pieces)
+        self.stats = {"tokens_generated": pieces, "time_s": round(elapsed, 4),
+                      "tokens_per_s": round(pieces / elapsed, 2) if elapsed > 0 else 0.0,
                       "stop_reason": "cancelled"}

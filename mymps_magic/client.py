@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mymps_magic._connection import Connection
 from mymps_magic._execution import SessionExecution
-from mymps_magic._rest import RestCalls
+from mymps_magic._rest import RestCalls, generation_request
 from mymps_magic._settings import Settings
 from mymps_magic.wire import GenerateRequest, ProgressEvent
 
@@ -238,8 +238,9 @@ class Client:
     # Work on the device.
 
     def generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
-                 temperature: float = GenerateRequest.temperature, top_p: float = GenerateRequest.top_p, *,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None) -> dict[str, Any]:
+                 temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, top_k: int | None = None,
+                 repetition_penalty: float | None = None) -> dict[str, Any]:
         """Generate text and return it when done (see `stream_generate` for pieces as they come).
 
         Args:
@@ -250,34 +251,39 @@ class Client:
             top_p: nucleus sampling mass, in (0, 1].
             seed: makes sampling repeatable.
             stop: a string, or strings, that end the generation when produced.
+            top_k: sample among the k likeliest tokens (0: no limit).
+            repetition_penalty: > 0; tokens already seen are made less likely by it (1: off).
+                The sampling settings left at None are the model's own (its ``generation_config``,
+                as ``model.generate`` reads it: greedy unless that says ``do_sample``).
 
         Returns:
             ``{"text", "tokens_generated", "time_s", "tokens_per_s",
-            "stop_reason": "length" | "eos" | "stop" | "cancelled"}``; ``text`` excludes the prompt.
+            "stop_reason": "max_tokens" | "eos" | "stop" | "cancelled"}``; ``text`` excludes the prompt.
 
         Raises:
             NotFoundError: the model is not loaded.
             BadRequestError: an argument out of range.
         """
-        return self._rest.generate(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+        return self._rest.generate(generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop,
+                                                      top_k, repetition_penalty))
 
     def stream_generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
-                        temperature: float = GenerateRequest.temperature, top_p: float = GenerateRequest.top_p, *,
-                        seed: int | None = None, stop: str | Sequence[str] | None = None) -> TokenStream:
+                        temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
+                        stop: str | Sequence[str] | None = None, top_k: int | None = None,
+                        repetition_penalty: float | None = None) -> TokenStream:
         """Generate text and receive it piece by piece.
 
         Nothing is sent until the stream is used. Use it with ``for piece in ...`` or, as in
         the original client, ``async with ... as s: async for piece in s``. Closing it early
         cancels the generation on the server; afterwards ``stream.stats`` holds the figures.
 
-        Args:
-            model, prompt, max_new_tokens, temperature, top_p, seed, stop: as for `generate`.
+        Args and errors: as for `generate`; errors are raised while iterating.
 
         Returns:
-            A `TokenStream` of text pieces; errors (unknown model, bad argument) are raised
-            while iterating it.
+            A `TokenStream` of text pieces.
         """
-        return self._rest.stream_generate(model, prompt, max_new_tokens, temperature, top_p, seed, stop)
+        return self._rest.stream_generate(generation_request(model, prompt, max_new_tokens, temperature, top_p,
+                                                             seed, stop, top_k, repetition_penalty))
 
     def image(self, model: str, prompt: str, steps: int = 20, *, seed: int | None = None,
               guidance_scale: float | None = None, width: int | None = None, height: int | None = None,
@@ -439,7 +445,4 @@ class Client:
         session call raises it again until this is called: then calls go on in a fresh session.
         """
         self._execution.reset()
-
-MympsClient = Client
-"""The original client's name, kept as a true alias so its examples run unchanged."""
 

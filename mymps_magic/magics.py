@@ -175,7 +175,7 @@ class MympsMagics(Magics):
     def _generate(self, args: argparse.Namespace) -> None:
         c = self.connected
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, stop=args.stop)
+                       seed=args.seed, stop=args.stop, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
         if args.no_stream:
             result = c.generate(args.name, args.prompt, **options)
             sys.stdout.write(result["text"] + "\n")  # one write: the kernel may send print's newline apart

@@ -53,8 +53,11 @@ def test_no_public_name_is_left_out_of_all() -> None:
     assert public <= set(mymps_magic.__all__)
 
 
-def test_mympsclient_is_a_true_alias() -> None:
-    assert mymps_magic.MympsClient is mymps_magic.Client
+def test_mympsclient_is_a_client_with_the_originals_signatures() -> None:
+    import inspect
+
+    assert issubclass(mymps_magic.MympsClient, mymps_magic.Client)
+    assert list(inspect.signature(mymps_magic.MympsClient).parameters)[:3] == ["host", "port", "timeout"]
 
 
 def test_version_is_a_string() -> None:

@@ -21,7 +21,7 @@ BODIES: list[tuple[type[BaseModel], Any, dict[str, Any]]] = [
 
 @pytest.mark.parametrize("request_type", [wire.LoadRequest(
     "m", "text", "float16", "/models/m", "Net", True), wire.LoadRequest("m"), wire.GenerateRequest(
-    "m", "p", 5, 0.0, 0.5, 7, ("\n",)), wire.GenerateRequest("m", "p"), wire.ImageRequest(
+    "m", "p", 5, 0.0, 0.5, 7, ("\n",), 40, 1.2), wire.GenerateRequest("m", "p"), wire.ImageRequest(
     "m", "a cat", 3, 1, 7.5, 64, 128, 2), wire.ImageRequest("m")], ids=repr)
 def test_a_body_the_client_writes_reads_back_as_the_same_request(request_type: Any) -> None:
     sent = json.loads(json.dumps(request_type.to_json()))
@@ -39,12 +39,15 @@ def _edges() -> list[tuple[type[BaseModel], dict[str, Any]]]:
     load, gen, image = {"name": "m"}, {"model": "m", "prompt": "p"}, {"model": "m"}
     values: list[tuple[type[BaseModel], dict[str, Any], str, list[Any]]] = [
         (LoadBody, load, "kind", [*wire.KINDS, wire.DETECT, None, "pickle", ""]),
-        (LoadBody, load, "dtype", [*wire.DTYPES, "int8"]),
+        (LoadBody, load, "dtype", [*wire.DTYPE_SPELLINGS, "int8", "float64", None]),
         (LoadBody, load, "name", ["", 3]),
-        (LoadBody, load, "shape", [1]),
         (GenerateBody, gen, "max_new_tokens", [0, 1, wire.MAX_NEW_TOKENS, wire.MAX_NEW_TOKENS + 1]),
         (GenerateBody, gen, "temperature", [-0.1, 0, wire.MAX_TEMPERATURE, wire.MAX_TEMPERATURE + 0.1]),
-        (GenerateBody, gen, "top_p", [0, 1, 1.01]),
+        (GenerateBody, gen, "temperature", [None]),
+        (GenerateBody, gen, "top_p", [0, 1, 1.01, None]),
+        (GenerateBody, gen, "top_k", [-1, 0, 50, 2.5, None]),
+        (GenerateBody, gen, "repetition_penalty", [0, 0.5, 1, wire.MAX_REPETITION_PENALTY,
+                                                   wire.MAX_REPETITION_PENALTY + 0.1, None]),
         (GenerateBody, gen, "seed", [-1, 0, wire.MAX_SEED - 1, wire.MAX_SEED]),
         (GenerateBody, gen, "stop", [["x"] * wire.MAX_STOP_STRINGS, ["x"] * (wire.MAX_STOP_STRINGS + 1)]),
         (ImageBody, image, "steps", [0, 1, wire.MAX_STEPS, wire.MAX_STEPS + 1]),
@@ -53,6 +56,7 @@ def _edges() -> list[tuple[type[BaseModel], dict[str, Any]]]:
         (ImageBody, image, "guidance_scale", [-0.5, 0, wire.MAX_GUIDANCE_SCALE, 100.5]),
         (ImageBody, image, "num_images", [0, 1, wire.MAX_IMAGES, wire.MAX_IMAGES + 1]),
         (ImageBody, image, "seed", [-1, wire.MAX_SEED]),
+        (ImageBody, image, "shape", [1]),
     ]
     return [(body, {**least, name: value}) for body, least, name, options in values for value in options]
 
@@ -76,6 +80,23 @@ def test_the_server_body_and_the_wire_reader_accept_the_same_fields(
         assert "\n" not in str(exc) and str(exc)
         wire_accepts = False
     assert pydantic_accepts == wire_accepts
+
+
+@pytest.mark.parametrize(("body_type", "least"), [(LoadBody, {"name": "m"}), (GenerateBody, {"model": "m", "prompt": "p"})],
+                         ids=["load", "generate"])
+def test_the_originals_bodies_skip_unknown_fields_and_name_them(
+        body_type: type[LoadBody | GenerateBody], least: dict[str, Any]) -> None:
+    body = body_type.model_validate({**least, "temprature": 0.5, "device_map": "auto"})
+
+    assert body.ignored() == ["device_map", "temprature"]
+    assert body.request() == body_type(**least).request()
+    assert wire.ignored_fields(type(body.request()), {**least, "temprature": 0.5}) == ["temprature"]
+
+
+def test_a_dtype_spelling_reads_as_its_canonical_name() -> None:
+    assert wire.LoadRequest.from_json({"name": "m", "dtype": "half"}).dtype == "float16"
+    assert LoadBody(name="m", dtype="bf16").request().dtype == "bfloat16"
+    assert {wire.canonical_dtype(spelling) for spelling in wire.DTYPE_SPELLINGS} == set(wire.DTYPES)
 
 
 def test_a_load_body_without_a_kind_asks_the_server_to_detect_it() -> None:

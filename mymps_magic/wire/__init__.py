@@ -2,8 +2,9 @@
 
 Everything that crosses the connection is built and read here, so the two ends cannot drift
 apart. This package must stay importable without torch: the client never has it. Its modules:
-:mod:`.bodies` (the request bodies), :mod:`.rest` (tensor maps, load progress, error bodies),
-:mod:`.generate_stream` (``/ws/generate`` messages), :mod:`.frames` (session frames as messages),
+:mod:`.bodies` (the request bodies), :mod:`.chat` (``/chat``'s body), :mod:`.rest` (tensor maps,
+load progress, error bodies), :mod:`.generate_stream` (``/ws/generate`` messages), :mod:`.frames`
+(session frames as messages),
 :mod:`.messages` (each session frame kind), :mod:`.codes` (error codes, the error frame),
 :mod:`.pickling` (values), :mod:`.errors` (a payload that breaks the format).
 
@@ -79,6 +80,7 @@ from __future__ import annotations
 
 from .bodies import DEFAULT_DTYPE as DEFAULT_DTYPE
 from .bodies import DETECT as DETECT
+from .bodies import DTYPE_SPELLINGS as DTYPE_SPELLINGS
 from .bodies import DTYPES as DTYPES
 from .bodies import IMAGE_SIDE_STEP as IMAGE_SIDE_STEP
 from .bodies import KINDS as KINDS
@@ -86,16 +88,26 @@ from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
 from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
 from .bodies import MAX_IMAGES as MAX_IMAGES
 from .bodies import MAX_NEW_TOKENS as MAX_NEW_TOKENS
+from .bodies import MAX_REPETITION_PENALTY as MAX_REPETITION_PENALTY
 from .bodies import MAX_SEED as MAX_SEED
 from .bodies import MAX_STEPS as MAX_STEPS
 from .bodies import MAX_STOP_STRINGS as MAX_STOP_STRINGS
 from .bodies import MAX_TEMPERATURE as MAX_TEMPERATURE
 from .bodies import MIN_IMAGE_SIDE as MIN_IMAGE_SIDE
 from .bodies import DType as DType
+from .bodies import DTypeSpelling as DTypeSpelling
 from .bodies import GenerateRequest as GenerateRequest
 from .bodies import ImageRequest as ImageRequest
 from .bodies import Kind as Kind
 from .bodies import LoadRequest as LoadRequest
+from .bodies import canonical_dtype as canonical_dtype
+from .bodies import ignored_fields as ignored_fields
+from .chat import MAX_MESSAGES as MAX_MESSAGES
+from .chat import ROLES as ROLES
+from .chat import ChatMessage as ChatMessage
+from .chat import ChatRequest as ChatRequest
+from .chat import Role as Role
+from .chat import read_messages as read_messages
 from .codes import ERROR_BAD_REQUEST as ERROR_BAD_REQUEST
 from .codes import ERROR_CANCELLED as ERROR_CANCELLED
 from .codes import ERROR_CONFLICT as ERROR_CONFLICT

@@ -6,6 +6,11 @@ Each is a frozen dataclass and the one place for its fields, defaults and limits
 builds its body with ``to_json()``, the server's pydantic models (``kernel_server/schemas.py``)
 take their defaults and limits from here, so that the OpenAPI schema shows them and a bad field
 is a 422 naming it, and then read the body with the validating ``from_json()``.
+
+The original mymps's endpoints (``/models/load``, ``/generate``, ``/ws/generate``) ignored fields
+they did not know; so do their readers here, and :func:`ignored_fields` names them, so that the
+answer can list them (``ignored``) and a misspelt field is seen rather than silently dropped.
+``/image`` is ours and stays strict.
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ from .errors import WireFormatError
 
 Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
+DTypeSpelling = Literal["auto", "float32", "float16", "bfloat16", "half", "float", "fp16", "fp32", "bf16"]
+"""What a load request may say for its dtype: the canonical names (:data:`DType`) and torch's and
+the usual short spellings, which :func:`canonical_dtype` turns into the canonical ones."""
 KINDS: tuple[str, ...] = get_args(Kind)
 DTYPES: tuple[str, ...] = get_args(DType)
+DTYPE_SPELLINGS: Final[Mapping[str, str]] = {
+    **{name: name for name in DTYPES},
+    "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32", "bf16": "bfloat16",
+}
+"""Each accepted dtype spelling and the canonical name it means (the original took torch's)."""
 DETECT: Final = "detect"
 """The kind that asks the server to find the kind from what the source holds."""
 DEFAULT_DTYPE: Final = "auto"
 
 MAX_NEW_TOKENS = 8192
 MAX_TEMPERATURE = 10.0
+MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63
 MAX_STEPS = 1000
@@ -44,7 +58,8 @@ class LoadRequest:
     Args:
         name: a hub id or a path on the server; the name later calls use.
         kind: one of :data:`KINDS`, or :data:`DETECT` to find it from what the source holds.
-        dtype: one of :data:`DTYPES` (``auto``: float16 on mps/cuda, float32 on cpu).
+        dtype: one of :data:`DTYPES` (``auto``: float16 on mps/cuda, float32 on cpu); the reader
+            also takes the other spellings of :data:`DTYPE_SPELLINGS` (``half``, ``fp16``...).
         path: where to read the model from, when not from ``name``.
         model_class: the class to load a ``checkpoint`` into.
         trust_remote_code: let transformers run the model's own code.
@@ -74,22 +89,21 @@ class LoadRequest:
 
     @classmethod
     def from_json(cls, body: Any) -> LoadRequest:
-        """Read and check a request written by :meth:`to_json` (``kind`` null means detect).
+        """Read and check a request written by :meth:`to_json` (``kind`` null means detect; the
+        dtype becomes its canonical name; unknown fields are skipped: :func:`ignored_fields`).
 
         Raises:
-            WireFormatError: a field is missing, unknown, of the wrong type or not a known name.
+            WireFormatError: a field is missing, of the wrong type or not a known name.
         """
-        fields = _fields(cls, body, "a load request must be a JSON object {name, kind, dtype, ...}")
+        fields = _fields(cls, body, "a load request must be a JSON object {name, kind, dtype, ...}", strict=False)
         name = fields.get("name")
         if not isinstance(name, str) or not name:
             raise WireFormatError("a load request needs 'name' as a non-empty string")
         kind = fields.get("kind", DETECT)
         kind = DETECT if kind is None else kind
-        dtype = fields.get("dtype", cls.dtype)
+        dtype = canonical_dtype(fields.get("dtype", cls.dtype))
         if kind not in (*KINDS, DETECT):
             raise WireFormatError(f"kind must be one of {', '.join(KINDS)} or {DETECT}, not {kind!r}")
-        if dtype not in DTYPES:
-            raise WireFormatError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         path, model_class = fields.get("path"), fields.get("model_class")
         if not _optional(path, str) or not _optional(model_class, str):
             raise WireFormatError("path and model_class must be strings or null")
@@ -103,61 +117,80 @@ class LoadRequest:
 class GenerateRequest:
     """One generation, as the client sends it and the server runs it.
 
+    The sampling fields left at None are the model's own: its ``generation_config`` decides, as
+    ``model.generate`` would (transformers' defaults where it says nothing: greedy unless it says
+    ``do_sample``, then ``temperature`` 1, ``top_k`` 50, ``top_p`` 1). A temperature given here
+    decides between greedy (0) and sampling, whatever the model's ``do_sample`` says.
+
     Args:
         model: the name of a loaded text model.
         prompt: the text to continue (not empty).
         max_new_tokens: at most this many new tokens (1 to :data:`MAX_NEW_TOKENS`).
-        temperature: 0 for greedy decoding, up to :data:`MAX_TEMPERATURE`.
-        top_p: nucleus sampling mass, above 0 and at most 1.
+        temperature: 0 for greedy decoding, up to :data:`MAX_TEMPERATURE`; None: the model's.
+        top_p: nucleus sampling mass, above 0 and at most 1; None: the model's.
         seed: makes sampling repeatable (0 to 2**63-1), or None.
         stop: strings that end the generation (at most :data:`MAX_STOP_STRINGS`).
+        top_k: sample among the k likeliest tokens only (0: no limit); None: the model's.
+        repetition_penalty: above 0, up to :data:`MAX_REPETITION_PENALTY`; tokens already in the
+            prompt or the output are made less likely by this factor (1: off); None: the model's.
     """
 
     model: str
     prompt: str
     max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int | None = None
+    repetition_penalty: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object sent; ``seed`` and ``stop`` only where given."""
-        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p}
-        if self.seed is not None:
-            body["seed"] = self.seed
+        """The JSON object sent; the optional fields only where given."""
+        body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
+        optional = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                    "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+        body.update({key: value for key, value in optional.items() if value is not None})
         if self.stop:
             body["stop"] = list(self.stop)
         return body
 
     @classmethod
     def from_json(cls, body: Any) -> GenerateRequest:
-        """Read and check a request written by :meth:`to_json` (left-out fields take the defaults).
+        """Read and check a request written by :meth:`to_json` (left-out fields take the defaults;
+        unknown fields are skipped: :func:`ignored_fields`).
 
         Raises:
-            WireFormatError: a field is missing, unknown, of the wrong type or out of its range.
+            WireFormatError: a field is missing, of the wrong type or out of its range.
         """
-        fields = _fields(cls, body, "a generate request must be a JSON object {model, prompt, max_new_tokens, ...}")
+        fields = _fields(cls, body, "a generate request must be a JSON object {model, prompt, max_new_tokens, ...}",
+                         strict=False)
         model, prompt = fields.get("model"), fields.get("prompt")
         if not isinstance(model, str) or not model or not isinstance(prompt, str) or not prompt:
             raise WireFormatError("a generate request needs 'model' and 'prompt' as non-empty strings")
         tokens = fields.get("max_new_tokens", cls.max_new_tokens)
-        temperature = fields.get("temperature", cls.temperature)
-        top_p = fields.get("top_p", cls.top_p)
+        temperature, top_p = fields.get("temperature"), fields.get("top_p")
+        top_k, penalty = fields.get("top_k"), fields.get("repetition_penalty")
         seed = fields.get("seed")
         stop = fields.get("stop") or []
         if not _is_int(tokens) or not 1 <= tokens <= MAX_NEW_TOKENS:
             raise WireFormatError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS}, not {tokens!r}")
-        if not _is_number(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
-            raise WireFormatError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {temperature!r}")
-        if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-            raise WireFormatError(f"top_p must be a number above 0 and at most 1, not {top_p!r}")
+        if temperature is not None and (not _is_number(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE):
+            raise WireFormatError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} or null, "
+                                  f"not {temperature!r}")
+        if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+            raise WireFormatError(f"top_p must be a number above 0 and at most 1, or null, not {top_p!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 0):
+            raise WireFormatError(f"top_k must be an integer from 0 (no limit) up, or null, not {top_k!r}")
+        if penalty is not None and (not _is_number(penalty) or not 0.0 < penalty <= MAX_REPETITION_PENALTY):
+            raise WireFormatError(f"repetition_penalty must be a number above 0 and at most "
+                                  f"{MAX_REPETITION_PENALTY:g} (1: off), or null, not {penalty!r}")
         _check_seed(seed)
         if (not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS
                 or not all(isinstance(s, str) for s in stop)):
             raise WireFormatError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, not {stop!r}")
-        return cls(model, prompt, int(tokens), float(temperature), float(top_p), seed, tuple(stop))
+        return cls(model, prompt, int(tokens), _float_or_none(temperature), _float_or_none(top_p), seed,
+                   tuple(stop), top_k, _float_or_none(penalty))
 
 
 @dataclass(frozen=True)
@@ -225,13 +258,31 @@ class ImageRequest:
         return cls(model, prompt, steps, seed, None if scale is None else float(scale), width, height, count)
 
 
-def _fields(cls: type, body: Any, shape: str) -> Mapping[str, Any]:
-    """``body`` as a mapping of ``cls``'s fields (``shape`` says what it should look like)."""
+def canonical_dtype(spelling: Any) -> str:
+    """The canonical name (one of :data:`DTYPES`) of a dtype spelling of :data:`DTYPE_SPELLINGS`.
+
+    Raises:
+        WireFormatError: not a known spelling; the message lists them.
+    """
+    if not isinstance(spelling, str) or spelling not in DTYPE_SPELLINGS:
+        raise WireFormatError(f"dtype must be one of {', '.join(DTYPE_SPELLINGS)}, not {spelling!r}")
+    return DTYPE_SPELLINGS[spelling]
+
+
+def ignored_fields(cls: type, body: Mapping[str, Any]) -> list[str]:
+    """The fields of ``body`` that ``cls`` (a request type) does not know, sorted: what a lenient
+    reader skipped, for the answer's ``ignored`` list."""
+    return sorted(set(body) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+
+
+def _fields(cls: type, body: Any, shape: str, *, strict: bool = True) -> Mapping[str, Any]:
+    """``body`` as a mapping of ``cls``'s fields (``shape`` says what it should look like); an
+    unknown field is an error when ``strict``, else skipped by the caller's reads."""
     if not isinstance(body, Mapping):
         raise WireFormatError(shape)
-    known = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    unknown = sorted(set(body) - set(known))
-    if unknown:
+    unknown = ignored_fields(cls, body)
+    if strict and unknown:
+        known = cls.__dataclass_fields__  # type: ignore[attr-defined]
         raise WireFormatError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     return body
 
@@ -239,6 +290,10 @@ def _fields(cls: type, body: Any, shape: str) -> Mapping[str, Any]:
 def _check_seed(seed: Any) -> None:
     if seed is not None and (not _is_int(seed) or not 0 <= seed < MAX_SEED):
         raise WireFormatError(f"seed must be an integer from 0 to 2**63-1 or null, not {seed!r}")
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _optional(value: Any, kind: type) -> bool:
