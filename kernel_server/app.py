@@ -27,6 +27,7 @@ from .chat import router as chat_router
 from .device import Device, select_device
 from .errors import ServerError, as_server_error
 from .jobs import Job, JobQueue
+from .openai_api import router as openai_router
 from .registry import Registry
 from .routes import router
 from .schemas import describe_validation_error
@@ -113,6 +114,7 @@ def create_app(
     )
     app.include_router(router)
     app.include_router(chat_router)
+    app.include_router(openai_router)
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> JSONResponse:

@@ -21,6 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mymps_magic import wire
 
 from .errors import TokenFileError
+from .openai_bodies import OPENAI_PREFIX, error_code
+from .openai_bodies import error_body as openai_error
 
 # Paths anyone who reaches the port may call: they reveal no token and run nothing.
 PUBLIC_PATHS = frozenset({"/health"})
@@ -136,4 +138,7 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _reject(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-    await JSONResponse(wire.error_body(message), status_code=status)(scope, receive, send)
+    """Answer ``status``; on the OpenAI-compatible paths in OpenAI's error shape, which its clients read."""
+    openai = str(scope.get("path", "")).startswith(OPENAI_PREFIX + "/")
+    body = openai_error(message, status, error_code(status)) if openai else wire.error_body(message)
+    await JSONResponse(body, status_code=status)(scope, receive, send)
