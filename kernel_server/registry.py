@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from mymps_magic.wire import DETECT, KINDS, LoadRequest
-from mymps_magic.wire.keepalive import FOREVER
+from mymps_magic.wire.keepalive import FOREVER, parse_keep_alive
 
 from . import detect, footprint
 from .device import Device
@@ -268,9 +268,8 @@ class Registry:
             self.keeper.changed()
 
     def _keep_alive(self, request: LoadRequest) -> float:
-        keep_alive = getattr(request, "keep_alive", None)
-        if keep_alive is not None:
-            return float(keep_alive)
+        if request.keep_alive is not None:
+            return parse_keep_alive(request.keep_alive)
         return self.keeper.default_keep_alive if self.keeper is not None else FOREVER
 
     def _dtype(self, name: str) -> torch.dtype:

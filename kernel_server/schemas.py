@@ -10,15 +10,30 @@ and ``ignored()`` names them for the answer's ``ignored`` list; ``/image`` refus
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from mymps_magic import wire
+from mymps_magic.wire.keepalive import parse_keep_alive
 
 _LOAD = wire.LoadRequest
 _GENERATE = wire.GenerateRequest
 _IMAGE = wire.ImageRequest
+
+
+def _keep_alive(value: Any) -> float | None:
+    """The seconds of a ``keep_alive`` in any of its spellings; the wire's message when none."""
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except wire.WireFormatError as exc:
+        raise ValueError(str(exc)) from None
+
+
+KeepAlive = Annotated[float | str | None, BeforeValidator(_keep_alive),
+                      Field(description="seconds, -1 forever, 0 unload when idle, or a duration like 30s, 5m, 1h")]
 
 
 class _Lenient(BaseModel):
@@ -45,6 +60,7 @@ class LoadBody(_Lenient):
     path: str | None = _LOAD.path
     model_class: str | None = _LOAD.model_class
     trust_remote_code: bool = _LOAD.trust_remote_code
+    keep_alive: KeepAlive = None
 
     def request(self) -> wire.LoadRequest:
         return wire.LoadRequest.from_json(self.known())
@@ -63,6 +79,7 @@ class GenerateBody(_Lenient):
     repetition_penalty: float | None = Field(_GENERATE.repetition_penalty, gt=0.0, le=wire.MAX_REPETITION_PENALTY)
     seed: int | None = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
     stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
+    keep_alive: KeepAlive = None
 
     def request(self) -> wire.GenerateRequest:
         return wire.GenerateRequest.from_json(self.known())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from .errors import WireFormatError
+from .keepalive import KeepAlive, parse_keep_alive
 
 Kind = Literal["text", "diffusion", "auto", "torchscript", "checkpoint"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -63,6 +64,9 @@ class LoadRequest:
         path: where to read the model from, when not from ``name``.
         model_class: the class to load a ``checkpoint`` into.
         trust_remote_code: let transformers run the model's own code.
+        keep_alive: how long it stays loaded once idle (``wire.keepalive``: seconds, -1 forever,
+            0 unload when idle, or ``"5m"``); None: the server's ``--keep-alive``. The reader
+            makes it seconds.
     """
 
     name: str
@@ -71,6 +75,7 @@ class LoadRequest:
     path: str | None = None
     model_class: str | None = None
     trust_remote_code: bool = False
+    keep_alive: KeepAlive | None = None
 
     @property
     def source(self) -> str:
@@ -85,6 +90,8 @@ class LoadRequest:
             body["path"] = self.path
         if self.model_class is not None:
             body["model_class"] = self.model_class
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
         return body
 
     @classmethod
@@ -110,7 +117,7 @@ class LoadRequest:
         trust = fields.get("trust_remote_code", cls.trust_remote_code)
         if not isinstance(trust, bool):
             raise WireFormatError(f"trust_remote_code must be true or false, not {trust!r}")
-        return cls(name, kind, dtype, path, model_class, trust)
+        return cls(name, kind, dtype, path, model_class, trust, _keep_alive(fields))
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,8 @@ class GenerateRequest:
         top_k: sample among the k likeliest tokens only (0: no limit); None: the model's.
         repetition_penalty: above 0, up to :data:`MAX_REPETITION_PENALTY`; tokens already in the
             prompt or the output are made less likely by this factor (1: off); None: the model's.
+        keep_alive: how long the model stays loaded once this request ends (as
+            :class:`LoadRequest`'s); None: as long as it would have.
     """
 
     model: str
@@ -144,12 +153,13 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     top_k: int | None = None
     repetition_penalty: float | None = None
+    keep_alive: KeepAlive | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object sent; the optional fields only where given."""
         body: dict[str, Any] = {"model": self.model, "prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
         optional = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                    "repetition_penalty": self.repetition_penalty, "seed": self.seed}
+                    "repetition_penalty": self.repetition_penalty, "seed": self.seed, "keep_alive": self.keep_alive}
         body.update({key: value for key, value in optional.items() if value is not None})
         if self.stop:
             body["stop"] = list(self.stop)
@@ -190,7 +200,7 @@ class GenerateRequest:
                 or not all(isinstance(s, str) for s in stop)):
             raise WireFormatError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, not {stop!r}")
         return cls(model, prompt, int(tokens), _float_or_none(temperature), _float_or_none(top_p), seed,
-                   tuple(stop), top_k, _float_or_none(penalty))
+                   tuple(stop), top_k, _float_or_none(penalty), _keep_alive(fields))
 
 
 @dataclass(frozen=True)
@@ -285,6 +295,11 @@ def _fields(cls: type, body: Any, shape: str, *, strict: bool = True) -> Mapping
         known = cls.__dataclass_fields__  # type: ignore[attr-defined]
         raise WireFormatError(f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     return body
+
+
+def _keep_alive(fields: Mapping[str, Any]) -> float | None:
+    value = fields.get("keep_alive")
+    return None if value is None else parse_keep_alive(value)
 
 
 def _check_seed(seed: Any) -> None:
