@@ -206,8 +206,8 @@ def generate(
 ) -> dict[str, Any]:
     """Generate up to ``max_new_tokens``; returns the original's stats plus ``stop_reason``.
 
-    ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``length`` or ``cancelled``, the
-    original's values. A ``length`` stop also says which length in ``limit``: ``max_new_tokens``
+    ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``max_tokens`` or ``cancelled``, the
+    original's values. A ``max_tokens`` stop also says which limit in ``limit``: ``max_new_tokens``
     (the caller's budget), or ``context`` (the model's context was full before the budget was
     spent), which comes with a one-line ``message``. A new field rather than a new
     ``stop_reason`` value, so clients written for the original's four values keep working.
@@ -226,7 +226,7 @@ def generate(
     generator = _generator(device, params.seed)
     sampling = Sampling.decide(params, model)
     detok = _Detokenizer(tokenizer, params.stop)
-    stop_reason = "length"
+    stop_reason = "max_tokens"
     produced = 0
     cache_kw = _cache_keyword(model)
     with torch.inference_mode():
@@ -266,7 +266,7 @@ def generate(
         "tokens_per_s": round(produced / elapsed, 2) if elapsed > 0 else 0.0,
         "stop_reason": stop_reason,
     }
-    if stop_reason == "length":
+    if stop_reason == "max_tokens":
         result["limit"] = "max_new_tokens" if budget == params.max_new_tokens else "context"
         if result["limit"] == "context":
             result["message"] = (f"the model's context ({context} tokens) is full: the prompt took "

@@ -20,8 +20,10 @@ from .progress import Steps
 from .registry import LoadedModel
 
 
-def infer(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run one forward pass; outputs come back as CPU numpy arrays (bfloat16 as float32).
+def infer(loaded: LoadedModel, inputs: dict[str, np.ndarray], native: bool = False) -> dict[str, np.ndarray]:
+    """Run one forward pass; outputs come back as CPU numpy arrays, floating ones as float32 (as
+    the original's did) unless ``native`` (then in the model's dtype; bfloat16 still as float32,
+    which numpy lacks). Integer and bool outputs keep their dtype.
 
     A single input is passed positionally (TorchScript and plain modules), several as keyword
     arguments (HuggingFace models: ``input_ids``, ``attention_mask``...). An input the model
@@ -40,7 +42,7 @@ def infer(loaded: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
             raise
         raise BadRequest(f"model {loaded.name!r} rejected the input: {_model_message(exc)}") from exc
     loaded.touch()
-    return _outputs(output)
+    return _outputs(output, native)
 
 
 def _model_message(exc: BaseException) -> str:
@@ -58,19 +60,19 @@ def _to_device(arr: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
     return tensor.to(loaded.device if loaded.device != "cuda" else "cuda:0")
 
 
-def _outputs(output: Any) -> dict[str, np.ndarray]:
+def _outputs(output: Any, native: bool) -> dict[str, np.ndarray]:
     if isinstance(output, torch.Tensor):
-        return {"output": _to_numpy(output)}
+        return {"output": _to_numpy(output, native)}
     if isinstance(output, dict):  # includes transformers' ModelOutput
-        return {str(k): _to_numpy(v) for k, v in output.items() if isinstance(v, torch.Tensor)}
+        return {str(k): _to_numpy(v, native) for k, v in output.items() if isinstance(v, torch.Tensor)}
     if isinstance(output, (list, tuple)):
-        return {f"output_{i}": _to_numpy(v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)}
+        return {f"output_{i}": _to_numpy(v, native) for i, v in enumerate(output) if isinstance(v, torch.Tensor)}
     raise BadRequest(f"the model returned {type(output).__name__}, which has no tensors to send back")
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def _to_numpy(tensor: torch.Tensor, native: bool) -> np.ndarray:
     tensor = tensor.detach().to("cpu")
-    if tensor.dtype == torch.bfloat16:
+    if tensor.dtype == torch.bfloat16 or (tensor.is_floating_point() and not native):
         tensor = tensor.float()
     return tensor.numpy()
 

@@ -32,17 +32,27 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    """Liveness and identity; the one endpoint that needs no token."""
+    """Liveness and identity; the one endpoint that needs no token.
+
+    The original's keys with the original's meaning (``mps_available`` and ``mps_built`` from
+    ``torch.backends.mps``, ``device`` the torch device the models run on: ``mps``, ``cuda`` or
+    ``cpu``, ``torch_version``, ``models_loaded`` a count), beside ours (``models``: the names).
+    """
     st = state_of(request)
+    names = st.registry.names()
     return {
         "status": "ok",
         "version": server_version(),
         "protocol": wire.PROTOCOL_VERSION,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_version": torch.__version__,
+        "mps_available": torch.backends.mps.is_available(),
+        "mps_built": torch.backends.mps.is_built(),
         "device": st.device.kind,
         "device_name": st.device.name,
-        "models": st.registry.names(),
+        "models": names,
+        "models_loaded": len(names),
         "uptime_s": round(time.time() - st.started_at, 1),
     }
 
@@ -60,8 +70,10 @@ async def stats(request: Request) -> dict[str, Any]:
 
 
 @router.get("/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    return {"models": state_of(request).registry.describe()}
+async def list_models(request: Request) -> list[dict[str, Any]]:
+    """The loaded models as the original listed them, a plain list of ``{name, device,
+    loaded_at, ...}``, each with our fields too (kind, dtype, parameters, bytes, last_used...)."""
+    return state_of(request).registry.describe()
 
 
 def _loaded_answer(st: ServerState, name: str, started: float, already: bool,
@@ -158,17 +170,23 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
 
 @router.post("/infer", response_class=Response, responses={200: {"content": {wire.MSGPACK: {}}}})
 async def infer(request: Request) -> Response:
-    """Forward pass: a msgpack tensor map in, the outputs as a msgpack tensor map out."""
+    """Forward pass: a msgpack tensor map in, the outputs as a msgpack tensor map out, floating
+    ones as float32 (the original's) unless the ``x-dtype: native`` header asks for the model's."""
     st = state_of(request)
     name = request.headers.get(wire.HEADER_MODEL)
     if not name:
         raise Unprocessable(f"name the model in the {wire.HEADER_MODEL!r} header")
+    dtype = request.headers.get(wire.HEADER_DTYPE, wire.DTYPE_FLOAT32)
+    if dtype not in (wire.DTYPE_FLOAT32, wire.DTYPE_NATIVE):
+        raise BadRequest(f"the {wire.HEADER_DTYPE!r} header must be {wire.DTYPE_FLOAT32!r} (the default) or "
+                         f"{wire.DTYPE_NATIVE!r} (the model's own dtype), not {dtype!r}")
     st.registry.get(name)
     try:
         inputs = wire.unpack_tensors(await request.body())
     except wire.WireFormatError as exc:
         raise BadRequest(str(exc)) from None
-    outputs = await run_job(st, lambda job: inference.infer(st.registry.get(name), inputs), "infer", name)
+    native = dtype == wire.DTYPE_NATIVE
+    outputs = await run_job(st, lambda job: inference.infer(st.registry.get(name), inputs, native), "infer", name)
     return Response(wire.pack_tensors(outputs), media_type=wire.MSGPACK)
 
 

@@ -46,7 +46,16 @@ class RestCalls:
         return self._connection.json("DELETE", f"/jobs/{_path_segment(job_id)}")
 
     def models(self) -> list[dict[str, Any]]:
-        return list(self._connection.json("GET", "/models")["models"])
+        """``GET /models``: a plain list, the original's shape (so not through `Connection.json`)."""
+        response = self._connection.request("GET", "/models")
+        try:
+            listed = response.json()
+        except ValueError:
+            listed = None
+        if not isinstance(listed, list) or not all(isinstance(item, dict) for item in listed):
+            raise errors.ServerError(f"The server's answer to /models is not a list of models (HTTP "
+                                     f"{response.status_code}). Is a mymps server listening there (`mymps serve`)?")
+        return listed
 
     def load_model(self, name: str, kind: str | None, dtype: str, path: str | None, model_class: str | None,
                    trust_remote_code: bool,
@@ -121,8 +130,9 @@ class RestCalls:
             images.append(image)
         return images
 
-    def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        headers = {"content-type": wire.MSGPACK, wire.HEADER_MODEL: model}
+    def infer(self, model: str, inputs: Mapping[str, Any], native_dtype: bool) -> dict[str, np.ndarray]:
+        headers = {"content-type": wire.MSGPACK, wire.HEADER_MODEL: model,
+                   wire.HEADER_DTYPE: wire.DTYPE_NATIVE if native_dtype else wire.DTYPE_FLOAT32}
         content = wire.pack_tensors(inputs)
         response = self._connection.request("POST", "/infer", content=content, headers=headers, wait=True)
         try:

@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mymps_magic import errors, wire
 
@@ -36,6 +36,16 @@ if TYPE_CHECKING:
     from mymps_magic._connection import Connection
 
 GENERATE_PATH = "/ws/generate"
+
+
+class StreamRequest(Protocol):
+    """What a stream sends first: ``wire.GenerateRequest``, or another endpoint's request that
+    speaks ``/ws/generate``'s messages (``wire.ChatRequest`` on ``/ws/chat``)."""
+
+    @property
+    def model(self) -> str: ...
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 class TokenStream:
@@ -57,9 +67,10 @@ class TokenStream:
         AuthError, ConnectionError, ServerError: as for any other call.
     """
 
-    def __init__(self, connection: Connection, request: wire.GenerateRequest) -> None:
+    def __init__(self, connection: Connection, request: StreamRequest, *, path: str = GENERATE_PATH) -> None:
         self._connection = connection
         self._request = request
+        self._path = path
         self._sync: SyncConnection | None = None
         self._async: AsyncConnection | None = None
         self._finished = False
@@ -99,7 +110,7 @@ class TokenStream:
                     from websockets.sync.client import connect
 
                     self._sync = connect(
-                        self._connection.ws_url(GENERATE_PATH),
+                        self._connection.ws_url(self._path),
                         additional_headers=self._connection.headers,
                         open_timeout=self._connection.timeout,
                         proxy=None,  # a tunnel endpoint, not the internet (see _connection.py)
@@ -224,7 +235,7 @@ class TokenStream:
         from websockets.asyncio.client import connect
 
         self._async = await connect(
-            self._connection.ws_url(GENERATE_PATH),
+            self._connection.ws_url(self._path),
             additional_headers=self._connection.headers,
             open_timeout=self._connection.timeout,
             proxy=None,

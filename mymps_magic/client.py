@@ -2,8 +2,7 @@
 
 Every method is a plain blocking call, safe inside a Jupyter kernel whose event loop is already
 running (nothing here calls ``asyncio.run``). The HTTP connection is kept alive across calls.
-Streams are the one exception to "plain": `stream_generate` returns a `TokenStream`, which is
-also the original client's async iterator.
+`stream_generate` returns a `TokenStream`, a plain iterator and the original's async one.
 
 `Client` declares every public method and its promises, and delegates to two parts: `RestCalls`
 (``_rest.py``, the HTTP endpoints) and `SessionExecution` (``_execution.py``, code run in the
@@ -106,8 +105,9 @@ class Client:
         """The server's status, versions, device and loaded model names. Needs no token.
 
         Returns:
-            ``{"status": "ok", "version", "protocol", "python", "torch", "device",
-            "device_name", "models": [name, ...]}``.
+            ``{"status": "ok", "version", "protocol", "python", "torch", "device" ("mps", "cuda"
+            or "cpu"), "device_name", "models": [name, ...], ...}`` and the original's keys
+            (``mps_available``, ``mps_built``, ``torch_version``, ``models_loaded``: a count).
 
         Raises:
             ConnectionError: the server cannot be reached (tunnel down, server not started).
@@ -307,12 +307,13 @@ class Client:
         """
         return self._rest.image(model, prompt, steps, seed, guidance_scale, width, height, num_images)
 
-    def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def infer(self, model: str, inputs: Mapping[str, Any], *, native_dtype: bool = False) -> dict[str, np.ndarray]:
         """Run a loaded model's forward pass on arrays (the original's ``/infer``).
 
         Args:
             model: a loaded model's name.
             inputs: keyword arguments of the forward pass, as numpy arrays (or lists).
+            native_dtype: floating outputs in the model's dtype, else float32 (as the original).
 
         Returns:
             The outputs by name: ``output`` for a plain tensor, the field names of a
@@ -322,7 +323,7 @@ class Client:
             NotFoundError: the model is not loaded.
             BadRequestError: inputs of the wrong names, shapes or dtypes for the model.
         """
-        return self._rest.infer(model, inputs)
+        return self._rest.infer(model, inputs, native_dtype)
 
     # Code in the remote session.
 

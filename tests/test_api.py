@@ -44,7 +44,7 @@ LONG_TOKENS = 8192
 # A prompt whose greedy continuation has no EOS within SHORT_TOKENS: used for exact comparisons.
 SHORT_TOKENS = 24
 
-STOP_REASONS = {"length", "eos", "stop", "cancelled"}
+STOP_REASONS = {"max_tokens", "eos", "stop", "cancelled"}
 # SPEC 3 says "within milliseconds"; a loaded CI runner gets a generous margin.
 METADATA_BUDGET_S = 0.5
 
@@ -217,7 +217,7 @@ def test_models_lists_every_loaded_model_with_its_description(
     http: httpx.Client, loaded: dict[str, dict[str, Any]], tiny_models: TinyModels
 ) -> None:
     before = time.time()
-    listed = {model["name"]: model for model in http.get("/models").json()["models"]}
+    listed = {model["name"]: model for model in http.get("/models").json()}
 
     specs = _load_specs(tiny_models)
     for name in loaded:
@@ -251,7 +251,7 @@ def test_load_answers_with_the_model_it_loaded(
 def test_loading_a_loaded_name_says_so_and_does_nothing(
     http: httpx.Client, loaded: dict[str, dict[str, Any]], tiny_models: TinyModels
 ) -> None:
-    before = {m["name"]: m for m in http.get("/models").json()["models"]}[LLAMA]
+    before = {m["name"]: m for m in http.get("/models").json()}[LLAMA]
 
     plain = http.post("/models/load", json={"name": LLAMA, "path": str(tiny_models.text_llama)})
     streamed = http.post(
@@ -266,7 +266,7 @@ def test_loading_a_loaded_name_says_so_and_does_nothing(
     assert streamed.headers["content-type"].startswith(wire.NDJSON)
     final = ndjson_lines(streamed)[-1]
     assert final["already_loaded"] is True and final["name"] == LLAMA
-    after = {m["name"]: m for m in http.get("/models").json()["models"]}[LLAMA]
+    after = {m["name"]: m for m in http.get("/models").json()}[LLAMA]
     assert after["loaded_at"] == before["loaded_at"]  # not loaded a second time
 
 
@@ -312,7 +312,7 @@ def test_load_with_a_dtype_shows_it_in_models(http: httpx.Client, tiny_models: T
 
         assert answer.status_code == 200, answer.text
         assert answer.json()["dtype"] == dtype
-        listed = {m["name"]: m for m in http.get("/models").json()["models"]}
+        listed = {m["name"]: m for m in http.get("/models").json()}
         assert listed[name]["dtype"] == dtype
         bytes_per_parameter = 4 if dtype == "float32" else 2
         assert listed[name]["bytes"] >= bytes_per_parameter * listed[name]["parameters"]
@@ -331,14 +331,14 @@ def test_unload_forgets_the_model_and_frees_its_memory(
               "model_class": tiny_models.checkpoint_class},
     )
     assert loaded.status_code == 200, loaded.text
-    size = {m["name"]: m for m in http.get("/models").json()["models"]}[name]["bytes"]
+    size = {m["name"]: m for m in http.get("/models").json()}[name]["bytes"]
 
     answer = http.delete(f"/models/{name}")
 
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"status": "ok", "name": name, "freed_bytes": size}
     assert size > 0
-    assert name not in [m["name"] for m in http.get("/models").json()["models"]]
+    assert name not in [m["name"] for m in http.get("/models").json()]
     assert name not in http.get("/health").json()["models"]
     assert http.get(f"/models/{name}/info").status_code == 404
     assert http.delete(f"/models/{name}").status_code == 404
@@ -474,7 +474,7 @@ def test_generate_answers_text_and_its_statistics(
     assert isinstance(result["text"], str)
     assert 1 <= result["tokens_generated"] <= 20
     assert result["stop_reason"] in STOP_REASONS - {"cancelled", "stop"}
-    if result["stop_reason"] == "length":
+    if result["stop_reason"] == "max_tokens":
         assert result["tokens_generated"] == 20 and result["text"]
     assert result["time_s"] > 0
     assert result["tokens_per_s"] == pytest.approx(result["tokens_generated"] / result["time_s"], rel=0.05)
@@ -508,7 +508,7 @@ def test_generate_at_temperature_zero_is_greedy_and_matches_transformers(
         out = model.generate(**inputs, max_new_tokens=SHORT_TOKENS, do_sample=False)
     expected = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     assert first["text"] == second["text"] == expected
-    assert first["tokens_generated"] == SHORT_TOKENS and first["stop_reason"] == "length"
+    assert first["tokens_generated"] == SHORT_TOKENS and first["stop_reason"] == "max_tokens"
 
 
 def test_generate_stop_strings_cut_the_text(http: httpx.Client, loaded: dict[str, dict[str, Any]]) -> None:

@@ -603,6 +603,6 @@ def test_a_generation_that_would_run_past_the_context_stops_there(server: Server
                                           "temperature": 1.0, "seed": 1})
 
     assert answer.status_code == 200, answer.text
-    assert answer.json()["stop_reason"] in ("length", "eos")
+    assert answer.json()["stop_reason"] in ("max_tokens", "eos")
     assert answer.json()["tokens_generated"] < 256
     assert_healthy(server, (gpt2,))

@@ -121,7 +121,7 @@ def test_generate_streams_the_text_and_says_how_it_ended(env: dict[str, str], ll
     out = mymps(env, "generate", llama, LONG_PROMPT, "--max-new-tokens", "6", "--temperature", "0", "--seed", "1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "the generated text is on stdout"
-    assert re.fullmatch(r"6 tokens in \S+ s, \S+ tokens/s, stopped: length\n", out.stderr), out.stderr
+    assert re.fullmatch(r"6 tokens in \S+ s, \S+ tokens/s, stopped: max_tokens\n", out.stderr), out.stderr
 
 
 def test_no_jobs_says_so(env: dict[str, str]) -> None:

@@ -32,7 +32,7 @@ def error_of(answer: httpx.Response, status: int) -> str:
 
 
 def loaded_kinds(http: httpx.Client) -> dict[str, str]:
-    return {m["name"]: m["kind"] for m in http.get("/models").json()["models"]}
+    return {m["name"]: m["kind"] for m in http.get("/models").json()}
 
 
 @pytest.fixture
@@ -200,7 +200,7 @@ def test_loading_a_loaded_name_with_another_dtype_or_kind_says_to_unload_first(
     for answer in (same, unspecified):
         assert answer.status_code == 200, answer.text
         assert answer.json()["already_loaded"] is True
-    model = {m["name"]: m for m in http.get("/models").json()["models"]}[name]
+    model = {m["name"]: m for m in http.get("/models").json()}[name]
     assert (model["kind"], model["dtype"]) == ("text", "float32")
 
 
@@ -252,7 +252,7 @@ def test_every_load_unload_and_failed_load_is_one_log_line(
     name = "logged-torchscript"
     loaded = http.post("/models/load", json={"name": name, "path": str(tiny_models.torchscript)})
     assert loaded.status_code == 200, loaded.text
-    size = {m["name"]: m for m in http.get("/models").json()["models"]}[name]["bytes"]
+    size = {m["name"]: m for m in http.get("/models").json()}[name]["bytes"]
     assert http.delete(f"/models/{name}").status_code == 200
     failed = http.post("/models/load", json={"name": "logged-missing", "path": "/no/such/model.pt"})
     assert failed.status_code == 404
@@ -301,8 +301,8 @@ def test_a_generation_cut_by_the_context_says_the_context_was_the_limit(
     cut = http.post("/generate", json={**body, "max_new_tokens": 100}).json()
     budget = http.post("/generate", json={**body, "max_new_tokens": 3}).json()
 
-    assert cut["stop_reason"] == "length" and cut["limit"] == "context"
+    assert cut["stop_reason"] == "max_tokens" and cut["limit"] == "context"
     assert "24 tokens" in cut["message"] and "context" in cut["message"]
     assert cut["tokens_generated"] < 24
-    assert budget["stop_reason"] == "length" and budget["limit"] == "max_new_tokens"
+    assert budget["stop_reason"] == "max_tokens" and budget["limit"] == "max_new_tokens"
     assert budget["tokens_generated"] == 3 and "message" not in budget

@@ -313,7 +313,7 @@ def split_stats(run: CellRun) -> tuple[str, str]:
     as an error box, and a normal generation is no error."""
     assert run.stderr == "", f"nothing on stderr for a normal generation: {run.stderr!r}"
     text, _, stats = run.stdout.rstrip("\n").rpartition("\n")
-    assert re.fullmatch(r"\[120 tokens, [\d.]+ tokens/s, stopped by length\]", stats), run.stdout[-200:]
+    assert re.fullmatch(r"\[120 tokens, [\d.]+ tokens/s, stopped by max_tokens\]", stats), run.stdout[-200:]
     return text + "\n", stats
 
 

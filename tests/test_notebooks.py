@@ -176,7 +176,7 @@ def test_quickstart(run_notebook: RunNotebook, server: ServerProcess, tiny_model
     # The stream loop prints the pieces, a newline, then the stats dict.
     streamed, stats_line = nb.stream("stream").rstrip("\n").rsplit("\n", 1)
     stats = ast.literal_eval(stats_line)
-    assert stats["tokens_generated"] >= 1 and stats["stop_reason"] in ("length", "eos"), stats
+    assert stats["tokens_generated"] >= 1 and stats["stop_reason"] in ("max_tokens", "eos"), stats
     assert streamed.strip()
     assert ast.literal_eval(nb.result("generate-call")) == streamed, "same seed, same text: stream and generate agree"
     assert nb.stream("generate-call").startswith(f"{stats['tokens_generated']} tokens, ")

@@ -38,7 +38,7 @@ def until_in_kernel(kernel: Kernel, condition: str, timeout: float = 60.0) -> No
 
 def model_names(server: ServerProcess) -> list[str]:
     answer = httpx.get(f"{server.url}/models", headers=auth(server.token), timeout=30, trust_env=False)
-    return [m["name"] for m in answer.json()["models"]]
+    return [m["name"] for m in answer.json()]
 
 
 def job_ids(server: ServerProcess) -> list[str]:

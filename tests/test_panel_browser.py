@@ -96,7 +96,7 @@ def notebook7(tmp_path: Path, server: ServerProcess) -> Iterator[str]:
 
 def model_names(server: ServerProcess) -> list[str]:
     answer = httpx.get(f"{server.url}/models", headers=auth(server.token), timeout=30, trust_env=False)
-    return [m["name"] for m in answer.json()["models"]]
+    return [m["name"] for m in answer.json()]
 
 
 def run_all_cells(page: Any, panel: Any) -> None:

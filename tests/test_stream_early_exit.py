@@ -91,10 +91,10 @@ def test_a_stream_read_to_the_end_keeps_the_servers_figures(client: Client, llam
     with client.stream_generate(llama, "Machine learning", max_new_tokens=12, temperature=0.0) as stream:
         text = "".join(stream)
     assert text
-    assert stream.stats is not None and stream.stats["stop_reason"] == "length", stream.stats
+    assert stream.stats is not None and stream.stats["stop_reason"] == "max_tokens", stream.stats
     assert stream.stats["tokens_generated"] == 12
     stream.close()  # closing a finished stream changes nothing
-    assert stream.stats["stop_reason"] == "length"
+    assert stream.stats["stop_reason"] == "max_tokens"
 
 
 def test_the_cancel_message_is_answered_by_done_once_the_job_is_gone(server: ServerProcess, client: Client,

@@ -178,7 +178,10 @@ from .messages import welcome as welcome
 from .pickling import dumps as dumps
 from .pickling import global_names as global_names
 from .pickling import loads as loads
+from .rest import DTYPE_FLOAT32 as DTYPE_FLOAT32
+from .rest import DTYPE_NATIVE as DTYPE_NATIVE
 from .rest import EVENT_PROGRESS as EVENT_PROGRESS
+from .rest import HEADER_DTYPE as HEADER_DTYPE
 from .rest import HEADER_MODEL as HEADER_MODEL
 from .rest import MSGPACK as MSGPACK
 from .rest import NDJSON as NDJSON

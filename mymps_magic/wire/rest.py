@@ -3,7 +3,11 @@ bodies (the request bodies are in :mod:`.bodies`, the ``/ws/generate`` messages 
 :mod:`.generate_stream`).
 
 * ``/infer`` bodies, kept compatible with the original mymps ``tensor.py``: a msgpack map of
-  ``name -> {"shape": [..], "dtype": "float32", "data": <raw array bytes>}``.
+  ``name -> {"shape": [..], "dtype": "float32", "data": <raw array bytes>}``, content type
+  :data:`MSGPACK` (the original's). The model is named in the :data:`HEADER_MODEL` header; the
+  answer's floating-point outputs are float32, as the original's were, unless the
+  :data:`HEADER_DTYPE` header says :data:`DTYPE_NATIVE` (the model's own dtype: float16 stays
+  float16, half the bytes; bfloat16, which numpy lacks, still comes as float32).
 * ``/models/load`` progress: NDJSON lines ``{"event": "progress", "stage", "progress", "message"}``
   ending with the same object the plain request answers (``{"status": "ok", ...}``) or an error
   line ``{"error": "..."}``.
@@ -23,7 +27,10 @@ import numpy as np
 from .errors import WireFormatError
 
 HEADER_MODEL = "x-model"
-MSGPACK = "application/msgpack"
+HEADER_DTYPE = "x-dtype"
+DTYPE_NATIVE = "native"
+DTYPE_FLOAT32 = "float32"
+MSGPACK = "application/x-msgpack"
 NDJSON = "application/x-ndjson"
 
 # Event type of a /models/load progress line.
