@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from mymps_magic.wire.keepalive import describe_keep_alive
+from mymps_magic.wire.keepalive import KeepAlive, describe_keep_alive, parse_keep_alive
 
 from .errors import Cancelled, NotFound, OutOfMemory
 from .footprint import format_size
@@ -63,8 +63,9 @@ class Lifetime:
         self._thread = threading.Thread(target=self._run, name="mymps-lifetime", daemon=True)
         self._thread.start()
 
-    def touch(self, name: str, keep_alive: float | None = None) -> None:
-        """A request uses ``name``: restart its timer, and set its ``keep_alive`` if given.
+    def touch(self, name: str, keep_alive: KeepAlive | None = None) -> None:
+        """A request uses ``name``: restart its timer, and set its ``keep_alive`` if given (a
+        request's field, read by the wire's reader already: seconds, or any of its spellings).
 
         Call it once the request's job is submitted (the job keeps the model in use, so a
         ``keep_alive`` of 0 unloads it when that job ends, not before it starts). An unknown
@@ -74,7 +75,7 @@ class Lifetime:
         if model is None:
             return
         if keep_alive is not None:
-            model.keep_alive = keep_alive
+            model.keep_alive = parse_keep_alive(keep_alive)
         model.touch()
         self._watch(name, self._jobs.using(name))
         self._wake.set()

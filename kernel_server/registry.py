@@ -111,6 +111,9 @@ class Keeper(Protocol):
     def changed(self) -> None:
         """A model was loaded or unloaded."""
 
+    def free(self) -> int:
+        """Bytes a load may still take."""
+
 
 class Registry:
     """Name -> :class:`LoadedModel`, safe to read from the event loop while the worker loads."""
@@ -227,7 +230,8 @@ class Registry:
             gc.collect()
             self.device.free_memory()
             if is_out_of_memory(exc):
-                raise OutOfMemory(_allocator_failure(request.name, exc, needed, self.device)) from exc
+                free = self.keeper.free() if self.keeper is not None else self.device.free()
+                raise OutOfMemory(_allocator_failure(request.name, exc, needed, free, self.device.kind)) from exc
             if isinstance(exc, OSError):
                 raise NotFound(f"cannot load {request.source!r}: {first_line(exc)}") from exc
             raise
@@ -284,7 +288,7 @@ _ASKED = re.compile(r"allocate (\d+) bytes|allocate (\d+(?:\.\d+)?) ([KMGT]i?B)"
 _UNIT = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
-def _allocator_failure(name: str, exc: BaseException, estimate: int | None, device: Device) -> str:
+def _allocator_failure(name: str, exc: BaseException, estimate: int | None, free: int, where: str) -> str:
     """The 507's one line when the allocator itself refused: what it was asked for (CPU's "you
     tried to allocate N bytes", CUDA's "Tried to allocate 2.00 GiB"), else the estimate."""
     needed: float | None = estimate
@@ -292,7 +296,7 @@ def _allocator_failure(name: str, exc: BaseException, estimate: int | None, devi
         exact, number, unit = match.groups()
         needed = int(exact) if exact else float(number) * _UNIT[unit[0].lower()]
     wanted = f"needs {footprint.format_size(needed)}" if needed else "needs more memory"
-    return (f"loading {name} {wanted} but {footprint.format_size(device.free())} is free on {device.kind}; "
+    return (f"loading {name} {wanted} but {footprint.format_size(free)} is free on {where}; "
             "the other models stay loaded: unload one (DELETE /models/NAME) or load with a smaller dtype")
 
 
