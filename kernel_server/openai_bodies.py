@@ -3,10 +3,11 @@ them (pydantic, for the 400 and the OpenAPI schema), and the answers, chunks and
 OpenAI's shapes (``openai_api.py`` serves them).
 
 The requests take OpenAI's names (``max_tokens``, ``max_completion_tokens``, ``n``,
-``stream_options``) and two of ours that OpenAI lacks, ``top_k`` and ``repetition_penalty`` (what
-vLLM also takes; the ``openai`` client sends them with ``extra_body``). Fields OpenAI has and a
-local model cannot honour (``user``, ``logprobs: false``, ``presence_penalty`` ...) are ignored,
-as other compatible servers do; ``n`` above 1 and content that is not text are refused.
+``stream_options``) and three that OpenAI lacks: ``top_k`` and ``repetition_penalty`` (what vLLM
+also takes) and Ollama's ``keep_alive``; the ``openai`` client sends them with ``extra_body``.
+Fields OpenAI has and a local model cannot honour (``user``, ``logprobs: false``,
+``presence_penalty`` ...) are ignored, as other compatible servers do; ``n`` above 1 and content
+that is not text are refused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=0, description="not OpenAI's: sample among the k likeliest tokens")
     repetition_penalty: float | None = Field(None, gt=0.0, le=wire.MAX_REPETITION_PENALTY,
                                              description="not OpenAI's: 1 is off")
+    keep_alive: float | str | None = Field(None, description="not OpenAI's (Ollama's): how long the model stays "
+                                           "loaded once idle: seconds, -1 forever, 0 unload now, or '5m'")
 
     @property
     def include_usage(self) -> bool:
@@ -63,7 +66,8 @@ class _Sampling(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         body = {"model": self.model, "prompt": prompt or "-", "max_new_tokens": max_tokens or wire.MAX_NEW_TOKENS,
                 "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": stop}
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "stop": stop,
+                "keep_alive": self.keep_alive}
         try:
             request = wire.GenerateRequest.from_json({key: value for key, value in body.items() if value is not None})
         except wire.WireFormatError as exc:

@@ -77,8 +77,9 @@ def chat_prompt(messages: Sequence[wire.ChatMessage], template: str | None) -> P
 
 def submit(st: ServerState, model: str, prompt: Prompt, params: wire.GenerateRequest,
            on_text: Callable[[str], None] | None) -> Job:
-    """Queue the generation ``params`` asks for, its prompt written by ``prompt`` on the worker;
-    the job's result is ``/generate``'s plus ``prompt_tokens``."""
+    """Queue the generation ``params`` asks for, its prompt written by ``prompt`` on the worker,
+    and keep the model loaded as its ``keep_alive`` says; the job's result is ``/generate``'s plus
+    ``prompt_tokens``."""
 
     def work(job: Job) -> dict[str, Any]:
         loaded = st.registry.get(model, ("text",))
@@ -86,7 +87,9 @@ def submit(st: ServerState, model: str, prompt: Prompt, params: wire.GenerateReq
         result: dict[str, Any] = generation_job(st, replace(params, prompt=text), on_text)(job)
         return {**result, "prompt_tokens": len(loaded.tokenizer(text).input_ids)}
 
-    return st.jobs.submit(work, "generate", model=model)
+    job = st.jobs.submit(work, "generate", model=model)
+    st.lifetime.touch(model, params.keep_alive)  # after the submit: a keep_alive of 0 waits for this job
+    return job
 
 
 async def answer(st: ServerState, request: Request, job: Job) -> dict[str, Any] | None:

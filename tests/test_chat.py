@@ -12,7 +12,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from kit import ServerProcess, TinyModels, auth
+from kit import ServerProcess, TinyModels, auth, wait_for
 
 CHAT = "chat-gpt2"
 PLAIN = "chat-plain"
@@ -167,3 +167,13 @@ def test_ws_chat_refuses_a_first_frame_that_is_not_json(server: ServerProcess, m
     (frame,) = _ws_chat(server, "hello")
 
     assert frame["type"] == "error" and frame["status"] == 400 and "JSON" in frame["error"]
+
+
+def test_a_chat_with_keep_alive_zero_unloads_the_model_once_answered(
+        http: httpx.Client, tiny_models: TinyModels) -> None:
+    assert http.post("/models/load", json={"name": "chat-brief", "path": str(tiny_models.text_gpt2)}).status_code == 200
+
+    answer = http.post("/chat", json={"model": "chat-brief", "messages": CONVERSATION, "keep_alive": 0, **GREEDY})
+
+    assert answer.status_code == 200, answer.text
+    wait_for(lambda: "chat-brief" not in http.get("/health").json()["models"], "chat-brief unloaded")

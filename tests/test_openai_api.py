@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from kit import ServerProcess, TinyModels
+from kit import ServerProcess, TinyModels, wait_for
 
 CHAT = "openai-gpt2"
 PLAIN = "openai-plain"
@@ -158,3 +158,13 @@ def test_a_wrong_key_is_refused(server: ServerProcess, models: None) -> None:
 
     assert "token" in caught.value.message
     assert caught.value.code == "invalid_api_key"
+
+
+def test_keep_alive_in_extra_body_unloads_the_model_once_answered(
+        ai: openai.OpenAI, http: httpx.Client, tiny_models: TinyModels) -> None:
+    assert http.post("/models/load", json={"name": "openai-brief", "path": str(tiny_models.text_gpt2)}).status_code \
+        == 200
+
+    ai.completions.create(model="openai-brief", prompt=PROMPT, max_tokens=2, extra_body={"keep_alive": 0})
+
+    wait_for(lambda: "openai-brief" not in http.get("/health").json()["models"], "openai-brief unloaded")
