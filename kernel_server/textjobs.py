@@ -57,22 +57,29 @@ def chat_prompt(messages: Sequence[wire.ChatMessage], template: str | None) -> P
     """
 
     def write(loaded: LoadedModel) -> str:
-        from jinja2 import TemplateError
-
         tokenizer = loaded.tokenizer
         try:
             text = str(tokenizer.apply_chat_template([m.to_json() for m in messages], chat_template=template,
                                                      add_generation_prompt=True, tokenize=False))
-        except TemplateError as exc:
-            raise BadRequest(f"the chat template failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-        except ValueError as exc:  # transformers' own "no chat template" and the like
-            raise BadRequest(str(exc).splitlines()[0]) from None
+        except Exception as exc:  # a template is code: whatever it raises (raise_exception, 1/0) is the caller's
+            raise BadRequest(f"the chat template failed: {_reason(exc)}") from None
         bos = getattr(tokenizer, "bos_token", None)
         if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
             text = text[len(bos):]
         return text
 
     return write
+
+
+def _reason(exc: Exception) -> str:
+    """The one line of a template's failure: its own message (``raise_exception``'s), else the
+    exception's type and message."""
+    from jinja2 import TemplateError
+
+    lines = str(exc).strip().splitlines()
+    if isinstance(exc, TemplateError) and lines:
+        return lines[0]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def submit(st: ServerState, model: str, prompt: Prompt, params: wire.GenerateRequest,

@@ -148,6 +148,9 @@ def test_a_chat_template_in_the_request_serves_a_model_without_one(http: httpx.C
     ({"model": CHAT, "messages": CONVERSATION, "chat_template": "{% for %}"}, 400, "chat template"),
     ({"model": CHAT, "messages": CONVERSATION, "chat_template": "{{ raise_exception('no system') }}"}, 400,
      "no system"),
+    ({"model": CHAT, "messages": CONVERSATION, "chat_template": "{{ 1 / 0 }}"}, 400, "ZeroDivisionError"),
+    ({"model": CHAT, "messages": CONVERSATION, "keep_alive": "soon"}, 422, "keep_alive"),
+    ({"model": CHAT, "messages": CONVERSATION, "stop": ["x"] * 17}, 422, "stop"),
 ])
 def test_bad_chat_requests_are_one_line_errors_and_the_model_stays_loaded(
         http: httpx.Client, server: ServerProcess, models: None, body: dict[str, Any], status: int,
