@@ -62,6 +62,15 @@ def test_generate_takes_stop_strings_and_a_seed(nb: Kernel, llama: str) -> None:
     assert sampled[0] == sampled[1], "--seed repeats a sampled generation"
 
 
+def test_generate_takes_top_k_and_a_repetition_penalty(nb: Kernel, llama: str) -> None:
+    base = f"%mymps generate {llama} '{LOOP_PROMPT}' --max-new-tokens 30 --no-stream"
+    greedy = ok(nb.execute(f"{base} --temperature 0")).stdout.rpartition("\n[")[0]
+
+    assert ok(nb.execute(f"{base} --temperature 2 --top-k 1 --seed 3")).stdout.rpartition("\n[")[0] == greedy
+    penalised = ok(nb.execute(f"{base} --temperature 0 --repetition-penalty 1.8")).stdout.rpartition("\n[")[0]
+    assert penalised and penalised != greedy, "the greedy loop is broken by the penalty"
+
+
 @pytest.mark.parametrize("flag, option", [("--width 16", "width"), ("--height 16", "height"),
                                           ("--guidance-scale 2.5", "guidance_scale")])
 def test_image_passes_size_and_guidance_to_the_pipeline(nb: Kernel, diffusion: str, flag: str, option: str) -> None:
@@ -92,7 +101,8 @@ def test_push_spellings_are_the_same_for_the_line_and_the_cell(nb: Kernel, spell
 
 
 @pytest.mark.parametrize("code, options", [
-    ("%mymps generate --help", ["--stop", "--seed", "--max-new-tokens", "--no-stream"]),
+    ("%mymps generate --help", ["--stop", "--seed", "--max-new-tokens", "--no-stream", "--top-k",
+                                "--repetition-penalty"]),
     ("%mymps image -h", ["--width", "--height", "--guidance-scale", "--num-images", "--steps"]),
     ("%mymps push --help", ["VAR"]),
     ("%%mymps --help\n1", ["--push", "--pull", "--timeout", "--noblock"]),
