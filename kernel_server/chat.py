@@ -21,7 +21,7 @@ from mymps_magic import wire
 
 from .errors import ServerError, Unprocessable
 from .routing import state_of
-from .schemas import GenerateBody, describe_validation_error
+from .schemas import GenerateBody, KeepAlive, describe_validation_error
 from .textjobs import Pieces, answer, chat_model, chat_prompt, submit
 
 router = APIRouter()
@@ -59,6 +59,7 @@ class ChatBody(BaseModel):
     repetition_penalty: Annotated[float | None, _SAMPLING["repetition_penalty"]]
     seed: Annotated[int | None, _SAMPLING["seed"]]
     stop: Annotated[list[str], _SAMPLING["stop"]]
+    keep_alive: KeepAlive = None
 
     def request(self) -> wire.ChatRequest:
         """The wire's request (``stream`` is how to answer, not part of it).

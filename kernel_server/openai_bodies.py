@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mymps_magic import wire
 
 from .errors import BadRequest
+from .schemas import KeepAlive
 
 OWNER = "mymps"
 OPENAI_PREFIX = "/v1"
@@ -50,8 +51,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=0, description="not OpenAI's: sample among the k likeliest tokens")
     repetition_penalty: float | None = Field(None, gt=0.0, le=wire.MAX_REPETITION_PENALTY,
                                              description="not OpenAI's: 1 is off")
-    keep_alive: float | str | None = Field(None, description="not OpenAI's (Ollama's): how long the model stays "
-                                           "loaded once idle: seconds, -1 forever, 0 unload now, or '5m'")
+    keep_alive: KeepAlive = None
 
     @property
     def include_usage(self) -> bool:

@@ -180,3 +180,13 @@ def test_a_chat_with_keep_alive_zero_unloads_the_model_once_answered(
 
     assert answer.status_code == 200, answer.text
     wait_for(lambda: "chat-brief" not in http.get("/health").json()["models"], "chat-brief unloaded")
+
+
+def test_openapi_shows_chat_and_its_fields(http: httpx.Client) -> None:
+    document = http.get("/openapi.json").json()
+
+    assert {"/chat", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= set(document["paths"])
+    fields = document["components"]["schemas"]["ChatBody"]["properties"]
+    assert {"model", "messages", "chat_template", "stream", "max_new_tokens", "temperature", "top_p", "top_k",
+            "repetition_penalty", "seed", "stop", "keep_alive"} <= set(fields)
+    assert fields["max_new_tokens"]["default"] == 64 and fields["max_new_tokens"]["maximum"] == 8192
