@@ -23,6 +23,7 @@ Examples:
   %mymps health | models | stats | jobs
   %mymps load microsoft/phi-2 --dtype float16
   %mymps generate microsoft/phi-2 "The meaning of life is" --max-new-tokens 32 --stop "\\n\\n" --seed 1
+  %mymps chat microsoft/phi-2 "Hello! Who are you?"   # the conversation goes on until --new
   %mymps image sd-model "a red fox" --steps 20 --seed 1 --width 512 --height 512
   %mymps push x y                    # local variables -> the remote namespace (x,y works too)
   %mymps pull loss_curve             # remote variables -> the local namespace
@@ -47,6 +48,23 @@ stays in the notebook's history."""
 def _add_names(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     """A list of variable names, spelt ``a,b``, ``a b`` or ``a, b`` alike (see `names`)."""
     parser.add_argument(flag, nargs="+", default=[], metavar="VAR", help=text)
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The generation flags ``generate`` and ``chat`` share (`sampling` reads them back)."""
+    parser.add_argument("--max-new-tokens", type=int, default=GenerateRequest.max_new_tokens)
+    parser.add_argument("--temperature", type=float, help="0 means greedy (default: the model's generation_config)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
+    parser.add_argument("--top-k", type=int, help="sample among the K likeliest tokens, 0: all (default: the model's)")
+    parser.add_argument("--repetition-penalty", type=float, help="1: off, above 1 repeats less (default: the model's)")
+    parser.add_argument("--seed", type=int, help="makes sampling repeatable")
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="end when this text is produced (repeatable)")
+
+
+def sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """`Client.generate`'s keyword arguments out of the flags of `_add_sampling`."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "seed": args.seed, "stop": args.stop, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty}
 
 
 def line_parser() -> MagicArgumentParser:
@@ -85,14 +103,16 @@ def line_parser() -> MagicArgumentParser:
     gen = command("generate", "generate text, streamed into the cell")
     gen.add_argument("name", help="a loaded text model")
     gen.add_argument("prompt", help="the text to continue (quote it)")
-    gen.add_argument("--max-new-tokens", type=int, default=GenerateRequest.max_new_tokens)
-    gen.add_argument("--temperature", type=float, help="0 means greedy (default: the model's generation_config)")
-    gen.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's)")
-    gen.add_argument("--top-k", type=int, help="sample among the K likeliest tokens, 0: all (default: the model's)")
-    gen.add_argument("--repetition-penalty", type=float, help="1: off, above 1 repeats less (default: the model's)")
-    gen.add_argument("--seed", type=int, help="makes sampling repeatable")
-    gen.add_argument("--stop", action="append", metavar="TEXT", help="end when this text is produced (repeatable)")
+    _add_sampling(gen)
     gen.add_argument("--no-stream", action="store_true", help="print the text once, at the end")
+    chat = command("chat", "chat with a text model through its chat template; the conversation is kept per "
+                   "model until --new")
+    chat.add_argument("name", help="a loaded text model")
+    chat.add_argument("message", nargs="?", help="your message (quote it)")
+    chat.add_argument("--new", action="store_true", help="start a new conversation (forget the one kept)")
+    chat.add_argument("--system", metavar="TEXT", help="the system message of a new conversation")
+    _add_sampling(chat)
+    chat.add_argument("--no-stream", action="store_true", help="print the reply once, at the end")
     img = command("image", "make images with a diffusion model and show them")
     img.add_argument("name", help="a loaded diffusion model")
     img.add_argument("prompt", help="what to draw (quote it)")

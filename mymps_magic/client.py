@@ -4,24 +4,27 @@ Every method is a plain blocking call, safe inside a Jupyter kernel whose event 
 running (nothing here calls ``asyncio.run``). The HTTP connection is kept alive across calls.
 `stream_generate` returns a `TokenStream`, a plain iterator and the original's async one.
 
-`Client` declares every public method and its promises, and delegates to two parts: `RestCalls`
-(``_rest.py``, the HTTP endpoints) and `SessionExecution` (``_execution.py``, code run in the
-remote session over ``/ws/session``), which share one `Connection`.
+`Client` declares every public method and its promises (the text ones, ``generate``,
+``stream_generate`` and ``chat``, in its base `TextCalls`, ``_textcalls.py``), and delegates to
+two parts: `RestCalls` (``_rest.py``, the HTTP endpoints) and `SessionExecution`
+(``_execution.py``, code run in the remote session over ``/ws/session``), which share one
+`Connection`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mymps_magic._connection import Connection
 from mymps_magic._execution import SessionExecution
-from mymps_magic._rest import RestCalls, generation_request
+from mymps_magic._rest import RestCalls
 from mymps_magic._settings import Settings
-from mymps_magic.wire import GenerateRequest, ProgressEvent
+from mymps_magic._textcalls import TextCalls
+from mymps_magic.wire import ProgressEvent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
     from mymps_magic._cellfuture import CellFuture
     from mymps_magic._futures import RemoteFuture
     from mymps_magic._session import SessionChannel
-    from mymps_magic._stream import TokenStream
     from mymps_magic.display import RemoteValue
     from mymps_magic.panel import Panel
 
@@ -39,7 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_TIMEOUT = 30.0
 
 
-class Client:
+class Client(TextCalls):
     """A connection to a mymps server, usually through the SSH tunnel on localhost.
 
     Example:
@@ -236,54 +238,6 @@ class Client:
         return self._rest.model_info(name)
 
     # Work on the device.
-
-    def generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
-                 temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                 repetition_penalty: float | None = None) -> dict[str, Any]:
-        """Generate text and return it when done (see `stream_generate` for pieces as they come).
-
-        Args:
-            model: a loaded text model's name.
-            prompt: the text to continue.
-            max_new_tokens: at most this many new tokens (1..8192).
-            temperature: sampling temperature (0..10); 0 means greedy.
-            top_p: nucleus sampling mass, in (0, 1].
-            seed: makes sampling repeatable.
-            stop: a string, or strings, that end the generation when produced.
-            top_k: sample among the k likeliest tokens (0: no limit).
-            repetition_penalty: > 0; tokens already seen are made less likely by it (1: off).
-                The sampling settings left at None are the model's own (its ``generation_config``,
-                as ``model.generate`` reads it: greedy unless that says ``do_sample``).
-
-        Returns:
-            ``{"text", "tokens_generated", "time_s", "tokens_per_s",
-            "stop_reason": "max_tokens" | "eos" | "stop" | "cancelled"}``; ``text`` excludes the prompt.
-
-        Raises:
-            NotFoundError: the model is not loaded.
-            BadRequestError: an argument out of range.
-        """
-        return self._rest.generate(generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop,
-                                                      top_k, repetition_penalty))
-
-    def stream_generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
-                        temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
-                        stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                        repetition_penalty: float | None = None) -> TokenStream:
-        """Generate text and receive it piece by piece.
-
-        Nothing is sent until the stream is used. Use it with ``for piece in ...`` or, as in
-        the original client, ``async with ... as s: async for piece in s``. Closing it early
-        cancels the generation on the server; afterwards ``stream.stats`` holds the figures.
-
-        Args and errors: as for `generate`; errors are raised while iterating.
-
-        Returns:
-            A `TokenStream` of text pieces.
-        """
-        return self._rest.stream_generate(generation_request(model, prompt, max_new_tokens, temperature, top_p,
-                                                             seed, stop, top_k, repetition_penalty))
 
     def image(self, model: str, prompt: str, steps: int = 20, *, seed: int | None = None,
               guidance_scale: float | None = None, width: int | None = None, height: int | None = None,

@@ -27,6 +27,7 @@ from mymps_magic.client import Client
 from mymps_magic.display import RemoteValue
 
 if TYPE_CHECKING:
+    from mymps_magic._stream import TokenStream
     from mymps_magic.panel import Panel
 
 
@@ -66,6 +67,32 @@ def notebook_client() -> Client:
     return magics.connected  # type: ignore[no-any-return]
 
 
+def _print_text(result: dict[str, Any]) -> str:
+    """A whole generation's text, then its figures; returns the text."""
+    sys.stdout.write(result["text"] + "\n")  # one write: the kernel may send print's newline apart
+    _print_stats(result)
+    return str(result["text"])
+
+
+def _print_stream(stream: TokenStream) -> str:
+    """A generation's pieces as they come, then its figures; returns the text."""
+    pieces = []
+    with stream:
+        for piece in stream:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    _print_stats(stream.stats or {})
+    return "".join(pieces)
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    # stdout, not stderr: a notebook shows stderr as an error box, and this is no error.
+    sys.stdout.write(f"[{stats.get('tokens_generated')} tokens, {stats.get('tokens_per_s')} tokens/s, "
+                     f"stopped by {stats.get('stop_reason')}]\n")
+
+
 @magics_class
 class MympsMagics(Magics):
     """The magics hold the notebook's one `Client`; every other object comes from it."""
@@ -76,6 +103,8 @@ class MympsMagics(Magics):
         self.client: Client | None = None
         self.mode = RemoteMode(shell)
         self.last_cell: CellFuture | None = None
+        self.conversations: dict[str, list[dict[str, str]]] = {}
+        """Each model's conversation in ``%mymps chat``, kept until ``--new``."""
         self.panel: Panel | None = None
         """The panel ``%mymps status`` showed last, closed when the next one shows."""
         """The handle of the last ``%%mymps --noblock`` cell: what ``%mymps wait`` waits for."""
@@ -173,23 +202,30 @@ class MympsMagics(Magics):
         print(f"Unloaded {args.name} ({_size(answer.get('freed_bytes', 0))} freed).")
 
     def _generate(self, args: argparse.Namespace) -> None:
-        c = self.connected
-        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, stop=args.stop, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+        c, options = self.connected, _magic_args.sampling(args)
         if args.no_stream:
-            result = c.generate(args.name, args.prompt, **options)
-            sys.stdout.write(result["text"] + "\n")  # one write: the kernel may send print's newline apart
-            stats = result
+            _print_text(c.generate(args.name, args.prompt, **options))
         else:
-            with c.stream_generate(args.name, args.prompt, **options) as stream:
-                for piece in stream:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-            stats = stream.stats or {}
-        # stdout, not stderr: a notebook shows stderr as an error box, and this is no error.
-        sys.stdout.write(f"[{stats.get('tokens_generated')} tokens, {stats.get('tokens_per_s')} tokens/s, "
-                         f"stopped by {stats.get('stop_reason')}]\n")
+            _print_stream(c.stream_generate(args.name, args.prompt, **options))
+
+    def _chat(self, args: argparse.Namespace) -> None:
+        if args.message is None and not args.new:
+            raise UsageError(f'give the message: %mymps chat {args.name} "Hello" (--new alone starts over)')
+        if args.system is not None and not args.new and self.conversations.get(args.name):
+            raise UsageError("--system opens a new conversation: add --new")
+        if args.new or args.name not in self.conversations:
+            system = [] if args.system is None else [{"role": "system", "content": args.system}]
+            self.conversations[args.name] = system
+        if args.message is None:
+            print(f"New conversation with {args.name}.")
+            return
+        c, options = self.connected, _magic_args.sampling(args)
+        asked = [*self.conversations[args.name], {"role": "user", "content": args.message}]
+        if args.no_stream:
+            reply = _print_text(c.chat(args.name, asked, **options))
+        else:
+            reply = _print_stream(c.chat(args.name, asked, stream=True, **options))
+        self.conversations[args.name] = [*asked, {"role": "assistant", "content": reply}]
 
     def _image(self, args: argparse.Namespace) -> None:
         images = self.connected.image(args.name, args.prompt, args.steps, seed=args.seed,

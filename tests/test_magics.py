@@ -25,7 +25,7 @@ from notebook_kernel import CellRun, Kernel, ok
 from kit import MakeServer, ServerProcess, TinyModels
 
 GPT2 = "magics-gpt2-unload"
-SUBCOMMANDS = ["connect", "status", "health", "models", "stats", "jobs", "load", "unload", "generate",
+SUBCOMMANDS = ["connect", "status", "health", "models", "stats", "jobs", "load", "unload", "generate", "chat",
                "image", "push", "pull", "reset", "interrupt", "wait", "on", "off"]
 JOB_COLUMNS = ["id", "kind", "state", "model", "session", "progress", "since"]
 # Greedy decoding of this prompt on the tiny Llama loops without EOS (see test_api.py).
