@@ -78,7 +78,9 @@ async def list_models(request: Request) -> list[dict[str, Any]]:
 
 def _loaded_answer(st: ServerState, name: str, started: float, already: bool,
                    ignored: list[str]) -> dict[str, Any]:
-    """The load's answer; ``ignored`` lists the request's fields this endpoint does not know."""
+    """The load's answer; ``ignored`` lists the request's fields this endpoint does not know,
+    ``evicted`` the models unloaded to make room. Made while nothing can unload the model: in
+    the load's job, or before a ``keep_alive`` of 0 applies."""
     model = st.registry.get(name)
     answer = {
         "status": "ok",
@@ -88,6 +90,7 @@ def _loaded_answer(st: ServerState, name: str, started: float, already: bool,
         "dtype": model.describe()["dtype"],
         "load_time_s": round(time.perf_counter() - started, 3),
         "already_loaded": already,
+        "evicted": [] if already else list(model.evicted),
     }
     if already:
         answer["message"] = f"{name} was already loaded; nothing to do"
@@ -105,24 +108,25 @@ async def load_model(body: LoadBody, request: Request) -> Any:
     load_request, ignored = body.request(), body.ignored()
     if st.registry.already_loaded(load_request):  # or a 409: loaded as another kind or dtype
         answer = _loaded_answer(st, load_request.name, started, True, ignored)
+        st.lifetime.touch(load_request.name, load_request.keep_alive)
         return Response(wire.ndjson_line(answer), media_type=wire.NDJSON) if ndjson else answer
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    def work(job: Job) -> bool:
+    def work(job: Job) -> dict[str, Any]:
         if st.registry.already_loaded(load_request):  # loaded by a request queued before this one
-            return True
+            st.lifetime.touch(load_request.name, load_request.keep_alive)
+            return _loaded_answer(st, load_request.name, started, True, ignored)
 
         def progress(stage: str, fraction: float, message: str) -> None:
             job.progress = fraction
             loop.call_soon_threadsafe(events.put_nowait, wire.progress_event(stage, fraction, message))
 
         st.registry.load(load_request, progress, job.check_cancelled)
-        return False
+        return _loaded_answer(st, load_request.name, started, False, ignored)
 
     if not ndjson:
-        already = await run_job(st, work, "load", load_request.name)
-        return _loaded_answer(st, load_request.name, started, already, ignored)
+        return await run_job(st, work, "load", load_request.name)
 
     job = st.jobs.submit(work, "load", model=load_request.name)
 
@@ -134,7 +138,7 @@ async def load_model(body: LoadBody, request: Request) -> Any:
             for event in left_over(events):
                 yield wire.ndjson_line(event)
             try:
-                yield wire.ndjson_line(_loaded_answer(st, load_request.name, started, done.result(), ignored))
+                yield wire.ndjson_line(done.result())
             except BaseException as exc:
                 err = as_server_error(exc)
                 yield wire.ndjson_line(wire.error_body(err.message, err.status, err.code))
@@ -186,7 +190,12 @@ async def infer(request: Request) -> Response:
     except wire.WireFormatError as exc:
         raise BadRequest(str(exc)) from None
     native = dtype == wire.DTYPE_NATIVE
-    outputs = await run_job(st, lambda job: inference.infer(st.registry.get(name), inputs, native), "infer", name)
+
+    def work(job: Job) -> dict[str, Any]:
+        st.lifetime.touch(name)  # from the running job: its end restarts the model's timer
+        return inference.infer(st.registry.get(name), inputs, native)
+
+    outputs = await run_job(st, work, "infer", name)
     return Response(wire.pack_tensors(outputs), media_type=wire.MSGPACK)
 
 
@@ -199,6 +208,7 @@ async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
     params = body.request()
     st.registry.get(params.model, ("text",))
     job = st.jobs.submit(generation_job(st, params, None), "generate", model=params.model)
+    st.lifetime.touch(params.model, params.keep_alive)
     done = asyncio.wrap_future(job)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -237,6 +247,7 @@ async def image(body: ImageBody, request: Request) -> dict[str, Any]:
             job.progress = fraction
 
         loaded = st.registry.get(asked.model, ("diffusion",))
+        st.lifetime.touch(asked.model)  # from the running job: its end restarts the model's timer
         return inference.image(loaded, asked, check_cancelled=job.check_cancelled, on_progress=on_progress)
 
     return await run_job(st, work, "image", asked.model)  # type: ignore[no-any-return]

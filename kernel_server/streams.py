@@ -106,6 +106,7 @@ async def ws_generate(ws: WebSocket) -> None:
         generation_job(st, params, on_text),
         "generate", model=params.model, session="ws",
     )
+    st.lifetime.touch(params.model, params.keep_alive)
     done = asyncio.wrap_future(job)
     heard = asyncio.ensure_future(ws.receive())  # a goodbye, or a message it should not send
     try:
