@@ -59,9 +59,10 @@ class RestCalls:
 
     def load_model(self, name: str, kind: str | None, dtype: str, path: str | None, model_class: str | None,
                    trust_remote_code: bool,
-                   progress: bool | Callable[[wire.ProgressEvent], None]) -> dict[str, Any]:
+                   progress: bool | Callable[[wire.ProgressEvent], None],
+                   keep_alive: wire.KeepAlive | None = None) -> dict[str, Any]:
         body = wire.LoadRequest(name, wire.DETECT if kind is None else kind, dtype, path, model_class,
-                                trust_remote_code).to_json()
+                                trust_remote_code, keep_alive).to_json()
         if progress is False:
             return self._connection.json("POST", "/models/load", json_body=body, wait=True)
         if callable(progress):
@@ -143,12 +144,13 @@ class RestCalls:
 
 def generation_request(model: str, prompt: str, max_new_tokens: int, temperature: float | None,
                        top_p: float | None, seed: int | None, stop: str | Sequence[str] | None,
-                       top_k: int | None, repetition_penalty: float | None) -> wire.GenerateRequest:
+                       top_k: int | None, repetition_penalty: float | None,
+                       keep_alive: wire.KeepAlive | None = None) -> wire.GenerateRequest:
     """The request of ``POST /generate`` and the first frame of ``/ws/generate``: the same fields
     (``stop`` may be one string)."""
     stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
     return wire.GenerateRequest(model, prompt, max_new_tokens, temperature, top_p, seed, stops, top_k,
-                                repetition_penalty)
+                                repetition_penalty, keep_alive)
 
 
 def _path_segment(name: str) -> str:

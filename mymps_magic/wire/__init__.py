@@ -149,6 +149,8 @@ from .generate_stream import done_message as done_message
 from .generate_stream import error_message as error_message
 from .generate_stream import read_generate_message as read_generate_message
 from .generate_stream import token_message as token_message
+from .keepalive import KeepAlive as KeepAlive
+from .keepalive import parse_keep_alive as parse_keep_alive
 from .messages import REQUEST_KINDS as REQUEST_KINDS
 from .messages import Hello as Hello
 from .messages import Output as Output
