@@ -103,7 +103,7 @@ def as_server_error(exc: BaseException) -> ServerError:
         return Cancelled("the job was cancelled before it finished")
     if is_out_of_memory(exc):
         return OutOfMemory(
-            f"the device ran out of memory ({str(exc).splitlines()[0][:200]}); "
+            f"the device ran out of memory ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]}); "
             "unload a model (`DELETE /models/NAME`) or use a smaller input or dtype"
         )
     return ServerError(f"{type(exc).__name__}: {exc}")

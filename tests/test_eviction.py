@@ -130,3 +130,18 @@ def test_bad_memory_settings_stop_the_start_in_one_line(tmp_path: Path, args: li
     assert done.returncode == 2
     line = done.stderr.strip()
     assert "\n" not in line and line.startswith(f"mymps serve: {named}")
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GiB, other allocations: 1.00 GiB)"),
+])
+def test_the_allocators_failures_are_out_of_memory(failure: BaseException) -> None:
+    """What torch's allocators raise on cpu and mps (cuda's is torch.OutOfMemoryError) maps to the 507."""
+    from kernel_server.errors import as_server_error, is_out_of_memory
+
+    assert is_out_of_memory(failure)
+    assert as_server_error(failure).status == 507
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

@@ -188,14 +188,21 @@ def test_a_request_without_keep_alive_restarts_the_timer(make_server: MakeServer
         assert listed["expires_at"] > first
 
 
-def test_ws_generate_takes_keep_alive(make_server: MakeServer, tiny_models: TinyModels) -> None:
+def test_ws_generate_takes_keep_alive_and_the_running_stream_keeps_the_model(
+        make_server: MakeServer, tiny_models: TinyModels, tmp_path: Path) -> None:
     server = make_server()
+    copy = never_ending_copy(tiny_models.text_llama, tmp_path / "llama")
     with rest(server) as http:
-        load(http, "streamed", tiny_models.text_llama)
+        load(http, "streamed", copy)
         with websockets.sync.client.connect(server.ws_url(), additional_headers=auth(server.token)) as ws:
-            ws.send(json.dumps({"model": "streamed", "prompt": "hi", "max_new_tokens": 2, "keep_alive": 0}))
-            while json.loads(ws.recv())["type"] != "done":
-                pass
+            ws.send(json.dumps({"model": "streamed", "prompt": "hi", "max_new_tokens": 40, "keep_alive": 0}))
+            tokens = 0
+            while (message := json.loads(ws.recv()))["type"] == "token":
+                tokens += 1
+                if tokens == 20:  # halfway: keep_alive 0 applies only once the stream ends
+                    assert "streamed" in models(http)
+                    assert not queued(http, "unload", "streamed")
+            assert message["type"] == "done" and message["tokens_generated"] == 40
         wait_for(lambda: gone(http, "streamed"), "the model to be unloaded after the keep_alive 0 stream")
 
 
