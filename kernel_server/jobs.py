@@ -298,11 +298,9 @@ class JobQueue:
                 failure = exc
             # Off the list before the answer goes out: a client that got its answer and then
             # asks /jobs must not see the job still running. The answer goes out from the
-            # job's done callbacks, the last thing before the worker waits again.
+            # job's done callbacks; ``on_running`` (a file write) comes after, off its way.
             with self._lock:
                 self._running = None
-            if self._on_running is not None:
-                self._on_running(None)
             if failure is None:
                 job.set_result(result)
             else:
@@ -311,6 +309,8 @@ class JobQueue:
                 job.set_exception(failure)
                 if self._on_failure is not None:
                     self._on_failure(failure)
+            if self._on_running is not None:
+                self._on_running(None)
             # Keep nothing of a finished job while waiting for the next: its work may hold a
             # session that is about to be reaped, with all of its namespace, and its result may
             # be a value of gigabytes the client has long received.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import os
 import select
@@ -44,6 +45,25 @@ MAX_MESSAGE = 1 << 30
 (data in ``wire.CHUNK`` pieces, output frames within its ``--session-buffer``, 256 MiB by
 default), while a broken or hostile server cannot make it allocate without bound."""
 """Bytes asked of the socket at once: large enough that a big message takes few system calls."""
+
+_MASKS_AT_ONCE = 1024
+"""Masking keys fetched from the OS in one call (see ``ClientWebSocket._next_mask``)."""
+
+
+def _libc_send() -> Callable[[int, bytes, int, int], int] | None:
+    """libc's ``send``, called without letting go of the GIL (see `ClientWebSocket._send_small`);
+    None where there is no libc to load (Windows)."""
+    try:
+        send = ctypes.PyDLL(None).send
+    except (OSError, AttributeError, TypeError):
+        return None
+    send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    send.restype = ctypes.c_ssize_t
+    return send
+
+
+_SEND = _libc_send()
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # never blocks holding the GIL: what does not fit goes by sendall
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _SHORT = struct.Struct(">H")
@@ -82,6 +102,7 @@ class ClientWebSocket:
         self._pos = 0
         self._chunk = bytearray(_READ_SIZE)  # read into, then appended: no fresh 1 MiB object per read
         self._send_lock = threading.Lock()
+        self._masks, self._mask_at = b"", 0  # masking keys fetched ahead (see _next_mask)
         self._fragments: list[bytes] = []
         self.consumed = 0
         """Bytes of the stream taken so far: a read stopped (Ctrl-C) before it took any left the
@@ -122,7 +143,6 @@ class ClientWebSocket:
 
     def send(self, payload: bytes | bytearray | memoryview, opcode: int = OP_BINARY) -> None:
         """Send one message (masked, as RFC 6455 asks of a client). Raises OSError when broken."""
-        mask = os.urandom(4)
         n = memoryview(payload).nbytes
         if n < 126:
             head = bytes((0x80 | opcode, 0x80 | n))
@@ -130,13 +150,38 @@ class ClientWebSocket:
             head = bytes((0x80 | opcode, 0x80 | 126)) + _SHORT.pack(n)
         else:
             head = bytes((0x80 | opcode, 0x80 | 127)) + _LONG.pack(n)
-        body = apply_mask(payload, mask) if n else b""
         with self._send_lock:
+            mask = self._next_mask()
+            body = apply_mask(payload, mask) if n else b""
             if n < 1 << 16:
-                self.sock.sendall(head + mask + body)
+                self._send_small(head + mask + body)
             else:
                 self.sock.sendall(head + mask)
                 self.sock.sendall(body)
+
+    def _send_small(self, data: bytes) -> None:
+        """Send a message that fits the socket's buffer without letting go of the GIL (the sender
+        holds the send lock). ``socket.sendall`` lets go of it for the system call, and in a
+        Jupyter kernel the IOPub thread, busy with the cell's first messages, then takes it and
+        the request leaves only when that thread is done; sent here, the request is on its way
+        first, and the IOPub thread runs while the server works (an empty ``run_cell`` in a
+        kernel, on a busy 2-core machine: 0.59 -> 0.35 ms above a local cell, one run of 300
+        cells each). What does not fit at once goes by ``sendall``."""
+        sent = -1
+        if _SEND is not None and _DONTWAIT:
+            sent = _SEND(self.sock.fileno(), data, len(data), _DONTWAIT)
+        if sent < len(data):
+            self.sock.sendall(memoryview(data)[max(sent, 0):])
+
+    def _next_mask(self) -> bytes:
+        """A fresh masking key (the sender holds the send lock). The keys come from the OS's
+        strong entropy, as RFC 6455 asks, but :data:`_MASKS_AT_ONCE` at a time: ``os.urandom``
+        is a system call that lets go of the GIL, and in a Jupyter kernel, at the start of a cell,
+        the kernel's IOPub thread takes it there and a quick call waits for it to finish."""
+        if self._mask_at >= len(self._masks):
+            self._masks, self._mask_at = os.urandom(4 * _MASKS_AT_ONCE), 0
+        self._mask_at += 4
+        return self._masks[self._mask_at - 4:self._mask_at]
 
     # -- receiving -------------------------------------------------------------------------------
 
