@@ -206,6 +206,19 @@ def test_ws_generate_takes_keep_alive_and_the_running_stream_keeps_the_model(
         wait_for(lambda: gone(http, "streamed"), "the model to be unloaded after the keep_alive 0 stream")
 
 
+def test_chat_and_the_openai_endpoints_take_keep_alive(make_server: MakeServer, tiny_models: TinyModels) -> None:
+    server = make_server()
+    messages = [{"role": "user", "content": "hi"}]
+    with rest(server) as http:
+        for name, path, body in (
+                ("chatted", "/chat", {"messages": messages, "max_new_tokens": 2}),
+                ("completed", "/v1/chat/completions", {"messages": messages, "max_tokens": 2})):
+            load(http, name, tiny_models.text_llama)
+            answer = http.post(path, json={"model": name, "keep_alive": 0, **body})
+            assert answer.status_code == 200, answer.text
+            wait_for(lambda name=name: gone(http, name), f"{name} to be unloaded after its keep_alive 0 {path}")
+
+
 def test_a_model_in_use_does_not_expire_until_its_jobs_end(make_server: MakeServer, tiny_models: TinyModels,
                                                           tmp_path: Path) -> None:
     """keep_alive 0 for a generation queued behind another job: the model stays for it."""
