@@ -103,6 +103,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.mymps.lifetime.close()  # no expiry unloads queued while the queue closes
             sessions.close()
             queue.close()
 
