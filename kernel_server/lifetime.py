@@ -77,6 +77,8 @@ class Lifetime:
         if keep_alive is not None:
             model.keep_alive = parse_keep_alive(keep_alive)
         model.touch()
+        if model.keep_alive < 0:  # kept forever (the default): nothing to watch, no thread to wake
+            return
         self._watch(name, self._jobs.using(name))
         self._wake.set()
 
