@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app, make_job_queue
-    from .auth import load_or_create_token
+    from .auth import TokenKeeper, load_or_create_token
     from .device import select_device
     from .jobs import INTERRUPT_SIGNAL
     from .serverstate import server_version
@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mymps serve: {exc}", file=sys.stderr)
         sock.close()
         return 2
-    setup_logging(settings.home, token)
+    keeper = TokenKeeper(token, None if settings.token else settings.resolved_token_file)  # `mymps token rotate`
+    setup_logging(settings.home, lambda: keeper.known)
     marker = RunMarker(settings.home)
     jobs = make_job_queue(device, own_thread=False, on_running=marker.on_running)
-    app = create_app(settings, token=token, device=device, jobs=jobs)
+    app = create_app(settings, token=keeper, device=device, jobs=jobs)
     host, port = sock.getsockname()[:2]
     where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mymps_magic import wire
 from mymps_magic.wire import LoadRequest
 
-from .auth import GuardMiddleware
+from .auth import GuardMiddleware, TokenKeeper
 from .chat import router as chat_router
 from .device import Device, select_device
 from .errors import ServerError, as_server_error
@@ -77,13 +77,14 @@ def make_job_queue(
 
 
 def create_app(
-    settings: Settings, *, token: str, device: Device | None = None, jobs: JobQueue | None = None
+    settings: Settings, *, token: str | TokenKeeper, device: Device | None = None, jobs: JobQueue | None = None
 ) -> FastAPI:
     """Build the app.
 
     Args:
         settings: the server's settings.
-        token: the token every request but ``GET /health`` must carry.
+        token: the token every request but ``GET /health`` must carry: fixed, or the keeper of
+            a token file that ``mymps token rotate`` may change while the server runs.
         device: defaults to the one ``settings.device`` selects.
         jobs: a queue whose worker the caller runs (``python -m kernel_server`` runs it on the
             main thread, so interrupts break sleeps); by default one with its own thread.
@@ -135,7 +136,8 @@ def create_app(
         return JSONResponse(wire.error_body(message), status_code=exc.status_code, headers=exc.headers)
 
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
-    app.add_middleware(GuardMiddleware, token=token, max_body=settings.max_body, token_source=token_source)
+    keeper = token if isinstance(token, TokenKeeper) else TokenKeeper(token)
+    app.add_middleware(GuardMiddleware, token=keeper, max_body=settings.max_body, token_source=token_source)
     app.add_middleware(ErrorLog)  # outermost: it also sees the guard's 401s and 413s
     return app
 

@@ -11,6 +11,7 @@ would turn any exception raised while it reads a body into a 400.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -23,6 +24,8 @@ from mymps_magic import wire
 from .errors import TokenFileError
 from .openai_bodies import OPENAI_PREFIX, error_code
 from .openai_bodies import error_body as openai_error
+
+log = logging.getLogger("kernel_server")
 
 # Paths anyone who reaches the port may call: they reveal no token and run nothing.
 PUBLIC_PATHS = frozenset({"/health"})
@@ -63,15 +66,67 @@ def new_token() -> str:
     return secrets.token_hex(32)
 
 
+class TokenKeeper:
+    """The token the server accepts now.
+
+    A token from ``MYMPS_TOKEN`` is fixed. One from the token file may be replaced while the
+    server runs (``mymps token rotate`` writes a new file): every check stats the file, about a
+    microsecond, and reads it again when it changed, so the old token is refused from the next
+    request on, without a restart. A file that goes missing or empty keeps the token in use.
+
+    Args:
+        token: the token in use at start.
+        file: the token file to follow; None for a fixed token.
+    """
+
+    def __init__(self, token: str, file: Path | None = None) -> None:
+        self.file = file
+        self._stamp = self._stat()
+        self._header = f"Bearer {token}".encode()
+        self.known: tuple[str, ...] = (token,)
+        """Every token this server has accepted: the log redacts them all, old ones included."""
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.file is None:
+            return None
+        try:
+            st = os.stat(self.file)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def header(self) -> bytes:
+        """``Bearer <token>`` as the Authorization header must carry it now."""
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            self._reload()
+        return self._header
+
+    def _reload(self) -> None:
+        assert self.file is not None
+        try:
+            token = self.file.read_text().strip()
+        except OSError as exc:
+            log.warning("the token file %s changed but cannot be read (%s); the token stays as it was",
+                        self.file, exc.strerror)
+            return
+        if not token or f"Bearer {token}".encode() == self._header:
+            return
+        self.known += (token,)
+        self._header = f"Bearer {token}".encode()
+        log.info("the token file %s changed: its new token is in use, the old one is refused", self.file)
+
+
 class GuardMiddleware:
     """Token check and body limit for every HTTP request and WebSocket handshake."""
 
-    def __init__(self, app: ASGIApp, *, token: str, max_body: int, token_source: str) -> None:
+    def __init__(self, app: ASGIApp, *, token: TokenKeeper, max_body: int, token_source: str) -> None:
         """``token_source`` says where the server's token is (its file's path, or
         ``MYMPS_TOKEN``), for the 401 message: the path is no secret, and a user whose server
         keeps its home elsewhere than ``~/.mymps`` needs it to find the token."""
         self.app = app
-        self._token = f"Bearer {token}".encode()
+        self._token = token
         self.max_body = max_body
         self._unauthorized = (f"missing or wrong token: send 'Authorization: Bearer <token>' (the token is in "
                               f"{token_source} on the server; `mymps tunnel` fetches it)")
@@ -79,7 +134,7 @@ class GuardMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope.get("headers", ()):
             if key == b"authorization":
-                return hmac.compare_digest(value, self._token)
+                return hmac.compare_digest(value, self._token.header())
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -60,29 +60,33 @@ def private_file(path: Path) -> Path:
 
 
 class RedactToken(logging.Filter):
-    """Replaces the token in a record's message and traceback: the log never holds it."""
+    """Replaces the tokens in a record's message and traceback: the log never holds one.
 
-    def __init__(self, token: str) -> None:
+    ``tokens`` says which: every token the server has accepted (a rotated one too)."""
+
+    def __init__(self, tokens: Callable[[], Iterable[str]]) -> None:
         super().__init__()
-        self.token = token
+        self.tokens = tokens
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.token in message:
-            record.msg, record.args = message.replace(self.token, "<token>"), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self.token in record.exc_text:
-            record.exc_text = record.exc_text.replace(self.token, "<token>")
+        for token in self.tokens():
+            if token in message:
+                message = message.replace(token, "<token>")
+                record.msg, record.args = message, None
+            if record.exc_text and token in record.exc_text:
+                record.exc_text = record.exc_text.replace(token, "<token>")
         return True
 
 
-def setup_logging(home: Path, token: str) -> Path:
+def setup_logging(home: Path, tokens: Callable[[], Iterable[str]]) -> Path:
     """Send every INFO line of the ``kernel_server`` loggers to stderr and to
     ``home/server.log`` (0600), token redacted; and crash tracebacks (``faulthandler``) to the
-    same file. Returns the log's path."""
+    same file. ``tokens`` gives the tokens to redact. Returns the log's path."""
     path = private_file(home / "server.log")
-    redact = RedactToken(token)
+    redact = RedactToken(tokens)
     handlers: list[logging.Handler] = [logging.StreamHandler(), logging.FileHandler(path)]
     for handler in handlers:
         handler.addFilter(redact)

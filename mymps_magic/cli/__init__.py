@@ -14,6 +14,7 @@ import argparse
 import sys
 
 import mymps_magic
+from mymps_magic.cli import token
 
 __all__ = ["main"]
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_tunnel(verbs)
     _add_deploy(verbs)
     _add_server_verbs(verbs)
+    token.add_parser(verbs)
     # add_help=False: `mymps dashboard --help` passes through to the dashboard's own options.
     verbs.add_parser("dashboard", add_help=False,
                      help="serve the web dashboard on this machine (its options: mymps dashboard --help)",
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tunnel(args)
     if args.verb == "deploy":
         return _deploy(args)
+    if args.verb == "token":
+        return token.run(args)
     return _demo()
 
 
