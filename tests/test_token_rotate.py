@@ -17,6 +17,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from kit import REPO_ROOT, MakeServer, ServerProcess, auth
+from mymps_magic import Client
+from sshd import SSHServer, sshd  # noqa: F401  (the fixture)
 
 
 def rotate(home: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -95,3 +97,27 @@ def test_a_token_file_that_cannot_be_written_is_one_line(tmp_path: Path) -> None
 
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "cannot write" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_tunnel_fetches_the_rotated_token_when_it_reconnects(
+    sshd: SSHServer, make_server: MakeServer, tmp_path: Path  # noqa: F811
+) -> None:
+    from test_tunnel import TunnelProcess
+
+    server = make_server(token_file=True)
+    tunnel = TunnelProcess(sshd, server, tmp_path / "local-home")
+    try:
+        tunnel.wait_for(" up: ")
+        assert tunnel.token_file.read_text().strip() == server.token
+        assert rotate(server.home, server.port).returncode == 0
+        new = (server.home / "token").read_text().strip()
+
+        tunnel.ssh_child().kill()  # the connection drops, as a laptop's does
+        tunnel.wait_for("reconnected in")
+
+        assert tunnel.token_file.read_text().strip() == new
+        with Client("127.0.0.1", tunnel.local_port, token_file=tunnel.token_file) as client:
+            assert client.models() == []
+    finally:
+        tunnel.stop()

@@ -234,6 +234,7 @@ class Tunnel:
             time.sleep(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
             try:
                 self._start()
+                self.fetch_token()  # it may have been rotated meanwhile (`mymps token rotate`)
             except CommandError as exc:
                 self._stop_ssh()
                 if attempt == 1:
