@@ -69,6 +69,10 @@ class Frame:
         return self.fields.get(key, default)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def cloudpickle_version() -> str:
     import cloudpickle
 
@@ -149,11 +153,14 @@ class FrameDecoder:
         if len(bufs) > MAX_BUFFERS:
             raise WireFormatError(f"a frame lists {len(bufs):,} buffers, over the limit of {MAX_BUFFERS:,}; "
                                   "send fewer, larger values (e.g. stack the arrays)")
-        try:
-            sizes = [int(n) for n in bufs]
-            frame = Frame(str(header.pop("t")), int(header.pop("id", 0)), header)
-        except (TypeError, ValueError) as exc:
-            raise WireFormatError(f"the frame header has a bad id or buffer size ({exc})") from None
+        frame_id = header.pop("id", 0)
+        # Integers only: int() would take 1.5 as 1 and "7" as 7, and the answer would then carry
+        # an id its sender never used.
+        if not all(_is_int(n) for n in [frame_id, *bufs]):
+            raise WireFormatError(f"the frame header's id and buffer sizes must be integers, not {frame_id!r} "
+                                  f"and {bufs[:8]!r}")
+        sizes = list(bufs)
+        frame = Frame(str(header.pop("t")), frame_id, header)
         if any(n < 0 for n in sizes):
             raise WireFormatError("a buffer size in the frame header is negative")
         if self.max_size is not None and sum(sizes) > self.max_size:
