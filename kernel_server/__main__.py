@@ -8,6 +8,7 @@ token file: each a ``ServerStartError``) end the process with one line on stderr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import socket
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
-    log.info("mymps server %s on http://%s:%s%s, device %s (%s); token in %s",
-             server_version(), host, port, where, device.kind, device.name, token_source)
+    log.info("mymps server %s on http://%s:%s%s, device %s (%s); token in %s; event loop %s",
+             server_version(), host, port, where, device.kind, device.name, token_source,
+             "uvloop" if importlib.util.find_spec("uvloop") else "asyncio (pip install uvloop: quicker calls)")
     marker.report_previous()
     marker.create(version=server_version(), address=f"{host}:{port}", home=str(settings.home))
     watch_os_exit(marker, lambda: describe_job(jobs.running) if jobs.running else "")
