@@ -1,9 +1,9 @@
-"""A frame fuzzer for ``/ws/session`` and ``/ws/generate`` (issue 16, item 2).
+"""A frame fuzzer for ``/ws/session``, ``/ws/generate`` and every other streaming WebSocket (issue 16, item 2).
 
 Each case sends one kind of bad input on a connection of its own: truncated msgpack, wrong types,
 huge declared lengths, unknown types, text where binary is expected, reused and decreasing ids,
-pickles that raise in ``__setstate__`` or ``__reduce__``, and for ``/ws/generate`` bodies of every
-wrong shape. Each must get an error frame or a close with a code and a reason, within a bound that
+pickles that raise in ``__setstate__`` or ``__reduce__``, and for ``/ws/generate`` and the app's
+other streaming WebSockets (read from its router, as ``/ws/chat``) bodies of every wrong shape. Each must get an error frame or a close with a code and a reason, within a bound that
 tells "hung" from "slow"; afterwards another session still runs code and a generation still
 streams. The cases are built from the wire's own frames, cut and bent, so a change to the wire
 carries over.
@@ -226,10 +226,11 @@ GENERATE_CASES: dict[str, Callable[[], list[bytes | str]]] = {
 }
 
 
-def generate_answers(server: ServerProcess, messages: list[bytes | str]) -> tuple[list[dict[str, Any]], Any]:
+def generate_answers(server: ServerProcess, messages: list[bytes | str], path: str = "/ws/generate"
+                     ) -> tuple[list[dict[str, Any]], Any]:
     """Every message the server sends until it closes, and the close (code, reason)."""
     answers: list[dict[str, Any]] = []
-    with connect(server.ws_url("/ws/generate"), additional_headers=auth(server.token), proxy=None,
+    with connect(server.ws_url(path), additional_headers=auth(server.token), proxy=None,
                  open_timeout=30, max_size=None) as ws:
         for message in messages:
             ws.send(message)
@@ -241,12 +242,22 @@ def generate_answers(server: ServerProcess, messages: list[bytes | str]) -> tupl
             return answers, (received.code, received.reason) if received is not None else (None, "")
 
 
+def streaming_routes() -> list[str]:
+    """The app's WebSockets that take one JSON request and stream an answer: all but the session's."""
+    from test_security_boundary import app_routes
+
+    return [path for method, path in app_routes() if method == "WS" and path != "/ws/session"]
+
+
 @pytest.mark.slow
-def test_every_bad_generate_message_gets_an_error_or_a_clear_close(server: ServerProcess, text_model: str) -> None:
+@pytest.mark.parametrize("path", streaming_routes())
+def test_every_bad_generate_message_gets_an_error_or_a_clear_close(
+    server: ServerProcess, text_model: str, path: str
+) -> None:
     unclear: list[str] = []
     for name, messages in GENERATE_CASES.items():
         try:
-            answers, (code, reason) = generate_answers(server, messages())
+            answers, (code, reason) = generate_answers(server, messages(), path)
         except TimeoutError:
             unclear.append(f"{name}: no answer and no close in {ANSWER_TIMEOUT_S:g} s")
             continue
@@ -263,5 +274,5 @@ def test_every_bad_generate_message_gets_an_error_or_a_clear_close(server: Serve
 
     health = httpx.get(f"{server.url}/health", trust_env=False, timeout=30)
     assert health.status_code == 200 and TEXT in health.json()["models"]
-    answers, (code, _) = generate_answers(server, [good(max_new_tokens=3, temperature=0)])
+    answers, (code, _) = generate_answers(server, [good(max_new_tokens=3, temperature=0)])  # on /ws/generate
     assert [a["type"] for a in answers] == ["token"] * 3 + ["done"] and code == 1000
