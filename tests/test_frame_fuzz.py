@@ -1,11 +1,11 @@
-"""A frame fuzzer for ``/ws/session``, ``/ws/generate`` and every other streaming WebSocket (issue 16, item 2).
+"""A frame fuzzer for ``/ws/session`` and the streaming WebSockets (issue 16, item 2).
 
 Each case sends one kind of bad input on a connection of its own: truncated msgpack, wrong types,
 huge declared lengths, unknown types, text where binary is expected, reused and decreasing ids,
-pickles that raise in ``__setstate__`` or ``__reduce__``, and for ``/ws/generate`` and the app's
-other streaming WebSockets (read from its router, as ``/ws/chat``) bodies of every wrong shape. Each must get an error frame or a close with a code and a reason, within a bound that
-tells "hung" from "slow"; afterwards another session still runs code and a generation still
-streams. The cases are built from the wire's own frames, cut and bent, so a change to the wire
+pickles that raise in ``__setstate__`` or ``__reduce__``; and to ``/ws/generate`` and the app's
+other streaming WebSockets (read from its router: ``/ws/chat``), JSON of every wrong shape. Each
+must get an error frame or a close with a code and a reason, within a bound that tells "hung"
+from "slow"; afterwards another session still runs code and a generation still streams. The cases are built from the wire's own frames, cut and bent, so a change to the wire
 carries over.
 """
 
