@@ -104,10 +104,10 @@ class Decoding:
         Reported as the ``compile`` stage; nothing to do where nothing is compiled."""
         if not self.compiled:
             return
-        progress("compile", 0.0, f"compiling the decoding step for {FIRST_BUCKET} positions (once per model)")
+        progress("compile", 0.85, f"compiling the decoding step for {FIRST_BUCKET} positions (once per model)")
         start = time.perf_counter()
         ids = tokenizer("Once upon a time", return_tensors="pt").input_ids.to(next(model.parameters()).device)
         for _ in range(3):
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                            pad_token_id=0, **self.options(model, FIRST_BUCKET))
-        progress("compile", 1.0, f"decoding compiled in {time.perf_counter() - start:.1f} s")
+        progress("compile", 0.95, f"decoding compiled in {time.perf_counter() - start:.1f} s")
