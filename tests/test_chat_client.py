@@ -81,3 +81,13 @@ def test_chat_magic_without_a_message_needs_new(nb: Kernel, model: str) -> None:
 
     cleared = ok(nb.execute(f"%mymps chat {model} --new"))
     assert f"new conversation with {model}" in cleared.stdout.lower()
+
+
+def test_chat_magic_system_opens_a_new_conversation(nb: Kernel, model: str) -> None:
+    ok(nb.execute(f"%mymps chat {model} 'Hi' --new --system 'Be brief.' --max-new-tokens 2"))
+    kept = ok(nb.execute("print(get_ipython().magics_manager.registry['MympsMagics'].conversations"
+                         f"[{model!r}][:2])")).stdout
+    assert kept.startswith("[{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]")
+
+    run = nb.execute(f"%mymps chat {model} 'Again' --system 'Be long.'")
+    assert "add --new" in str(run.error) + run.stderr + run.stdout
