@@ -121,3 +121,25 @@ def test_the_tunnel_fetches_the_rotated_token_when_it_reconnects(
             assert client.models() == []
     finally:
         tunnel.stop()
+
+
+def test_a_bad_port_is_named_in_one_line(tmp_path: Path) -> None:
+    done = rotate(tmp_path, 1, "--port", "not-a-port")
+
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "not-a-port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_token_file_emptied_or_removed_keeps_the_token_in_force(make_server: MakeServer) -> None:
+    server = make_server(token_file=True)
+    token_file = server.home / "token"
+
+    token_file.write_text("\n")
+    assert status_with(server, server.token) == 200
+    token_file.unlink()
+    assert status_with(server, server.token) == 200
+    assert status_with(server, "wrong") == 401
+
+    token_file.write_text("a-new-token-by-hand\n")  # any way of writing the file counts, not only the command
+    assert status_with(server, "a-new-token-by-hand") == 200
+    assert status_with(server, server.token) == 401
