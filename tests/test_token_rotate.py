@@ -61,13 +61,17 @@ def test_rotate_makes_the_running_server_refuse_the_old_token_and_take_the_new(m
                            env={**env, "MYMPS_HOME": str(server.home)})
     assert found.returncode == 0 and found.stdout.strip() == "0", found.stderr
 
-    # Rotating again works the same; the log says so and holds neither token.
+    # Rotating again works the same; the log says so and holds neither token, though both were
+    # in paths it logged (a 404 for a model named like the token).
+    for token in (old, new):
+        assert httpx.get(f"{server.url}/models/{token}/info", headers=auth(new), trust_env=False).status_code == 404
     assert rotate(server.home, server.port).returncode == 0
     assert status_with(server, new) == 401
     server.stop()
     log = (server.home / "server.log").read_text()
     assert log.count("its new token is in use") == 2
     assert old not in log and new not in log
+    assert log.count("GET /models/<token>/info -> 404") == 2
 
 
 def test_rotate_with_no_server_running_writes_the_token_for_its_next_start(tmp_path: Path) -> None:
