@@ -151,6 +151,7 @@ def test_a_chat_template_in_the_request_serves_a_model_without_one(http: httpx.C
     ({"model": CHAT, "messages": CONVERSATION, "chat_template": "{{ 1 / 0 }}"}, 400, "ZeroDivisionError"),
     ({"model": CHAT, "messages": CONVERSATION, "keep_alive": "soon"}, 422, "keep_alive"),
     ({"model": CHAT, "messages": CONVERSATION, "stop": ["x"] * 17}, 422, "stop"),
+    ({"model": CHAT, "messages": [{"role": "user", "content": "fox " * 300}]}, 400, "shorten the prompt"),
 ])
 def test_bad_chat_requests_are_one_line_errors_and_the_model_stays_loaded(
         http: httpx.Client, server: ServerProcess, models: None, body: dict[str, Any], status: int,
@@ -190,3 +191,11 @@ def test_openapi_shows_chat_and_its_fields(http: httpx.Client) -> None:
     assert {"model", "messages", "chat_template", "stream", "max_new_tokens", "temperature", "top_p", "top_k",
             "repetition_penalty", "seed", "stop", "keep_alive"} <= set(fields)
     assert fields["max_new_tokens"]["default"] == 64 and fields["max_new_tokens"]["maximum"] == 8192
+
+
+def test_a_streamed_chat_that_fails_ends_with_an_error_line(http: httpx.Client, models: None) -> None:
+    too_long = [{"role": "user", "content": "fox " * 300}]
+
+    *_, last = _ndjson(http, {"model": CHAT, "messages": too_long, "stream": True})
+
+    assert last["type"] == "error" and last["status"] == 400 and "shorten the prompt" in last["error"]

@@ -168,3 +168,11 @@ def test_keep_alive_in_extra_body_unloads_the_model_once_answered(
     ai.completions.create(model="openai-brief", prompt=PROMPT, max_tokens=2, extra_body={"keep_alive": 0})
 
     wait_for(lambda: "openai-brief" not in http.get("/health").json()["models"], "openai-brief unloaded")
+
+
+def test_a_stream_that_fails_raises_openais_error_with_the_servers_line(ai: openai.OpenAI, models: None) -> None:
+    stream = ai.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "fox " * 300}],
+                                        stream=True)
+
+    with pytest.raises(openai.APIError, match="shorten the prompt"):
+        list(stream)
