@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
+from mymps_magic import wire
+
 from .errors import ServerError
 from .openai_bodies import (
     OPENAI_PREFIX,
@@ -93,8 +95,9 @@ async def completions(body: CompletionBody, request: Request) -> Any:
                            body.stream, body.include_usage)
 
 
-async def _complete(st: ServerState, request: Request, model: str, prompt: Prompt, params: Any, shape: Answer,
-                    stream: bool, include_usage: bool) -> Any:
+async def _complete(st: ServerState, request: Request, model: str, prompt: Prompt, params: wire.GenerateRequest,
+                    shape: Answer, stream: bool, include_usage: bool) -> Any:
+    """Answer the completion whole, or as server-sent events."""
     if stream:
         return StreamingResponse(_events(Pieces(st, model, prompt, params), shape, include_usage), media_type=SSE)
     result = await answer(st, request, submit(st, model, prompt, params, None))
