@@ -78,9 +78,9 @@ async def models(request: Request) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionBody, request: Request) -> Any:
     """A chat completion through the model's chat template."""
     st = state_of(request)
-    chat_model(st, body.model, None)
+    chat_model(st, body.model, body.chat_template)
     params = body.generation("", body.max_completion_tokens or body.max_tokens)
-    return await _complete(st, request, body.model, chat_prompt(body.messages_read(), None), params,
+    return await _complete(st, request, body.model, chat_prompt(body.messages_read(), body.chat_template), params,
                            Answer(body.model, chat=True), body.stream, body.include_usage)
 
 

@@ -3,8 +3,9 @@ them (pydantic, for the 400 and the OpenAPI schema), and the answers, chunks and
 OpenAI's shapes (``openai_api.py`` serves them).
 
 The requests take OpenAI's names (``max_tokens``, ``max_completion_tokens``, ``n``,
-``stream_options``) and three that OpenAI lacks: ``top_k`` and ``repetition_penalty`` (what vLLM
-also takes) and Ollama's ``keep_alive``; the ``openai`` client sends them with ``extra_body``.
+``stream_options``) and some that OpenAI lacks: ``top_k``, ``repetition_penalty`` and, for a chat,
+``chat_template`` (what vLLM also takes) and Ollama's ``keep_alive``; the ``openai`` client sends
+them with ``extra_body``.
 Fields OpenAI has and a local model cannot honour (``user``, ``logprobs: false``,
 ``presence_penalty`` ...) are ignored, as other compatible servers do; ``n`` above 1 and content
 that is not text are refused.
@@ -100,6 +101,8 @@ class ChatCompletionBody(_Sampling):
 
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=wire.MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=wire.MAX_NEW_TOKENS, description="as max_tokens")
+    chat_template: str | None = Field(None, min_length=1, description="not OpenAI's (vLLM's): a Jinja chat "
+                                      "template instead of the tokenizer's own")
 
     def messages_read(self) -> tuple[wire.ChatMessage, ...]:
         return tuple(message.message() for message in self.messages)

@@ -31,8 +31,8 @@ GONE = "cancelled: its client went away"
 
 def no_template(model: str) -> str:
     return (f"model {model!r} has no chat template (its tokenizer config has none): send one with the request "
-            "as `chat_template` (a Jinja string, e.g. the model family's from the hub), or write the prompt "
-            "yourself and use /generate")
+            "as `chat_template` (a Jinja string, e.g. the model family's from the hub; OpenAI clients put it in "
+            "extra_body), or write the prompt yourself and use /generate or /v1/completions")
 
 
 def chat_model(st: ServerState, model: str, template: str | None) -> LoadedModel:

@@ -176,3 +176,14 @@ def test_a_stream_that_fails_raises_openais_error_with_the_servers_line(ai: open
 
     with pytest.raises(openai.APIError, match="shorten the prompt"):
         list(stream)
+
+
+def test_a_chat_template_in_extra_body_serves_a_model_without_one(ai: openai.OpenAI, models: None) -> None:
+    from kernel_server.tinymodels import CHAT_TEMPLATE
+
+    with_own = ai.chat.completions.create(model=CHAT, messages=CONVERSATION, max_tokens=TOKENS, temperature=0)
+
+    given = ai.chat.completions.create(model=PLAIN, messages=CONVERSATION, max_tokens=TOKENS, temperature=0,
+                                       extra_body={"chat_template": CHAT_TEMPLATE})
+
+    assert given.choices[0].message.content == with_own.choices[0].message.content
