@@ -182,6 +182,16 @@ class RemoteShell(InteractiveShell):
             lines = transform(lines)
         return "".join(lines)
 
+    def should_run_async(self, raw_cell: str, *, transformed_cell: str | None = None,
+                         preprocessing_exc_tuple: Any = None) -> bool:
+        """IPython's, but without compiling a cell that never says ``await`` or ``async``: only
+        those can await at its top level, and IPython compiles every cell once more to find out
+        (``shell.run`` here: 73 -> 68 us for ``pass``, 1,300 -> 940 us for 30 lines)."""
+        if transformed_cell is not None and "await" not in transformed_cell and "async" not in transformed_cell:
+            return False
+        return bool(super().should_run_async(raw_cell, transformed_cell=transformed_cell,
+                                             preprocessing_exc_tuple=preprocessing_exc_tuple))
+
     @contextlib.contextmanager
     def _tee(self, channel: str) -> Iterator[None]:
         """IPython (9) keeps every cell's printed text for its history, for the whole session
