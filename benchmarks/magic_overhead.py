@@ -78,6 +78,14 @@ def machine_line() -> str:
             f"load average {load} at the start")
 
 
+def event_loop(server: ServerProcess) -> str:
+    """The server's event loop as its start line in server.log names it (uvloop where installed)."""
+    for line in (server.home / "server.log").read_text(errors="replace").splitlines():
+        if "event loop " in line:
+            return line.rsplit("event loop ", 1)[1]
+    return "not in server.log"
+
+
 def round_trip(kernel: Kernel, code: str) -> float:
     """Seconds from sending the cell until its reply and the kernel's idle status are both in."""
     kc = kernel.client
@@ -117,6 +125,7 @@ def main() -> None:
 
     print(machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp, ServerProcess(Path(tmp) / "home") as server:
+        print(f"server event loop: {event_loop(server)}", flush=True)
         kernel = Kernel(Path(tmp) / "kernel", env={
             "MYMPS_SERVER_HOST": server.host, "MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token,
         })
