@@ -37,7 +37,6 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_line())
 
-    import httpx
     import openai
     from transformers import AutoTokenizer
 
@@ -49,8 +48,6 @@ def main() -> None:
         prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(CONVERSATION, add_generation_prompt=True,
                                                                          tokenize=False)
         with ServerProcess(Path(tmp) / "home") as server, Client(port=server.port, token=server.token) as c, \
-                httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {server.token}"},
-                             timeout=600, trust_env=False) as http, \
                 openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0) as ai:
             c.load_model(name, progress=False)
             n = args.tokens
@@ -65,9 +62,13 @@ def main() -> None:
                 return int((stream.stats or {})["tokens_generated"])
 
             def chat() -> int:
-                answer = http.post("/chat", json={"model": name, "messages": CONVERSATION, "max_new_tokens": n,
-                                                  "temperature": 0})
-                return int(answer.json()["tokens_generated"])
+                return int(c.chat(name, CONVERSATION, max_new_tokens=n, temperature=0)["tokens_generated"])
+
+            def ws_chat() -> int:
+                with c.chat(name, CONVERSATION, stream=True, max_new_tokens=n, temperature=0) as stream:
+                    for _ in stream:
+                        pass
+                return int((stream.stats or {})["tokens_generated"])
 
             def openai_chat() -> int:
                 done = ai.chat.completions.create(model=name, messages=CONVERSATION,  # type: ignore[arg-type]
@@ -87,6 +88,7 @@ def main() -> None:
 
             rows: dict[str, Callable[[], int]] = {
                 "POST /generate": generate, "/ws/generate stream": ws_generate, "POST /chat": chat,
+                "/ws/chat stream": ws_chat,
                 "/v1/chat/completions": openai_chat, "/v1/chat/completions stream": openai_chat_stream,
                 "/v1/completions": openai_completion,
             }
