@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mymps_magic import wire
 
@@ -164,9 +163,11 @@ class _Detokenizer:
         return piece
 
 
-class _Watch(StoppingCriteria):
+class _Watch:
     """Sees each token as ``model.generate`` makes it: streams its text, and stops the generation
-    at an end token, a stop string, the token budget or a cancel.
+    at an end token, a stop string, the token budget or a cancel. A transformers
+    ``StoppingCriteria`` by its call, without the base class, whose import would add a second to
+    every server's start (transformers is imported on the first load instead).
 
     A stopping criterion rather than a streamer, because transformers 5.17 calls the criteria
     before the streamer: a stop string found by a streamer would be seen one token (one more
@@ -251,6 +252,8 @@ def generate(
     watch = _Watch(detok, eos, budget, is_cancelled, on_text, on_progress)
     pad = getattr(tokenizer, "pad_token_id", None)
     decoding = Decoding.for_model(model)
+    from transformers import StoppingCriteriaList
+
     with _seeded(device, params.seed):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
                        stopping_criteria=StoppingCriteriaList([watch]),

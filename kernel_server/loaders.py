@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import decoding
 from .device import Device
 from .errors import BadRequest, NotFound, Unprocessable
 from .progress import Steps
@@ -86,6 +87,7 @@ def _load_text(req: LoadRequest, dtype: torch.dtype, device: Device, progress: P
     progress("device", 0.8, f"moving to {device.kind}")
     # transformers wraps Module.to in functools.wraps, whose type loses the bound self.
     model = model.to(device.torch_device).eval()  # type: ignore[arg-type]
+    decoding.prepare(model, tokenizer, progress)  # on CUDA: the decoding step compiled now, not in a request
     return model, tokenizer
 
 
