@@ -18,7 +18,7 @@ from mymps_magic.client import DEFAULT_TIMEOUT, Client
 
 if TYPE_CHECKING:
     from mymps_magic._stream import TokenStream
-    from mymps_magic.wire import ProgressEvent
+    from mymps_magic.wire import KeepAlive, ProgressEvent
 
 ORIGINAL_DTYPE = "float16"
 ORIGINAL_MAX_NEW_TOKENS = 256
@@ -58,29 +58,30 @@ class MympsClient(Client):
     def load_model(self, name: str, dtype: str = ORIGINAL_DTYPE,  # type: ignore[override]
                    kind: str | None = None, *, path: str | None = None, model_class: str | None = None,
                    trust_remote_code: bool = False,
-                   progress: bool | Callable[[ProgressEvent], None] = True) -> dict[str, Any]:
+                   progress: bool | Callable[[ProgressEvent], None] = True,
+                   keep_alive: KeepAlive | None = None) -> dict[str, Any]:
         """`Client.load_model` with the original's order and default: ``load_model(name, dtype="float16")``.
 
         ``dtype`` takes torch's spellings too (``half``, ``float``, ``bf16``...). float16 on a CPU
         server loads and runs, slower than float32 there: pass ``dtype="auto"`` for the device's choice.
         """
         return super().load_model(name, kind, dtype, path=path, model_class=model_class,
-                                  trust_remote_code=trust_remote_code, progress=progress)
+                                  trust_remote_code=trust_remote_code, progress=progress, keep_alive=keep_alive)
 
     def generate(self, model: str, prompt: str, max_new_tokens: int = ORIGINAL_MAX_NEW_TOKENS,
                  temperature: float | None = ORIGINAL_TEMPERATURE, top_p: float | None = ORIGINAL_TOP_P, *,
                  seed: int | None = None, stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                 repetition_penalty: float | None = None) -> dict[str, Any]:
+                 repetition_penalty: float | None = None, keep_alive: KeepAlive | None = None) -> dict[str, Any]:
         """`Client.generate` with the original's defaults (256 tokens, temperature 1, top-p 1)."""
         return super().generate(model, prompt, max_new_tokens, temperature, top_p, seed=seed, stop=stop,
-                                top_k=top_k, repetition_penalty=repetition_penalty)
+                                top_k=top_k, repetition_penalty=repetition_penalty, keep_alive=keep_alive)
 
     def stream_generate(self, model: str, prompt: str, max_new_tokens: int = ORIGINAL_MAX_NEW_TOKENS,
                         temperature: float | None = ORIGINAL_TEMPERATURE, top_p: float | None = ORIGINAL_TOP_P, *,
                         seed: int | None = None, stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                        repetition_penalty: float | None = None) -> TokenStream:
+                        repetition_penalty: float | None = None, keep_alive: KeepAlive | None = None) -> TokenStream:
         """`Client.stream_generate` with the original's defaults; the stream's ``.result`` holds
         the original's figures (``text``, ``tokens_generated``, ``time_s``, ``tokens_per_s``,
         ``stop_reason``) once it ends."""
         return super().stream_generate(model, prompt, max_new_tokens, temperature, top_p, seed=seed, stop=stop,
-                                       top_k=top_k, repetition_penalty=repetition_penalty)
+                                       top_k=top_k, repetition_penalty=repetition_penalty, keep_alive=keep_alive)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from mymps_magic import _chat
 from mymps_magic._rest import generation_request
-from mymps_magic.wire import GenerateRequest
+from mymps_magic.wire import GenerateRequest, KeepAlive
 
 if TYPE_CHECKING:
     from mymps_magic._chat import Messages
@@ -31,7 +31,7 @@ class TextCalls:
     def generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
                  temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                 repetition_penalty: float | None = None) -> dict[str, Any]:
+                 repetition_penalty: float | None = None, keep_alive: KeepAlive | None = None) -> dict[str, Any]:
         """Generate text and return it when done (see `stream_generate` for pieces as they come).
 
         Args:
@@ -46,6 +46,8 @@ class TextCalls:
             repetition_penalty: > 0; tokens already seen are made less likely by it (1: off).
                 The sampling settings left at None are the model's own (its ``generation_config``,
                 as ``model.generate`` reads it: greedy unless that says ``do_sample``).
+            keep_alive: how long the model stays loaded once idle after this request: seconds,
+                -1 forever, 0 unload when done, or a duration such as ``"5m"``; None: as it was.
 
         Returns:
             ``{"text", "tokens_generated", "time_s", "tokens_per_s",
@@ -56,12 +58,12 @@ class TextCalls:
             BadRequestError: an argument out of range.
         """
         return self._rest.generate(generation_request(model, prompt, max_new_tokens, temperature, top_p, seed, stop,
-                                                      top_k, repetition_penalty))
+                                                      top_k, repetition_penalty, keep_alive))
 
     def stream_generate(self, model: str, prompt: str, max_new_tokens: int = GenerateRequest.max_new_tokens,
                         temperature: float | None = None, top_p: float | None = None, *, seed: int | None = None,
                         stop: str | Sequence[str] | None = None, top_k: int | None = None,
-                        repetition_penalty: float | None = None) -> TokenStream:
+                        repetition_penalty: float | None = None, keep_alive: KeepAlive | None = None) -> TokenStream:
         """Generate text and receive it piece by piece.
 
         Nothing is sent until the stream is used. Use it with ``for piece in ...`` or, as in
@@ -74,33 +76,35 @@ class TextCalls:
             A `TokenStream` of text pieces.
         """
         return self._rest.stream_generate(generation_request(model, prompt, max_new_tokens, temperature, top_p,
-                                                             seed, stop, top_k, repetition_penalty))
+                                                             seed, stop, top_k, repetition_penalty, keep_alive))
 
     @overload
     def chat(self, model: str, messages: Messages, stream: Literal[False] = False, *,
              max_new_tokens: int = ..., temperature: float | None = ..., top_p: float | None = ...,
              seed: int | None = ..., stop: str | Sequence[str] | None = ..., top_k: int | None = ...,
-             repetition_penalty: float | None = ..., chat_template: str | None = ...) -> dict[str, Any]: ...
+             repetition_penalty: float | None = ..., chat_template: str | None = ...,
+             keep_alive: KeepAlive | None = ...) -> dict[str, Any]: ...
 
     @overload
     def chat(self, model: str, messages: Messages, stream: Literal[True], *,
              max_new_tokens: int = ..., temperature: float | None = ..., top_p: float | None = ...,
              seed: int | None = ..., stop: str | Sequence[str] | None = ..., top_k: int | None = ...,
-             repetition_penalty: float | None = ..., chat_template: str | None = ...) -> TokenStream: ...
+             repetition_penalty: float | None = ..., chat_template: str | None = ...,
+             keep_alive: KeepAlive | None = ...) -> TokenStream: ...
 
     def chat(self, model: str, messages: Messages, stream: bool = False, *,
              max_new_tokens: int = GenerateRequest.max_new_tokens, temperature: float | None = None,
              top_p: float | None = None, seed: int | None = None, stop: str | Sequence[str] | None = None,
              top_k: int | None = None, repetition_penalty: float | None = None,
-             chat_template: str | None = None) -> dict[str, Any] | TokenStream:
+             chat_template: str | None = None, keep_alive: KeepAlive | None = None) -> dict[str, Any] | TokenStream:
         """Continue a conversation: the server's chat template writes the prompt from ``messages``.
 
         Args:
             model: a loaded text model's name; its tokenizer needs a chat template, or give one.
             messages: ``[{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]``.
             stream: return a `TokenStream` of the reply's pieces (over ``/ws/chat``) instead.
-            max_new_tokens, temperature, top_p, seed, stop, top_k, repetition_penalty: as for
-                `generate` (None: the model's ``generation_config``).
+            max_new_tokens, temperature, top_p, seed, stop, top_k, repetition_penalty, keep_alive:
+                as for `generate` (None: the model's ``generation_config``).
             chat_template: a Jinja chat template to use instead of the tokenizer's own.
 
         Returns:
@@ -116,7 +120,7 @@ class TextCalls:
         """
         request = _chat.chat_request(model, messages, chat_template, {
             "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-            "stop": stop, "top_k": top_k, "repetition_penalty": repetition_penalty})
+            "stop": stop, "top_k": top_k, "repetition_penalty": repetition_penalty, "keep_alive": keep_alive})
         if stream:
             return _chat.stream_chat(self._connection, request)
         return _chat.chat(self._connection, request)

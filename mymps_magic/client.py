@@ -24,7 +24,7 @@ from mymps_magic._execution import SessionExecution
 from mymps_magic._rest import RestCalls
 from mymps_magic._settings import Settings
 from mymps_magic._textcalls import TextCalls
-from mymps_magic.wire import ProgressEvent
+from mymps_magic.wire import KeepAlive, ProgressEvent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -184,8 +184,10 @@ class Client(TextCalls):
 
     def load_model(self, name: str, kind: str | None = None, dtype: str = "auto", *, path: str | None = None,
                    model_class: str | None = None, trust_remote_code: bool = False,
-                   progress: bool | Callable[[ProgressEvent], None] = True) -> dict[str, Any]:
-        """Load a model onto the server's device, where it stays until unloaded.
+                   progress: bool | Callable[[ProgressEvent], None] = True,
+                   keep_alive: KeepAlive | None = None) -> dict[str, Any]:
+        """Load a model onto the server's device, where it stays until unloaded (or its
+        ``keep_alive`` runs out).
 
         Loading a name that is already loaded does nothing and says so (``already_loaded``).
 
@@ -202,10 +204,13 @@ class Client(TextCalls):
             progress: show a progress bar while the server loads; False for none; or a callable
                 that gets each ``ProgressEvent`` (``stage``, ``progress`` 0..1, ``message``)
                 to show it its own way (the panel's Load form does).
+            keep_alive: how long it stays loaded once idle: seconds, -1 forever, 0 unload when
+                idle, or a duration such as ``"5m"``; None: the server's ``--keep-alive``
+                (forever unless set).
 
         Returns:
             ``{"status": "ok", "name", "device", "kind", "dtype", "load_time_s",
-            "already_loaded"}``.
+            "already_loaded"}``, and ``"evicted"``: the idle models unloaded to make room.
 
         Raises:
             BadRequestError: unknown kind or dtype, or a source the server cannot load.
@@ -213,7 +218,7 @@ class Client(TextCalls):
             ServerError: the load failed on the server; 507 means out of device memory (the
                 other models stay loaded).
         """
-        return self._rest.load_model(name, kind, dtype, path, model_class, trust_remote_code, progress)
+        return self._rest.load_model(name, kind, dtype, path, model_class, trust_remote_code, progress, keep_alive)
 
     def unload_model(self, name: str) -> dict[str, Any]:
         """Unload a model and give its device memory back.

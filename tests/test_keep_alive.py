@@ -285,3 +285,18 @@ def test_a_bad_keep_alive_is_a_422_naming_the_spellings(server: ServerProcess, t
         assert kept in listed and "keep-alive-other" not in listed
         assert listed[kept]["expires_at"] is None
         assert http.get("/health").json()["status"] == "ok"
+
+
+def test_the_client_passes_keep_alive_on_load_generate_stream_and_chat(make_server: MakeServer,
+                                                                       tiny_models: TinyModels) -> None:
+    server = make_server()
+    with Client(port=server.port, token=server.token) as client, rest(server) as http:
+        client.load_model("kept", path=str(tiny_models.text_llama), dtype="float32", progress=False, keep_alive="5m")
+        assert models(http)["kept"]["keep_alive"] == 300
+        client.generate("kept", "Once", max_new_tokens=2, keep_alive=-1)
+        assert models(http)["kept"]["expires_at"] is None
+        with client.stream_generate("kept", "Once", max_new_tokens=2, keep_alive="1h") as stream:
+            "".join(stream)
+        assert models(http)["kept"]["keep_alive"] == 3600
+        client.chat("kept", [{"role": "user", "content": "hi"}], max_new_tokens=2, keep_alive=0)
+        wait_for(lambda: gone(http, "kept"), "the model unloaded after the chat that asked keep_alive 0")

@@ -119,7 +119,7 @@ def test_unknown_model_is_one_line_listing_the_loaded_ones(nb: Kernel, llama: st
 @pytest.mark.parametrize("code, ename, says", [
     ("%mymps load /nonexistent/model-dir", "NotFoundError", "'/nonexistent/model-dir' does not exist on the server"),
     ("%mymps load errors-x --kind weird", "BadRequestError", "'text', 'diffusion', 'auto', 'torchscript' or 'checkpoint'"),
-    ("%mymps load errors-x --dtype float7", "BadRequestError", "'auto', 'float32', 'float16' or 'bfloat16'"),
+    ("%mymps load errors-x --dtype float7", "BadRequestError", "'float16', 'bfloat16', 'half'"),
     ("%mymps generate errors-x 'p' --max-new-tokens 0", "BadRequestError", "max_new_tokens"),
 ])
 def test_arguments_the_server_rejects_are_one_line(nb: Kernel, code: str, ename: str, says: str) -> None:
