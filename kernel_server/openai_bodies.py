@@ -50,7 +50,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(None, ge=0, description="not OpenAI's: sample among the k likeliest tokens")
-    repetition_penalty: float | None = Field(None, gt=0.0, le=wire.MAX_REPETITION_PENALTY,
+    repetition_penalty: float | None = Field(None, ge=wire.MIN_REPETITION_PENALTY, le=wire.MAX_REPETITION_PENALTY,
                                              description="not OpenAI's: 1 is off")
     keep_alive: KeepAlive = None
 

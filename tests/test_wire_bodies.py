@@ -46,7 +46,7 @@ def _edges() -> list[tuple[type[BaseModel], dict[str, Any]]]:
         (GenerateBody, gen, "temperature", [None]),
         (GenerateBody, gen, "top_p", [0, 1, 1.01, None]),
         (GenerateBody, gen, "top_k", [-1, 0, 50, 2.5, None]),
-        (GenerateBody, gen, "repetition_penalty", [0, 0.5, 1, wire.MAX_REPETITION_PENALTY,
+        (GenerateBody, gen, "repetition_penalty", [0, 1e-78, wire.MIN_REPETITION_PENALTY, 0.5, 1, wire.MAX_REPETITION_PENALTY,
                                                    wire.MAX_REPETITION_PENALTY + 0.1, None]),
         (GenerateBody, gen, "seed", [-1, 0, wire.MAX_SEED - 1, wire.MAX_SEED]),
         (GenerateBody, gen, "stop", [["x"] * wire.MAX_STOP_STRINGS, ["x"] * (wire.MAX_STOP_STRINGS + 1)]),

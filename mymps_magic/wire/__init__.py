@@ -88,12 +88,14 @@ from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
 from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
 from .bodies import MAX_IMAGES as MAX_IMAGES
 from .bodies import MAX_NEW_TOKENS as MAX_NEW_TOKENS
+from .bodies import GREEDY_BELOW as GREEDY_BELOW
 from .bodies import MAX_REPETITION_PENALTY as MAX_REPETITION_PENALTY
 from .bodies import MAX_SEED as MAX_SEED
 from .bodies import MAX_STEPS as MAX_STEPS
 from .bodies import MAX_STOP_STRINGS as MAX_STOP_STRINGS
 from .bodies import MAX_TEMPERATURE as MAX_TEMPERATURE
 from .bodies import MIN_IMAGE_SIDE as MIN_IMAGE_SIDE
+from .bodies import MIN_REPETITION_PENALTY as MIN_REPETITION_PENALTY
 from .bodies import DType as DType
 from .bodies import DTypeSpelling as DTypeSpelling
 from .bodies import GenerateRequest as GenerateRequest

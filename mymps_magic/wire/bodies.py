@@ -41,6 +41,11 @@ DEFAULT_DTYPE: Final = "auto"
 
 MAX_NEW_TOKENS = 8192
 MAX_TEMPERATURE = 10.0
+GREEDY_BELOW = 1e-3
+"""A temperature under this decodes greedily: dividing the logits by a smaller one overflows them
+(1e-300 gave NaN probabilities, a 500), and sampling that cold picks the likeliest token anyway."""
+MIN_REPETITION_PENALTY = 0.01
+"""The smallest penalty taken: dividing by a far smaller one (1e-78) overflowed the logits."""
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63
@@ -133,12 +138,13 @@ class GenerateRequest:
         model: the name of a loaded text model.
         prompt: the text to continue (not empty).
         max_new_tokens: at most this many new tokens (1 to :data:`MAX_NEW_TOKENS`).
-        temperature: 0 for greedy decoding, up to :data:`MAX_TEMPERATURE`; None: the model's.
+        temperature: 0 for greedy decoding (as is any under :data:`GREEDY_BELOW`), up to
+            :data:`MAX_TEMPERATURE`; None: the model's.
         top_p: nucleus sampling mass, above 0 and at most 1; None: the model's.
         seed: makes sampling repeatable (0 to 2**63-1), or None.
         stop: strings that end the generation (at most :data:`MAX_STOP_STRINGS`).
         top_k: sample among the k likeliest tokens only (0: no limit); None: the model's.
-        repetition_penalty: above 0, up to :data:`MAX_REPETITION_PENALTY`; tokens already in the
+        repetition_penalty: :data:`MIN_REPETITION_PENALTY` to :data:`MAX_REPETITION_PENALTY`; tokens already in the
             prompt or the output are made less likely by this factor (1: off); None: the model's.
         keep_alive: how long the model stays loaded once this request ends (as
             :class:`LoadRequest`'s); None: as long as it would have.
@@ -192,13 +198,16 @@ class GenerateRequest:
             raise WireFormatError(f"top_p must be a number above 0 and at most 1, or null, not {top_p!r}")
         if top_k is not None and (not _is_int(top_k) or top_k < 0):
             raise WireFormatError(f"top_k must be an integer from 0 (no limit) up, or null, not {top_k!r}")
-        if penalty is not None and (not _is_number(penalty) or not 0.0 < penalty <= MAX_REPETITION_PENALTY):
-            raise WireFormatError(f"repetition_penalty must be a number above 0 and at most "
+        if penalty is not None and (not _is_number(penalty)
+                                    or not MIN_REPETITION_PENALTY <= penalty <= MAX_REPETITION_PENALTY):
+            raise WireFormatError(f"repetition_penalty must be a number from {MIN_REPETITION_PENALTY:g} to "
                                   f"{MAX_REPETITION_PENALTY:g} (1: off), or null, not {penalty!r}")
         _check_seed(seed)
         if (not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP_STRINGS
                 or not all(isinstance(s, str) for s in stop)):
             raise WireFormatError(f"stop must be a list of at most {MAX_STOP_STRINGS} strings, not {stop!r}")
+        if temperature is not None and temperature < GREEDY_BELOW:
+            temperature = 0.0
         return cls(model, prompt, int(tokens), _float_or_none(temperature), _float_or_none(top_p), seed,
                    tuple(stop), top_k, _float_or_none(penalty), _keep_alive(fields))
 
