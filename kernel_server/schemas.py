@@ -76,7 +76,8 @@ class GenerateBody(_Lenient):
     temperature: float | None = Field(_GENERATE.temperature, ge=0.0, le=wire.MAX_TEMPERATURE)
     top_p: float | None = Field(_GENERATE.top_p, gt=0.0, le=1.0)
     top_k: int | None = Field(_GENERATE.top_k, ge=0)
-    repetition_penalty: float | None = Field(_GENERATE.repetition_penalty, ge=wire.MIN_REPETITION_PENALTY, le=wire.MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(_GENERATE.repetition_penalty, ge=wire.MIN_REPETITION_PENALTY,
+                                             le=wire.MAX_REPETITION_PENALTY)
     seed: int | None = Field(_GENERATE.seed, ge=0, lt=wire.MAX_SEED)
     stop: list[str] = Field(default_factory=list, max_length=wire.MAX_STOP_STRINGS)
     keep_alive: KeepAlive = None

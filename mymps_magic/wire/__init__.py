@@ -82,13 +82,13 @@ from .bodies import DEFAULT_DTYPE as DEFAULT_DTYPE
 from .bodies import DETECT as DETECT
 from .bodies import DTYPE_SPELLINGS as DTYPE_SPELLINGS
 from .bodies import DTYPES as DTYPES
+from .bodies import GREEDY_BELOW as GREEDY_BELOW
 from .bodies import IMAGE_SIDE_STEP as IMAGE_SIDE_STEP
 from .bodies import KINDS as KINDS
 from .bodies import MAX_GUIDANCE_SCALE as MAX_GUIDANCE_SCALE
 from .bodies import MAX_IMAGE_SIDE as MAX_IMAGE_SIDE
 from .bodies import MAX_IMAGES as MAX_IMAGES
 from .bodies import MAX_NEW_TOKENS as MAX_NEW_TOKENS
-from .bodies import GREEDY_BELOW as GREEDY_BELOW
 from .bodies import MAX_REPETITION_PENALTY as MAX_REPETITION_PENALTY
 from .bodies import MAX_SEED as MAX_SEED
 from .bodies import MAX_STEPS as MAX_STEPS
