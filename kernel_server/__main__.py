@@ -17,7 +17,7 @@ import threading
 import time
 
 from .errors import ServerStartError, SettingsError
-from .lifecycle import RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
+from .lifecycle import Restarts, RunMarker, Stopper, describe_job, setup_logging, user_threads, watch_os_exit
 from .settings import Settings, is_loopback, keep_alive_setting, parse_preload, parse_seconds, parse_size
 
 log = logging.getLogger("kernel_server")
@@ -61,7 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-evict", action="store_true", default=None,
                    help="a load that does not fit fails with 507 instead of unloading the least recently used "
                    "idle models (MYMPS_NO_EVICT=1)")
+    # `mymps serve`'s supervisor tells a restarted server what it recovers from (for /health).
+    p.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--last-crash", help=argparse.SUPPRESS)
     return p
+
+
+def restarts_from(argv: list[str] | None) -> Restarts:
+    """The supervisor's account of earlier crashes (none when unsupervised)."""
+    args = build_parser().parse_args(argv)
+    return Restarts(args.restarts, args.last_crash)
 
 
 def settings_from(argv: list[str] | None) -> Settings:
@@ -108,6 +117,7 @@ def _bind(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from(argv)
+        restarts = restarts_from(argv)
         sock = _bind(settings.host, settings.port)
     except ServerStartError as exc:
         print(f"mymps serve: {exc}", file=sys.stderr)
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     marker = RunMarker(settings.home)
     jobs = make_job_queue(device, own_thread=False, on_running=marker.on_running)
     app = create_app(settings, token=keeper, device=device, jobs=jobs)
+    app.state.restarts = restarts
     host, port = sock.getsockname()[:2]
     where = "" if is_loopback(settings.host) else " (REMOTE ACCESS ALLOWED)"
     token_source = "MYMPS_TOKEN" if settings.token else str(settings.resolved_token_file)
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
              server_version(), host, port, where, device.kind, device.name, token_source,
              "uvloop" if importlib.util.find_spec("uvloop") else "asyncio (pip install uvloop: quicker calls)")
     marker.report_previous()
+    if restarts.count:
+        log.warning("started again by mymps serve (restart %d): %s", restarts.count, restarts.last_crash)
     marker.create(version=server_version(), address=f"{host}:{port}", home=str(settings.home))
     watch_os_exit(marker, lambda: describe_job(jobs.running) if jobs.running else "")
     config = uvicorn.Config(

@@ -15,6 +15,11 @@ line saying how that run ended and what it was running. The per-pid name lets tw
 a home without mistaking each other's marker for a crash. Recording a job costs one ``pwrite``
 of a fixed-width field when it starts and one when it ends, so it is done for every job.
 
+Under ``mymps serve`` (``mymps_magic.cli.supervise``) a crashed server is started again by its
+supervisor, which tells it how many times it did so and how the last run ended: `Restarts`, kept
+in ``app.state`` and shown in ``GET /health`` (``restarts``, ``last_crash``), where a client whose
+session was lost reads the cause for its one-line message.
+
 SIGTERM and SIGINT are heard through ``signal.set_wakeup_fd`` on a thread of their own, not by
 a Python handler: a handler runs only when the main thread next runs Python, which user code
 stuck in a C call may never do. A stop first cancels the jobs and lets the HTTP server close its
@@ -35,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -99,6 +105,19 @@ def setup_logging(home: Path, tokens: Callable[[], Iterable[str]]) -> Path:
     # for the life of the process (it must outlive every Python object that could close it).
     faulthandler.enable(os.open(path, os.O_WRONLY | os.O_APPEND), all_threads=True)
     return path
+
+
+@dataclass(frozen=True)
+class Restarts:
+    """What the supervisor said at start: ``count`` restarts so far, the last one after
+    ``last_crash`` (``"the server process (pid 123) was killed by SIGKILL"``). An unsupervised
+    server, and an app made by ``create_app`` alone, is never restarted: `NO_RESTARTS`."""
+
+    count: int = 0
+    last_crash: str | None = None
+
+
+NO_RESTARTS = Restarts()
 
 
 def describe_job(job: Any) -> str:

@@ -23,6 +23,7 @@ from mymps_magic import wire
 from . import inference, streams
 from .errors import BadRequest, Cancelled, Unprocessable, as_server_error
 from .jobs import Job
+from .lifecycle import NO_RESTARTS, Restarts
 from .routing import generation_job, left_over, next_piece, run_job, state_of
 from .schemas import GenerateBody, ImageBody, LoadBody
 from .serverstate import ServerState, server_version
@@ -36,9 +37,11 @@ async def health(request: Request) -> dict[str, Any]:
 
     The original's keys with the original's meaning (``mps_available`` and ``mps_built`` from
     ``torch.backends.mps``, ``device`` the torch device the models run on: ``mps``, ``cuda`` or
-    ``cpu``, ``torch_version``, ``models_loaded`` a count), beside ours (``models``: the names).
+    ``cpu``, ``torch_version``, ``models_loaded`` a count), beside ours (``models``: the names;
+    ``restarts`` and ``last_crash``: what ``mymps serve`` restarted this server after, if it did).
     """
     st = state_of(request)
+    restarts: Restarts = getattr(request.app.state, "restarts", NO_RESTARTS)
     names = st.registry.names()
     return {
         "status": "ok",
@@ -54,6 +57,8 @@ async def health(request: Request) -> dict[str, Any]:
         "models": names,
         "models_loaded": len(names),
         "uptime_s": round(time.time() - st.started_at, 1),
+        "restarts": restarts.count,
+        "last_crash": restarts.last_crash,
     }
 
 

@@ -127,9 +127,7 @@ class SessionChannel:
                                      "same version?") from None
         lost = self.session_id is not None and not welcome.resumed
         if lost:
-            self._lost = errors.SessionLostError(
-                "The server no longer has this session (it restarted, or the session idled out): the remote "
-                "namespace is gone. Call reset() (`%mymps reset`) to go on in a fresh one, and push your data again.")
+            self._lost = errors.SessionLostError(self._lost_message())
             self._reader.fail_all(self._lost)
             self._last_seq = 0
         if self.welcome is None and welcome.mismatch:
@@ -148,6 +146,19 @@ class SessionChannel:
             self._too_big = None
             for request in resend:
                 self._send_locked(request.frame)
+
+    def _lost_message(self) -> str:
+        """Why the session is gone, in one line: the crash ``mymps serve`` restarted the server
+        after, when its ``/health`` names one (``last_crash``)."""
+        try:
+            health = self.connection.json("GET", "/health")
+        except errors.MympsError:
+            health = {}
+        crash = health.get("last_crash")
+        why = (f"it was started again {health.get('uptime_s', '?')} s ago, after {crash}" if crash
+               else "it restarted, or the session idled out")
+        return (f"The server no longer has this session ({why}): the remote namespace is gone. Call reset() "
+                "(`%mymps reset`) to go on in a fresh one, and push your data again.")
 
     def reconnect(self) -> bool:
         """Reopen the session (the reader role's holder does this); False once it gave up."""

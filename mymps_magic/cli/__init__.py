@@ -180,14 +180,25 @@ def _add_server_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _serve(argv: list[str]) -> int:
-    try:
-        from kernel_server.__main__ import main as serve
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
-            raise
-        print(f"mymps serve: {exc.name} is missing. {SERVER_EXTRA_HINT}", file=sys.stderr)
+    """Check the options and the server extra here, then supervise the server (`supervise`): a
+    child that cannot start would fail again at every restart, a crash loop instead of one line.
+    (``kernel_server.__main__`` imports no torch: the supervisor stays small.)"""
+    import importlib.util
+
+    missing = next((name for name in sorted(SERVER_EXTRA_MODULES) if importlib.util.find_spec(name) is None), None)
+    if missing is not None:
+        print(f"mymps serve: {missing} is missing. {SERVER_EXTRA_HINT}", file=sys.stderr)
         return 1
-    return serve(argv)
+    from kernel_server.__main__ import settings_from
+    from kernel_server.errors import ServerStartError
+    from mymps_magic.cli import supervise
+
+    try:
+        settings_from(argv)  # --help, and a bad option's one line, before any child starts
+    except ServerStartError as exc:
+        print(f"mymps serve: {exc}", file=sys.stderr)
+        return 2
+    return supervise.serve(argv)
 
 
 def _dashboard(argv: list[str]) -> int:
