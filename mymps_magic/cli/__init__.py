@@ -5,7 +5,9 @@ client install can run every verb that does not need the server extra. The verbs
 beside this one: `tunnel` (with `tunnelsettings` and `tunnelcheck`), `deploy`, `demo` (over
 `localserver`), and `ssh`, the OpenSSH command lines that tunnel and deploy share; `commands`
 (with `columns`) holds the verbs that talk to a running server (status, models, load, unload,
-jobs, cancel, generate), and `dashboard` hands over to the `mymps_magic.dashboard` package.
+jobs, cancel, generate), `supervise` runs `serve`'s server and brings it back after a crash,
+`service` makes it a login service (launchd, systemd), and `dashboard` hands over to the
+`mymps_magic.dashboard` package.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_deploy(verbs)
     _add_server_verbs(verbs)
     token.add_parser(verbs)
+    # add_help=False: `mymps service --help` is the service module's own.
+    verbs.add_parser("service", add_help=False,
+                     help="run the server as a login service, restarted when it fails (install, uninstall, status, "
+                          "logs; mymps service --help)",
+                     description="Run the server as a login service.")
     # add_help=False: `mymps dashboard --help` passes through to the dashboard's own options.
     verbs.add_parser("dashboard", add_help=False,
                      help="serve the web dashboard on this machine (its options: mymps dashboard --help)",
@@ -67,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(rest)
     if args.verb == "dashboard":
         return _dashboard(rest)
+    if args.verb == "service":
+        from mymps_magic.cli import service
+
+        return service.run(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.verb in SERVER_VERBS:
