@@ -185,9 +185,9 @@ class SessionChannel:
                     self._halt(errors.ServerGoneError(
                         f"The server process at {self.connection.settings.address} ended while running this call "
                         "(user code that calls os._exit or crashes ends it; nothing has answered there for "
-                        f"{GONE_AFTER_S:g} s). Start it again with `mymps serve --restore` (the models come back, "
-                        "the namespace does not), then call reset() (`%mymps reset`); if the tunnel was down "
-                        "instead, the next call resumes the session."))
+                        f"{GONE_AFTER_S:g} s). `mymps serve` starts it again by itself, else start it with "
+                        "`mymps serve --restore` (the models come back, the namespace does not); then call reset() "
+                        "(`%mymps reset`). If the tunnel was down instead, the next call resumes the session."))
                     return False
                 time.sleep(_BACKOFF[min(attempt, len(_BACKOFF) - 1)])
         self._reader.fail_all(errors.ConnectionError(

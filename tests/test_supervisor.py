@@ -5,15 +5,19 @@ crash loop stops with one line."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from kit import QUIET_ENV, REPO_ROOT, ServerProcess, TinyModels, wait_for
+from notebook_kernel import notebook, ok
 
 from mymps_magic import Client
 from mymps_magic.errors import SessionLostError
@@ -48,6 +52,18 @@ def supervised(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels
     server.stop()
 
 
+def wait_back(client: Client, restarts: int) -> dict[str, Any]:
+    """``/health`` once the server is back from its ``restarts``-th restart, with its model."""
+    def back() -> dict[str, Any] | None:
+        try:
+            health = client.health()
+        except Exception:  # the restart is under way: nothing answers yet
+            return None
+        return health if health["restarts"] == restarts and health["models"] == [MODEL] else None
+
+    return wait_for(back, "the server back with its model")  # type: ignore[no-any-return]
+
+
 def crash_and_come_back(server: SupervisedServer, crash: Any, cause: str) -> None:
     """Crash the device process with ``crash(client, process)``, then check what a user sees."""
     with Client(port=server.port, token=server.token) as client:
@@ -57,14 +73,7 @@ def crash_and_come_back(server: SupervisedServer, crash: Any, cause: str) -> Non
         crash(client, old)
         old.wait(60)
 
-        def back() -> dict[str, Any] | None:
-            try:
-                health = client.health()
-            except Exception:  # the restart is under way: nothing answers yet
-                return None
-            return health if health["restarts"] == before + 1 and health["models"] == [MODEL] else None
-
-        health = wait_for(back, "the server back with its model")
+        health = wait_back(client, before + 1)
         assert cause in health["last_crash"] and str(old.pid) in health["last_crash"]
         assert server.device_process().pid != old.pid and server.running
         with pytest.raises(SessionLostError) as lost:
@@ -81,25 +90,36 @@ def test_sigkill_of_the_device_process(supervised: SupervisedServer) -> None:
     crash_and_come_back(supervised, lambda client, process: process.kill(), "was killed by SIGKILL")
 
 
-def exit_now() -> None:
-    import os
-
-    os._exit(3)
-
-
 def segfault() -> None:
     import ctypes
 
     ctypes.string_at(0)
 
 
-@pytest.mark.parametrize(("code", "cause"), [(exit_now, "exited with status 3"), (segfault, "was killed by SIGSEGV")])
-def test_a_crash_in_user_code(supervised: SupervisedServer, code: Any, cause: str) -> None:
+def test_a_segfault_in_user_code(supervised: SupervisedServer) -> None:
+    """(``os._exit`` in user code: the notebook's test below.)"""
     def crash(client: Client, process: psutil.Process) -> None:
         with pytest.raises(SessionLostError):  # the call's own answer: the server went with it
-            client.run(code)
+            client.run(segfault)
 
-    crash_and_come_back(supervised, crash, cause)
+    crash_and_come_back(supervised, crash, "was killed by SIGSEGV")
+
+
+def test_a_notebook_sees_the_cause_in_one_line_and_goes_on_after_reset(
+        supervised: SupervisedServer, tmp_path: Path) -> None:
+    with notebook(tmp_path, supervised) as nb, Client(port=supervised.port, token=supervised.token) as client:
+        ok(nb.execute("%%mymps\nkept = 1"))
+        before = client.health()["restarts"]
+        crashed = nb.execute("%%mymps\nimport os\nos._exit(5)")
+        assert crashed.status == "error" and crashed.error is not None
+        assert crashed.error["ename"] in ("SessionLostError", "ServerGoneError")
+        wait_back(client, before + 1)
+        lost = nb.execute("%%mymps\nkept")
+        assert lost.status == "error" and lost.error is not None
+        assert lost.error["ename"] == "SessionLostError" and len(lost.error["traceback"]) == 1
+        assert "exited with status 5" in lost.error["traceback"][0] and "%mymps reset" in lost.error["traceback"][0]
+        ok(nb.execute("%mymps reset"))
+        assert ok(nb.execute("%%mymps\n6 * 7")).result == {"text/plain": "42"}
 
 
 def test_a_crash_loop_stops_with_one_line() -> None:
@@ -124,12 +144,29 @@ def test_an_unsupervised_server_reports_no_restarts(client: Client) -> None:
     assert health["restarts"] == 0 and health["last_crash"] is None
 
 
-def test_a_stop_is_forwarded_once_and_never_undone(supervised: SupervisedServer) -> None:
-    """SIGINT (a Ctrl-C at the terminal) reaches the server once, through the supervisor: a clean
-    stop with status 0, and no restart. (Last here: it stops the module's server.)"""
-    child = supervised.device_process()
-    assert supervised.process is not None
-    supervised.process.send_signal(signal.SIGINT)
-    assert supervised.process.wait(60) == 0
-    child.wait(60)  # not our child: psutil waits for it to go, without its status
-    assert not child.is_running()
+def test_a_free_port_is_kept_across_restarts_and_a_stop_is_forwarded_once(tmp_path: Path) -> None:
+    """``--port 0``: the restart listens where the first start did. SIGINT (a Ctrl-C at the
+    terminal) reaches the server once, through the supervisor: a clean stop, status 0, no restart."""
+    log = tmp_path / "out.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MYMPS_")}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mymps_magic.cli", "serve", "--port", "0", "--home", str(tmp_path / "home"),
+             "--device", "cpu"], cwd=REPO_ROOT, env={**env, **QUIET_ENV}, stdout=out, stderr=out)
+    try:
+        def addresses() -> list[str]:
+            return re.findall(r"mymps server \S+ on (http://\S+), device", log.read_text())
+
+        first = wait_for(addresses, "the first start")[0]
+        child = psutil.Process(process.pid).children()[0]
+        child.kill()
+        assert wait_for(lambda: len(addresses()) == 2 and addresses(), "the restart")[1] == first
+        assert "(restart 1): the server process" in log.read_text()
+        restarted = psutil.Process(process.pid).children()[0]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        restarted.wait(60)  # not our child: psutil waits for it to go
+        assert len(addresses()) == 2 and "stopped (SIGINT)" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()

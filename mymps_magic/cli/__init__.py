@@ -205,11 +205,11 @@ def _serve(argv: list[str]) -> int:
     from mymps_magic.cli import supervise
 
     try:
-        settings_from(argv)  # --help, and a bad option's one line, before any child starts
+        settings = settings_from(argv)  # --help, and a bad option's one line, before any child starts
     except ServerStartError as exc:
         print(f"mymps serve: {exc}", file=sys.stderr)
         return 2
-    return supervise.serve(argv)
+    return supervise.serve(argv, settings.host, settings.port)
 
 
 def _dashboard(argv: list[str]) -> int:

@@ -22,13 +22,14 @@ MiB and cannot itself crash in user code) that runs ``python -m kernel_server AR
 SIGTERM and SIGINT sent to the supervisor are forwarded to the child, which stops as
 ``python -m kernel_server`` does; the child runs in a session of its own, so a Ctrl-C at the
 terminal reaches it once, through the supervisor, and not twice. Restarts listen on the same
-``--port`` (the server binds with ``SO_REUSEADDR``); a ``--port 0`` would get a new port each
-start, so give a port. ``python -m kernel_server`` alone stays unsupervised.
+``--port`` (the server binds with ``SO_REUSEADDR``); for ``--port 0`` the supervisor picks the
+free port once. ``python -m kernel_server`` alone stays unsupervised.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -137,6 +138,14 @@ def _say(line: str) -> None:
     print(f"mymps serve: {line}", file=sys.stderr, flush=True)
 
 
-def serve(argv: list[str]) -> int:
-    """``mymps serve ARGS``: supervise ``python -m kernel_server ARGS`` (see the module docstring)."""
+def serve(argv: list[str], host: str, port: int) -> int:
+    """``mymps serve ARGS``: supervise ``python -m kernel_server ARGS`` (see the module docstring).
+
+    ``host`` and ``port`` are where the options say it listens: a port of 0 is picked here, once,
+    so that every restart listens where clients found the first start."""
+    if port == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            argv = [*argv, "--port", str(probe.getsockname()[1])]
     return Supervisor([sys.executable, "-m", "kernel_server", *argv]).run()
