@@ -64,12 +64,13 @@ def build_model(directory: Path, size: str, device: str) -> Path:
     config.update({**shape, "eos_token_id": None})
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config).to(torch.float16 if device == "cuda" else torch.float32)
+        model: Any = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        model = model.to(torch.float16 if device == "cuda" else torch.float32)
     with torch.no_grad():
         model.get_output_embeddings().weight[len(AutoTokenizer.from_pretrained(path)):] = 0
     model.generation_config.eos_token_id = None
     model.save_pretrained(path)
-    return path
+    return Path(path)
 
 
 def median_of(runs: int, sides: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -94,7 +95,8 @@ def in_process(path: Path, device: str, tokens: int) -> dict[str, Callable[[], d
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
 
     class FirstToken(StoppingCriteria):
@@ -127,7 +129,7 @@ def in_process(path: Path, device: str, tokens: int) -> dict[str, Callable[[], d
     return sides
 
 
-def measure(size: str, device: str, tokens: int, runs: int, work: Path) -> list[Row]:
+def measure(size: str, device: str, tokens: int, runs: int, work: Path, clients: list[int]) -> list[Row]:
     """All the rows of one model size."""
     from mymps_magic import Client
 
@@ -160,7 +162,58 @@ def measure(size: str, device: str, tokens: int, runs: int, work: Path) -> list[
             return {"rate": stream.stats["tokens_generated"] / (end - start), "ttft_ms": ((first or end) - start) * 1e3}
 
         found = median_of(runs, {**sides, "POST /generate": rest, "/ws/generate": streamed})
-    return _rows(size, device, tokens, runs, found, stages, load_s)
+        together = [(n, *at_once(server, str(path), opts, n)) for n in clients]
+    return _rows(size, device, tokens, runs, found, stages, load_s) + _together_rows(size, found, together)
+
+
+def _together_rows(size: str, found: dict[str, dict[str, Any]], together: list[tuple[int, float, float]]) -> list[Row]:
+    single = found["/ws/generate"]["rate"]
+    rows = []
+    for n, rate, worst in together:
+        status = judged(rate >= BATCH_RATIO[n] * single) if n in BATCH_RATIO else ""
+        rows.append(Row(f"{size}: {n} clients streaming at once, aggregate", f"{rate:,.0f} tok/s",
+                        f"{single:,.0f} tok/s (1 client)", f"{rate / single:.2f}x", TARGETS.get(n, ""), status))
+        rows.append(Row(f"{size}: {n} clients at once, slowest time to first token", f"{worst:,.0f} ms",
+                        target="<= 1,000 ms", status=judged(worst <= 1000)))
+    return rows
+
+
+BATCH_RATIO = {8: 5.0, 32: 12.0}
+"""Issue 15, item 3 (continuous batching): 8 clients at once 5x one client's rate, 32 clients 12x."""
+TARGETS = {n: f">= {r:g}x" for n, r in BATCH_RATIO.items()}
+
+
+def at_once(server: Any, model: str, opts: dict[str, Any], n: int) -> tuple[float, float]:
+    """``n`` clients, each on its own thread and connection, stream the same generation at once;
+    returns the aggregate token rate and the slowest client's time to its first piece (ms)."""
+    import threading
+
+    from mymps_magic import Client
+
+    start_line = threading.Barrier(n + 1)
+    tokens: list[int] = []
+    firsts: list[float] = []
+
+    def one() -> None:
+        with Client(port=server.port, token=server.token) as client:
+            client.health()
+            start_line.wait()
+            begun = time.perf_counter()
+            first: float | None = None
+            with client.stream_generate(model, PROMPT, **opts) as stream:
+                for _ in stream:
+                    first = first or time.perf_counter()
+            tokens.append(stream.stats["tokens_generated"])
+            firsts.append(((first or time.perf_counter()) - begun) * 1e3)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return sum(tokens) / (time.perf_counter() - start), max(firsts)
 
 
 def _rows(size: str, device: str, tokens: int, runs: int, found: dict[str, dict[str, Any]],
@@ -195,6 +248,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", *SHAPES])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clients", type=int, nargs="*", default=[8], help="clients streaming at once (item 3)")
 
 
 def collect(args: argparse.Namespace) -> list[Row]:
@@ -202,7 +256,7 @@ def collect(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            rows += measure(size, args.device, args.tokens, args.runs, Path(tmp))
+            rows += measure(size, args.device, args.tokens, args.runs, Path(tmp), args.clients)
     return rows
 
 
