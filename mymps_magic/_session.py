@@ -99,8 +99,23 @@ class SessionChannel:
         self._halted = False  # no reconnect until acknowledged: the server is gone or said no
         self._resume_lock = threading.Lock()  # one caller at a time tries to resume after a crash
         self._too_big: str | None = None  # the reason of a 1009 close, for the request it refused
-        self._connect()
+        self._connect_first()
         self._reader.start()
+
+    def _connect_first(self) -> None:
+        """The first connection, tried again for a few seconds when the link took it and then
+        dropped it (a tunnel cut at that moment), as a later reconnect would be; a port nobody
+        listens on, or no answer within the connect timeout, fails at once."""
+        for delay in (*_BACKOFF, None):
+            try:
+                self._connect()
+                return
+            except (errors.ClosedError, errors.SessionLostError):
+                raise
+            except errors.ConnectionError as exc:
+                if delay is None or isinstance(exc.__context__, (ConnectionRefusedError, TimeoutError)):
+                    raise
+                time.sleep(delay)
 
     # -- connecting ------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class Proxy:
         port: where clients connect.
         accepted: how many connections it has piped so far.
         severs: how many times `sever` has cut connections.
+        refused: how many connections it closed at once while `refusing`.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -37,6 +38,7 @@ class Proxy:
         self.port = int(self.listener.getsockname()[1])
         self.accepted = 0
         self.severs = 0
+        self.refused = 0
         self.refusing = threading.Event()
         self._open: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -52,6 +54,7 @@ class Proxy:
                 return
             if self.refusing.is_set():
                 downstream.close()
+                self.refused += 1
                 continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
@@ -118,6 +121,8 @@ class Proxy:
 
     def close(self) -> None:
         self._closed = True
+        with contextlib.suppress(OSError):  # wakes the blocked accept: a close alone leaves it listening
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self.sever()
 

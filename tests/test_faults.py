@@ -100,6 +100,29 @@ def test_a_stream_cut_by_the_link_is_cancelled_and_the_device_freed(
     assert_device_free(direct, model)
 
 
+def test_a_link_cut_while_the_session_first_connects_is_tried_again(server: ServerProcess) -> None:
+    """The tunnel answers and drops the connection as the session says its first hello (the
+    load benchmark's cuts found it): the first call waits for the link as later ones do, instead
+    of failing while the link is back a moment later."""
+    with Proxy(server.port) as link, Client(port=link.port, token=server.token) as client:
+        link.refusing.set()
+        thread, out = in_background(lambda: client.push(x=1))
+        wait_for(lambda: link.refused, "the first connection cut")
+        link.refusing.clear()
+        thread.join(30)
+        assert out == [None]
+        assert client.pull("x") == 1
+
+
+def test_a_first_call_to_a_port_nobody_listens_on_fails_at_once(server: ServerProcess) -> None:
+    """Nothing to wait for there: one line at once, as before."""
+    with Proxy(server.port) as link:
+        port = link.port
+    with Client(port=port, token=server.token) as client, pytest.raises(ConnectionError) as info:
+        client.push(x=1)
+    assert "Cannot reach" in str(info.value) and "\n" not in str(info.value)
+
+
 def allocate_a_petabyte() -> bytearray:
     return bytearray(1 << 50)
 
