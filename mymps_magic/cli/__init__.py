@@ -209,7 +209,7 @@ def _serve(argv: list[str]) -> int:
     except ServerStartError as exc:
         print(f"mymps serve: {exc}", file=sys.stderr)
         return 2
-    return supervise.serve(argv, settings.host, settings.port)
+    return supervise.serve(argv, settings.host, settings.port, settings.home)
 
 
 def _dashboard(argv: list[str]) -> int:

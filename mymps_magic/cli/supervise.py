@@ -7,8 +7,10 @@ MiB and cannot itself crash in user code) that runs ``python -m kernel_server AR
 
 - The child ends by itself with status 0 (a SIGTERM or SIGINT it got, forwarded or not): the
   supervisor ends too, with 0. A clean stop is never undone.
-- The child's first start fails with status 2 (a bad option, a busy port; it printed the one-line
-  reason): the supervisor ends with 2, since starting again would fail the same way.
+- The child fails to start, with status 2 (a busy port, a missing device; it printed the one-line
+  reason): the supervisor ends with 2, since starting again would fail the same way. It tells
+  this from user code's ``os._exit(2)`` by the run marker (``kernel_server.lifecycle``): a server
+  that started has written ``running-<pid>.json`` in its home, and a crash leaves it there.
 - Any other end (a signal such as SIGKILL or SIGSEGV, ``os._exit(n)``, an uncaught error) is a
   crash: the supervisor prints one line naming the cause and starts the child again with
   ``--restore``, so the models loaded before come back. The restarted server reports the restart
@@ -35,6 +37,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 __all__ = ["CRASH_LOOP", "CRASH_WINDOW_S", "Supervisor", "describe_exit"]
@@ -47,14 +50,24 @@ START_ERROR = 2
 """The server's exit status for a start-up problem it has already explained in one line."""
 
 
+SIGNAL_HINTS = {
+    "SIGKILL": "kill -9, or the system's out-of-memory killer",
+    "SIGSEGV": "a segmentation fault: a crash in C code",
+    "SIGBUS": "a bus error: a crash in C code",
+    "SIGABRT": "an abort, often a failed check in C code",
+}
+"""What each crash signal most often means, for the one line a user reads."""
+
+
 def describe_exit(returncode: int) -> str:
-    """How a child process ended, as a clause: ``"was killed by SIGKILL"``, ``"exited with status 3"``."""
+    """How a child process ended, as a clause: ``"was killed by SIGKILL (kill -9, or the system's
+    out-of-memory killer)"``, ``"exited with status 3"``."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return f"was killed by {name}"
+        return f"was killed by {name}" + (f" ({SIGNAL_HINTS[name]})" if name in SIGNAL_HINTS else "")
     return f"exited with status {returncode}"
 
 
@@ -63,10 +76,12 @@ class Supervisor:
 
     Args:
         command: the child's command line, without ``--restore`` (added on restarts).
+        home: the server's home, where a started child keeps its run marker.
     """
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(self, command: Sequence[str], home: Path) -> None:
         self.command = list(command)
+        self.home = home
         self.restarts = 0
         self.last_crash: str | None = None
         self._crashes: deque[float] = deque()
@@ -93,7 +108,7 @@ class Supervisor:
             returncode = self._child.wait()
             if returncode == 0 or self._stop_signal is not None:
                 return returncode
-            if returncode == START_ERROR and not self.restarts:
+            if returncode == START_ERROR and not (self.home / f"running-{self._child.pid}.json").exists():
                 return START_ERROR
             delay = self._crashed(returncode)
             if delay is None:
@@ -138,14 +153,14 @@ def _say(line: str) -> None:
     print(f"mymps serve: {line}", file=sys.stderr, flush=True)
 
 
-def serve(argv: list[str], host: str, port: int) -> int:
+def serve(argv: list[str], host: str, port: int, home: Path) -> int:
     """``mymps serve ARGS``: supervise ``python -m kernel_server ARGS`` (see the module docstring).
 
-    ``host`` and ``port`` are where the options say it listens: a port of 0 is picked here, once,
-    so that every restart listens where clients found the first start."""
+    ``host``, ``port`` and ``home`` are what the options say: a port of 0 is picked here, once, so
+    that every restart listens where clients found the first start."""
     if port == 0:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))
             argv = [*argv, "--port", str(probe.getsockname()[1])]
-    return Supervisor([sys.executable, "-m", "kernel_server", *argv]).run()
+    return Supervisor([sys.executable, "-m", "kernel_server", *argv], home).run()
