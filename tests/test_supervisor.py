@@ -144,6 +144,15 @@ def test_a_bad_option_is_one_line_and_no_supervision() -> None:
     assert done.returncode == 2 and done.stderr.strip() == "mymps serve: --port: 70000 is not a TCP port (0-65535)"
 
 
+def test_without_the_server_extra_it_says_what_to_install() -> None:
+    code = "import sys; sys.modules['torch'] = None; from mymps_magic.cli import main; sys.exit(main(['serve']))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env={**QUIET_ENV, "PATH": ""},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert done.stderr == ("mymps serve: torch is missing. This needs the server extra: pip install '.[server]' "
+                           "(or 'mymps[server]').\n")
+
+
 def test_a_busy_port_is_one_line_and_no_restart(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
