@@ -12,8 +12,8 @@ import contextlib
 import random
 import socket
 import threading
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Iterator
 
 __all__ = ["Proxy"]
 

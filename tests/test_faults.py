@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-
 from kit import MakeServer, ServerProcess, TinyModels, never_ending_copy, wait_for
+from proxy import Proxy
+
 from mymps_magic import Client
 from mymps_magic.errors import ConnectionError, RemoteError, SessionLostError
-from proxy import Proxy
 
 PROMPT = "Machine learning"
 
@@ -52,7 +53,7 @@ def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     def target() -> None:
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001  (the test asserts on it)
+        except BaseException as exc:
             out.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
