@@ -92,36 +92,36 @@ def test_sigkill_of_the_device_process(supervised: SupervisedServer) -> None:
                         "was killed by SIGKILL (kill -9, or the system's out-of-memory killer)")
 
 
-def segfault() -> None:
-    import ctypes
+def exit_2() -> None:
+    import os
 
-    ctypes.string_at(0)
+    os._exit(2)
 
 
-def test_a_segfault_in_user_code(supervised: SupervisedServer) -> None:
-    """(``os._exit`` in user code: the notebook's test below.)"""
+def test_os_exit_in_user_code(supervised: SupervisedServer) -> None:
+    """``os._exit(2)`` from `Client.run`: a crash, though 2 is also the server's status for a
+    start that failed (the run marker tells them apart). (A segfault: the notebook's test below.)"""
     def crash(client: Client, process: psutil.Process) -> None:
         with pytest.raises(SessionLostError):  # the call's own answer: the server went with it
-            client.run(segfault)
+            client.run(exit_2)
 
-    crash_and_come_back(supervised, crash, "was killed by SIGSEGV")
+    crash_and_come_back(supervised, crash, "exited with status 2")
 
 
 def test_a_notebook_sees_the_cause_in_one_line_and_goes_on_after_reset(
         supervised: SupervisedServer, tmp_path: Path) -> None:
-    """``os._exit(2)`` in a cell: a crash, though 2 is also the server's status for a start that
-    failed (the run marker tells them apart)."""
+    """A segfault in a cell (``ctypes``): the cell's error and the next cell's are one line each."""
     with notebook(tmp_path, supervised) as nb, Client(port=supervised.port, token=supervised.token) as client:
         ok(nb.execute("%%mymps\nkept = 1"))
         before = client.health()["restarts"]
-        crashed = nb.execute("%%mymps\nimport os\nos._exit(2)")
+        crashed = nb.execute("%%mymps\nimport ctypes\nctypes.string_at(0)")
         assert crashed.status == "error" and crashed.error is not None
         assert crashed.error["ename"] in ("SessionLostError", "ServerGoneError")
         wait_back(client, before + 1)
         lost = nb.execute("%%mymps\nkept")
         assert lost.status == "error" and lost.error is not None
         assert lost.error["ename"] == "SessionLostError" and len(lost.error["traceback"]) == 1
-        assert "exited with status 2" in lost.error["traceback"][0] and "%mymps reset" in lost.error["traceback"][0]
+        assert "was killed by SIGSEGV" in lost.error["traceback"][0] and "%mymps reset" in lost.error["traceback"][0]
         ok(nb.execute("%mymps reset"))
         assert ok(nb.execute("%%mymps\n6 * 7")).result == {"text/plain": "42"}
 
