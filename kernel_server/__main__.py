@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mymps serve",
         description="Serve this machine's PyTorch device to mymps clients. Every option is also an "
-        "environment variable MYMPS_<OPTION> (MYMPS_BIND for --host); options win.",
+        "environment variable MYMPS_<OPTION> (MYMPS_BIND for --host); options win. `mymps serve` supervises "
+        "the server: when its process crashes it is started again with --restore (python -m kernel_server "
+        "alone is not).",
     )
     p.add_argument("--host", help="address to bind (MYMPS_BIND, default 127.0.0.1; non-loopback needs --allow-remote)")
     p.add_argument("--port", type=int, help="TCP port (MYMPS_PORT, default 5555; 0 picks a free one)")

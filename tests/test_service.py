@@ -1,23 +1,19 @@
 """`mymps service`: the launchd agent and the systemd user unit it writes (content, paths,
-permissions), install/status/logs/uninstall where no user manager runs (this machine, CI), and
-the unit's command line really serving, supervised, with --restore."""
+permissions), and install/status/logs/uninstall where no user manager runs (this machine, CI).
+(The command both run, `mymps serve`, is test_supervisor's.)"""
 
 from __future__ import annotations
 
-import os
 import plistlib
 import shlex
-import signal
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
-from kit import QUIET_ENV, REPO_ROOT, wait_for
+from kit import QUIET_ENV, REPO_ROOT
 
 from mymps_magic.cli import service
-from mymps_magic.cli.localserver import free_port
 
 
 def mymps(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -98,30 +94,3 @@ def test_install_with_a_bad_option_writes_nothing(tmp_path: Path) -> None:
     done = mymps(tmp_path, "service", "install", "--port", "70000")
     assert done.returncode == 2 and done.stderr == "mymps service: --port: 70000 is not a TCP port (0-65535)\n"
     assert not (tmp_path / "config").exists() and not (tmp_path / "Library").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "darwin", reason="the systemd unit: Linux")
-def test_the_units_command_serves_supervised(tmp_path: Path) -> None:
-    """What systemd would run: the unit's ExecStart, as written, serves and stops cleanly on SIGTERM."""
-    port = free_port()
-    assert mymps(tmp_path, "service", "install", "--port", str(port), "--device", "cpu").returncode == 0
-    unit = (tmp_path / "config" / "systemd" / "user" / "mymps.service").read_text()
-    command = shlex.split(next(line for line in unit.splitlines() if line.startswith("ExecStart="))[10:])
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MYMPS_")}
-    process = subprocess.Popen(command, cwd=tmp_path, env={**env, **QUIET_ENV}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        def healthy() -> bool:
-            try:
-                with no_proxy.open(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
-                    return bool(answer.status == 200)
-            except OSError:
-                return False
-
-        wait_for(healthy, "the service's server")
-        assert (tmp_path / ".mymps" / "token").exists()  # the home install resolved: $HOME/.mymps
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0

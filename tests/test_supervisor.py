@@ -170,15 +170,19 @@ def test_an_unsupervised_server_reports_no_restarts(client: Client) -> None:
     assert health["restarts"] == 0 and health["last_crash"] is None
 
 
-def test_a_free_port_is_kept_across_restarts_and_a_stop_is_forwarded_once(tmp_path: Path) -> None:
-    """``--port 0``: the restart listens where the first start did. SIGINT (a Ctrl-C at the
-    terminal) reaches the server once, through the supervisor: a clean stop, status 0, no restart."""
+@pytest.mark.parametrize(("stop", "stopped"), [("ctrl-c", "stopped (SIGINT)"), ("hang-up", "stopped (SIGTERM)")])
+def test_a_free_port_is_kept_across_restarts_and_a_stop_is_forwarded_once(
+        tmp_path: Path, stop: str, stopped: str) -> None:
+    """``--port 0``: the restart listens where the first start did. A Ctrl-C at the terminal
+    (SIGINT to the foreground process group) reaches the server once, through the supervisor: a
+    clean stop, status 0, no restart; a hang-up (the terminal closed) stops it as SIGTERM does."""
     log = tmp_path / "out.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("MYMPS_")}
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "mymps_magic.cli", "serve", "--port", "0", "--home", str(tmp_path / "home"),
-             "--device", "cpu"], cwd=REPO_ROOT, env={**env, **QUIET_ENV}, stdout=out, stderr=out)
+             "--device", "cpu"], cwd=REPO_ROOT, env={**env, **QUIET_ENV}, stdout=out, stderr=out,
+            start_new_session=True)  # its own process group, as a terminal's foreground job has
     try:
         def addresses() -> list[str]:
             return re.findall(r"mymps server \S+ on (http://\S+), device", log.read_text())
@@ -189,10 +193,14 @@ def test_a_free_port_is_kept_across_restarts_and_a_stop_is_forwarded_once(tmp_pa
         assert wait_for(lambda: len(addresses()) == 2 and addresses(), "the restart")[1] == first
         assert "(restart 1): the server process" in log.read_text()
         restarted = psutil.Process(process.pid).children()[0]
-        process.send_signal(signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGHUP)
         assert process.wait(60) == 0
         restarted.wait(60)  # not our child: psutil waits for it to go
-        assert len(addresses()) == 2 and "stopped (SIGINT)" in log.read_text()
+        text = log.read_text()
+        assert len(addresses()) == 2 and stopped in text and "forcing" not in text
     finally:
         if process.poll() is None:
             process.kill()

@@ -22,8 +22,10 @@ MiB and cannot itself crash in user code) that runs ``python -m kernel_server AR
   see `service`) to look at.
 
 SIGTERM and SIGINT sent to the supervisor are forwarded to the child, which stops as
-``python -m kernel_server`` does; the child runs in a session of its own, so a Ctrl-C at the
-terminal reaches it once, through the supervisor, and not twice. Restarts listen on the same
+``python -m kernel_server`` does, and so is SIGHUP (the terminal closed), as SIGTERM; the child
+runs in a session of its own, so a Ctrl-C at the terminal reaches it once, through the
+supervisor, and not twice. (A supervisor killed outright leaves its child serving; under systemd,
+``KillMode=mixed`` ends it too.) Restarts listen on the same
 ``--port`` (the server binds with ``SO_REUSEADDR``); for ``--port 0`` the supervisor picks the
 free port once. ``python -m kernel_server`` alone stays unsupervised.
 """
@@ -98,7 +100,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until a clean stop or a crash loop; returns the exit status for ``mymps serve``."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._forward)
         # The handler runs on this (the main) thread between two bytecodes: no lock, but a signal
         # that comes while a child starts is forwarded once it is there.
@@ -137,8 +139,10 @@ class Supervisor:
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
         """A stop signal: pass it on to the child, and start no other. A second one is passed on
-        too: the server takes it as "stop now", as it would from a terminal."""
-        self._stop_signal, self._forwarded = signum, None
+        too: the server takes it as "stop now", as it would from a terminal. SIGHUP goes on as
+        SIGTERM: the server stops on that one, as it used to on the hang-up itself."""
+        self._stop_signal = signal.SIGTERM if signum == signal.SIGHUP else signum
+        self._forwarded = None
         self._forward_stop()
 
     def _forward_stop(self) -> None:
