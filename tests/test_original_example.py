@@ -12,7 +12,7 @@ import sys
 
 import httpx
 
-from kit import REPO_ROOT, ServerProcess, TinyModels
+from kit import REPO_ROOT, MakeServer, TinyModels
 
 ORIGINAL_EXAMPLE = '''
 from mymps_magic import MympsClient
@@ -46,8 +46,9 @@ client.close()
 
 
 def test_the_original_readme_example_runs_with_only_the_import_changed(
-    server: ServerProcess, tiny_models: TinyModels
+    make_server: MakeServer, tiny_models: TinyModels
 ) -> None:
+    server = make_server()  # its own: the example loads float16, which another test's float32 load would refuse
     model = str(tiny_models.text_llama)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MYMPS_")}
     env.update({"MYMPS_SERVER_PORT": str(server.port), "MYMPS_TOKEN": server.token, "PYTHONPATH": str(REPO_ROOT)})
