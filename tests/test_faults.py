@@ -9,6 +9,7 @@ device free again, the models still loaded.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 from kit import MakeServer, ServerProcess, TinyModels, never_ending_copy, wait_for
 from proxy import Proxy
+from test_session_bad_input import RawSession
+from websockets.exceptions import ConnectionClosed
 
-from mymps_magic import Client
+from mymps_magic import Client, wire
 from mymps_magic.errors import ConnectionError, RemoteError, SessionLostError
 
 PROMPT = "Machine learning"
@@ -150,6 +153,53 @@ def test_user_code_allocating_past_memory_is_a_remote_error_and_the_models_stay(
     assert direct.pull("kept") == [1, 2, 3]
     assert direct.run(sum, [1, 2, 3]) == 6
     assert_device_free(direct, model)
+
+
+def results_until_closed(raw: RawSession, skip: int) -> dict[int, Any]:
+    """The values of the ``result`` frames a connection receives until the server closes it,
+    but request ``skip``'s."""
+    values: dict[int, Any] = {}
+    with pytest.raises(ConnectionClosed):
+        while True:
+            frame = raw.receive()
+            if frame.type == "result" and frame.id != skip:
+                values[frame.id] = wire.loads(frame.buffers)
+    return values
+
+
+def test_two_connections_on_one_session_never_get_each_others_answers(server: ServerProcess) -> None:
+    """Connections take one session id in turns, each sending calls before the next takes over
+    with them in flight: every answer, on whichever connection it lands, is the value of the
+    request with its id, and every request is answered and ran exactly once. (A new connection's hello says it has
+    nothing, ``last_seq`` 0, so answers the older one already got are replayed to it: the same
+    answers again, never another request's.)"""
+    expected: dict[int, str] = {}
+    got: dict[int, Any] = {}
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(RawSession(server))
+        session = holder.hello()["session"]
+        setup = holder.next_id
+        holder.value("cell", {"source": "ran = []"})
+        for turn in range(6):
+            for _ in range(5):
+                rid = holder.next_id
+                holder.next_id += 1
+                expected[rid] = f"turn {turn} request {rid}"
+                source = f"import time\nran.append({rid})\ntime.sleep(0.01)\n{expected[rid]!r}"
+                holder.send(wire.Frame("cell", rid, {"source": source}))
+            newer = stack.enter_context(RawSession(server))
+            newer.hello(session=session)
+            for rid, value in results_until_closed(holder, setup).items():
+                assert value == expected[rid]
+                got[rid] = value
+            holder = newer
+        while len(got) < len(expected):
+            frame = holder.receive()
+            if frame.type == "result" and frame.id != setup:
+                assert wire.loads(frame.buffers) == expected[frame.id]
+                got[frame.id] = wire.loads(frame.buffers)
+        assert holder.value("cell", {"source": "ran"}) == sorted(expected)  # each request ran once, in order
+    assert got == expected
 
 
 def sleep_then(seconds: float, value: Any) -> Any:
