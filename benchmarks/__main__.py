@@ -38,6 +38,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "backlog_replay": ([], ["--lines", "20000"]),
     "chat_rate": ([], ["--tokens", "4", "--runs", "1"]),
     "tunnel_latency": ([], ["--calls", "5", "--warmup", "2"]),
+    "load": ([], ["--sessions", "4", "--calls", "50", "--streams", "2", "--tokens", "32", "--cut-every", "0.1", "0.3"]),
 }
 """The scripts that print their own report: their arguments for a measurement, and for ``--smoke``."""
 

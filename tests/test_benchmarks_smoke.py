@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["noop_roundtrip", "push_pull", "health_during_generation", "magic_overhead", "concurrent_clients",
            "backlog_replay", "chat_rate", "tunnel_latency"]
+"""Every script the runner runs but ``load``, which tests/test_load.py runs at this size already."""
 
 
 def _table(name: str) -> tuple[dict[str, str], str]:
