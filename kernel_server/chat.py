@@ -9,26 +9,24 @@ WebSocket, cancel included.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, Response, WebSocket
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from mymps_magic import wire
 
 from .errors import ServerError, Unprocessable
 from .routing import state_of
-from .schemas import GenerateBody, KeepAlive, describe_validation_error
+from .schemas import GenerateBody, KeepAlive
+from .streams import CANCELLED_STATS, first_request, stream
 from .textjobs import Pieces, answer, chat_model, chat_prompt, submit
 
 router = APIRouter()
 
 _SAMPLING = GenerateBody.model_fields
-CANCEL_WAIT_S = 2.0
-"""How long a cancelled chat is given to stop (it checks at every token), as on /ws/generate."""
 ONE_REQUEST = "send one request per connection; open a new one for the next reply"
 
 
@@ -114,70 +112,19 @@ async def _lines(pieces: Pieces) -> AsyncIterator[bytes]:
 
 @router.websocket("/ws/chat")
 async def ws_chat(ws: WebSocket) -> None:
-    """Stream one reply, as ``/ws/generate`` streams a generation: the first message is the
-    request (``wire.ChatRequest``), then ``token`` messages and ``done`` (with the reply as
-    ``message``) or ``error``; ``{"type": "cancel"}`` stops it (answered by ``done``), a
+    """Stream one reply, as ``/ws/generate`` streams a generation (``streams.stream``): the first
+    message is the request (``wire.ChatRequest``), then ``token`` messages and ``done`` (with the
+    reply as ``message``) or ``error``; ``{"type": "cancel"}`` stops it (answered by ``done``), a
     disconnect cancels it, any other message cancels it and closes the connection."""
     st = state_of(ws)
-    await ws.accept()
-    try:
-        first = await ws.receive()
-        if first["type"] == "websocket.disconnect":
-            return
-        asked = ChatBody.model_validate_json(first.get("text") or "").request()
+
+    def read(text: str) -> wire.ChatRequest:
+        asked = ChatBody.model_validate_json(text).request()
         chat_model(st, asked.model, asked.chat_template)
-    except WebSocketDisconnect:
-        return
-    except ValidationError as exc:
-        errors = exc.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            await _error(ws, 400, "the first message must be a JSON text message {model, messages, ...}")
-        else:
-            await _error(ws, 422, describe_validation_error(list(errors)))  # type: ignore[arg-type]
-        return
-    except ServerError as exc:
-        await _error(ws, exc.status, exc.message)
+        return asked
+
+    asked = await first_request(ws, read, "{model, messages, ...}")
+    if asked is None:
         return
     pieces = Pieces(st, asked.model, chat_prompt(asked.messages, asked.chat_template), asked.generation)
-    heard = asyncio.ensure_future(ws.receive())
-    try:
-        async for piece in pieces.until(heard):
-            await ws.send_json(wire.token_message(piece))
-        if heard.done() and not pieces.done.done():
-            if not _is_cancel(heard.result()):
-                pieces.abandon()
-                if heard.result()["type"] != "websocket.disconnect":
-                    await ws.close(wire.CLOSE_PROTOCOL_MISUSE, ONE_REQUEST)
-                return
-            pieces.abandon("cancelled by its client")
-            await asyncio.wait({pieces.done}, timeout=CANCEL_WAIT_S)
-        for piece in pieces.left():
-            await ws.send_json(wire.token_message(piece))
-        if not pieces.done.done() or pieces.done.cancelled():  # still stopping, or cancelled while queued
-            await ws.send_json(wire.done_message({"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0,
-                                                  "stop_reason": "cancelled"}))
-        else:
-            try:
-                result = pieces.result()
-            except ServerError as err:
-                await _error(ws, err.status, err.message)
-                return
-            await ws.send_json(wire.done_message(reply(result)))
-        await ws.close()
-    except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
-        pieces.abandon()
-    finally:
-        heard.cancel()
-
-
-async def _error(ws: WebSocket, status: int, message: str) -> None:
-    await ws.send_json(wire.error_message(message, status))
-    await ws.close()
-
-
-def _is_cancel(message: Mapping[str, Any]) -> bool:
-    text = message.get("text")
-    try:
-        return text is not None and isinstance(wire.read_generate_message(text), wire.Cancel)
-    except wire.WireFormatError:
-        return False
+    await stream(ws, pieces, reply, CANCELLED_STATS, ONE_REQUEST)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -14,16 +14,18 @@ from starlette.requests import ClientDisconnect
 
 from mymps_magic import wire
 
-from .errors import BadRequest, NotFound, ServerError, as_server_error
+from .errors import BadRequest, NotFound, ServerError
 from .outbox import Mailbox, TakenOver
-from .routing import generation_job, left_over, next_piece, state_of
+from .routing import generation_job, state_of
 from .schemas import GenerateBody, describe_validation_error
 from .sessions import Session
+from .textjobs import JobPieces
 
 router = APIRouter()
 
 
-async def _ws_error(ws: WebSocket, status: int, message: str) -> None:
+async def ws_error(ws: WebSocket, status: int, message: str) -> None:
+    """Answer a WebSocket request with an ``error`` message and close the connection."""
     await ws.send_json(wire.error_message(message, status))
     await ws.close()
 
@@ -34,11 +36,12 @@ CANCEL_WAIT_S = 2.0
 """How long a cancelled generation is given to stop (it checks at every token) before its
 client is answered anyway; the job is off the queue by then, or going."""
 
+CANCELLED_STATS: dict[str, Any] = {"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0,
+                                   "stop_reason": "cancelled"}
+"""The ``done`` figures of a generation cancelled while it was still queued (or that did not
+stop within :data:`CANCEL_WAIT_S`, whose figures are not known yet)."""
 
-def _cancelled_stats() -> dict[str, Any]:
-    """The ``done`` figures of a generation cancelled while it was still queued (or that did not
-    stop within :data:`CANCEL_WAIT_S`, whose figures are not known yet)."""
-    return {"tokens_generated": 0, "time_s": 0.0, "tokens_per_s": 0.0, "stop_reason": "cancelled"}
+T = TypeVar("T")
 
 
 def _with_ignored(stats: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
@@ -57,86 +60,103 @@ def _is_cancel(message: Mapping[str, Any]) -> bool:
         return False
 
 
-@router.websocket("/ws/generate")
-async def ws_generate(ws: WebSocket) -> None:
-    """Stream one generation; a client that disconnects cancels it at the next token.
-
-    One request per connection: any message the client sends during the generation cancels it,
-    and the connection closes with ``wire.CLOSE_PROTOCOL_MISUSE`` and :data:`ONE_REQUEST` (a
-    second request on the same socket has no id to tell its tokens from the first's). The
-    exception is ``{"type": "cancel"}`` (``wire.cancel_message``): it is answered, once the job has
-    stopped (at most :data:`CANCEL_WAIT_S` later), by the ``done`` frame (``stop_reason:
-    "cancelled"``, the tokens so far; none for a job cancelled while still queued) and a normal
-    close. Fields of the request this endpoint does not know are listed in the ``done`` frame's
-    ``ignored``.
-    """
-    st = state_of(ws)
+async def first_request(ws: WebSocket, read: Callable[[str], T], shape: str) -> T | None:
+    """Accept the connection and read its first message, the request, with ``read`` (which
+    validates it and checks its model). A bad one is answered by an ``error`` message (400 for
+    what is not a JSON object ``shape``, 422 for a field out of bounds, a ServerError's own status)
+    and the connection closed; None then, as when the client left first."""
     await ws.accept()
     try:
         first = await ws.receive()
         if first["type"] == "websocket.disconnect":
-            return
+            return None
         if first.get("text") is None:
-            await _ws_error(ws, 400, "the first frame must be a JSON text message "
-                            "{model, prompt, max_new_tokens, ...}, not binary")
-            return
-        body = GenerateBody.model_validate_json(first["text"])
-        params = body.request()
-        st.registry.get(params.model, ("text",))
+            await ws_error(ws, 400, f"the first message must be a JSON text message {shape}, not binary")
+            return None
+        return read(first["text"])
     except WebSocketDisconnect:
-        return
+        return None
     except ValidationError as exc:
         errors = exc.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
-            await _ws_error(ws, 400, "the first frame must be a JSON object {model, prompt, max_new_tokens, ...}")
+            await ws_error(ws, 400, f"the first message must be a JSON object {shape}")
         else:
-            await _ws_error(ws, 422, describe_validation_error(list(errors)))  # type: ignore[arg-type]
-        return
+            await ws_error(ws, 422, describe_validation_error(list(errors)))  # type: ignore[arg-type]
+        return None
     except ServerError as exc:
-        await _ws_error(ws, exc.status, exc.message)
-        return
+        await ws_error(ws, exc.status, exc.message)
+        return None
 
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str] = asyncio.Queue()
 
-    def on_text(text: str) -> None:
-        loop.call_soon_threadsafe(pieces.put_nowait, text)
+async def stream(ws: WebSocket, pieces: JobPieces, finish: Callable[[dict[str, Any]], dict[str, Any]],
+                 cancelled: dict[str, Any], one_request: str) -> None:
+    """Send a running generation's pieces as ``token`` messages, then ``done`` with ``finish`` of
+    its result (``cancelled`` where it was cancelled before it ran, or has not stopped yet) or
+    ``error``, and close.
 
-    job = st.jobs.submit(
-        generation_job(st, params, on_text),
-        "generate", model=params.model, session="ws",
-    )
-    st.lifetime.touch(params.model, params.keep_alive)
-    done = asyncio.wrap_future(job)
-    heard = asyncio.ensure_future(ws.receive())  # a goodbye, or a message it should not send
+    One request per connection: any message the client sends during the generation cancels it,
+    and the connection closes with ``wire.CLOSE_PROTOCOL_MISUSE`` and ``one_request`` (a second
+    request on the same socket has no id to tell its tokens from the first's). The exception is
+    ``{"type": "cancel"}`` (``wire.cancel_message``): it is answered, once the job has stopped (at
+    most :data:`CANCEL_WAIT_S` later), by the ``done`` message (``stop_reason: "cancelled"``, the
+    tokens so far; none for a job cancelled while still queued) and a normal close. A client that
+    disconnects cancels the job at its next token.
+    """
+    heard = asyncio.ensure_future(ws.receive())  # a goodbye, a cancel, or a message it should not send
     try:
-        while (text := await next_piece(pieces, done, heard)) is not None:
-            await ws.send_json(wire.token_message(text))
-        if heard.done() and not done.done():
-            asked = _is_cancel(heard.result())
-            st.jobs.abandon(job, "cancelled by its client" if asked else "cancelled: its client disconnected")
-            if not asked:
-                await asyncio.wait({done}, timeout=2)
+        async for piece in pieces.until(heard):
+            await ws.send_json(wire.token_message(piece))
+        if heard.done() and not pieces.done.done():
+            if not _is_cancel(heard.result()):
+                pieces.abandon()
+                await asyncio.wait({pieces.done}, timeout=CANCEL_WAIT_S)
                 if heard.result()["type"] != "websocket.disconnect":
-                    await ws.close(wire.CLOSE_PROTOCOL_MISUSE, ONE_REQUEST)
+                    await ws.close(wire.CLOSE_PROTOCOL_MISUSE, one_request)
                 return
             # The protocol answers a close frame at once, so only a cancel can wait for the
-            # job: the done frame below ("cancelled") goes out once it is off /jobs.
-            await asyncio.wait({done}, timeout=CANCEL_WAIT_S)
-        for text in left_over(pieces):
-            await ws.send_json(wire.token_message(text))
-        try:
-            stats = done.result() if done.done() and not done.cancelled() else _cancelled_stats()
-        except BaseException as exc:
-            err = as_server_error(exc)
-            await _ws_error(ws, err.status, err.message)
-            return
-        await ws.send_json(wire.done_message(_with_ignored(stats, body.ignored())))
+            # job: the done message below ("cancelled") goes out once it is off /jobs.
+            pieces.abandon("cancelled by its client")
+            await asyncio.wait({pieces.done}, timeout=CANCEL_WAIT_S)
+        for piece in pieces.left():
+            await ws.send_json(wire.token_message(piece))
+        if not pieces.done.done() or pieces.done.cancelled():  # still stopping, or cancelled while queued
+            await ws.send_json(wire.done_message(cancelled))
+        else:
+            try:
+                result = pieces.result()
+            except ServerError as err:
+                await ws_error(ws, err.status, err.message)
+                return
+            await ws.send_json(wire.done_message(finish(result)))
         await ws.close()
     except (WebSocketDisconnect, RuntimeError):  # the send failed: the client is gone
-        st.jobs.abandon(job, "cancelled: its client disconnected")
+        pieces.abandon()
     finally:
         heard.cancel()
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(ws: WebSocket) -> None:
+    """Stream one generation as :func:`stream` says. Fields of the request this endpoint does not
+    know are listed in the ``done`` message's ``ignored``."""
+    st = state_of(ws)
+
+    def read(text: str) -> tuple[GenerateBody, wire.GenerateRequest]:
+        body = GenerateBody.model_validate_json(text)
+        params = body.request()
+        st.registry.get(params.model, ("text",))
+        return body, params
+
+    asked = await first_request(ws, read, "{model, prompt, max_new_tokens, ...}")
+    if asked is None:
+        return
+    body, params = asked
+    pieces = JobPieces(st, lambda on_text: st.jobs.submit(generation_job(st, params, on_text), "generate",
+                                                          model=params.model, session="ws"))
+    st.lifetime.touch(params.model, params.keep_alive)
+    ignored = body.ignored()
+    await stream(ws, pieces, lambda result: _with_ignored(result, ignored),
+                 _with_ignored(CANCELLED_STATS, ignored), ONE_REQUEST)
 
 
 @router.put("/session/{session_id}/upload")

@@ -135,12 +135,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-class Pieces:
+class JobPieces:
     """A generation queued now whose text is read as it comes: ``async for piece in pieces``,
     then :meth:`result`. Whoever reads it calls :meth:`abandon` when done (a ``finally``), which
-    cancels the job if its reader left before the end."""
+    cancels the job if its reader left before the end. ``start`` queues the job, given the
+    callback that takes each piece from the device worker."""
 
-    def __init__(self, st: ServerState, model: str, prompt: Prompt, params: wire.GenerateRequest) -> None:
+    def __init__(self, st: ServerState, start: Callable[[Callable[[str], None]], Job]) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._st = st
@@ -148,7 +149,7 @@ class Pieces:
         def on_text(text: str) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, text)
 
-        self.job = submit(st, model, prompt, params, on_text)
+        self.job = start(on_text)
         self.done = asyncio.wrap_future(self.job)
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -175,3 +176,10 @@ class Pieces:
 
     def abandon(self, reason: str = GONE) -> None:
         self._st.jobs.abandon(self.job, reason)
+
+
+class Pieces(JobPieces):
+    """:class:`JobPieces` of a generation whose prompt ``prompt`` writes on the worker (:func:`submit`'s)."""
+
+    def __init__(self, st: ServerState, model: str, prompt: Prompt, params: wire.GenerateRequest) -> None:
+        super().__init__(st, lambda on_text: submit(st, model, prompt, params, on_text))
