@@ -21,12 +21,13 @@ from fastapi.responses import StreamingResponse
 from mymps_magic import wire
 
 from . import inference, streams
-from .errors import BadRequest, Cancelled, Unprocessable, as_server_error
+from .errors import BadRequest, Unprocessable, as_server_error
 from .jobs import Job
 from .lifecycle import NO_RESTARTS, Restarts
 from .routing import generation_job, left_over, next_piece, run_job, state_of
 from .schemas import GenerateBody, ImageBody, LoadBody
 from .serverstate import ServerState, server_version
+from .textjobs import answer
 
 router = APIRouter()
 
@@ -214,31 +215,11 @@ async def generate(body: GenerateBody, request: Request) -> dict[str, Any]:
     st.registry.get(params.model, ("text",))
     job = st.jobs.submit(generation_job(st, params, None), "generate", model=params.model)
     st.lifetime.touch(params.model, params.keep_alive)
-    done = asyncio.wrap_future(job)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not done.done():
-        st.jobs.abandon(job, "cancelled: its client went away")
-        await asyncio.wait({done}, timeout=2)  # the worker stops at the next token
+    result = await answer(st, request, job)
+    if result is None:
         return Response(status_code=499)  # type: ignore[return-value]  # nobody reads it
-    try:
-        result: dict[str, Any] = done.result()
-    except asyncio.CancelledError:
-        raise Cancelled(f"job {job.id} was {job.cancel_reason}") from None
-    except BaseException as exc:
-        raise as_server_error(exc) from exc
     ignored = body.ignored()
     return {**result, "ignored": ignored} if ignored else result
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the HTTP client has gone away (its body was read already, so the next
-    message the server gets for this request is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 @router.post("/image")
