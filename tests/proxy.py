@@ -4,6 +4,7 @@ The fault tests and ``benchmarks/load.py`` put it between a client and the real 
 cuts every connection through it at once, `refusing` turns new connections away for a while (the
 tunnel still down), and `cutting` severs every few seconds on a thread of its own, for as long
 as a block runs. Only sockets are involved: the client and the server are the real ones.
+`in_background` runs the call that a cut should interrupt.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import contextlib
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "in_background"]
 
 
 class Proxy:
@@ -132,3 +134,18 @@ class Proxy:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out

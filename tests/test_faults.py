@@ -10,7 +10,6 @@ device free again, the models still loaded.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 from kit import MakeServer, ServerProcess, TinyModels, never_ending_copy, wait_for
-from proxy import Proxy
+from proxy import Proxy, in_background
 from test_session_bad_input import RawSession
 from websockets.exceptions import ConnectionClosed
 
@@ -47,21 +46,6 @@ def direct(server: ServerProcess) -> Iterator[Client]:
     """A client that reaches the server without the proxy: it watches /jobs and checks the device."""
     with Client(port=server.port, token=server.token) as client:
         yield client
-
-
-def in_background(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
-    out: list[Any] = []
-
-    def target() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def running_generation(client: Client, model: str) -> dict[str, Any] | None:

@@ -1,9 +1,9 @@
 """A dropped connection (issue 4, item 6): calls in flight complete, output is neither lost nor
 doubled, and the namespace survives; a session idle past ``--session-idle`` is forgotten.
 
-The client reaches the server through `Proxy`, a loopback TCP proxy in this file whose `sever`
-cuts every connection through it at once, as a dropped SSH tunnel does, and which can refuse
-new connections for a while (the tunnel is still down) before it lets them through again.
+The client reaches the server through `proxy.Proxy`, a loopback TCP proxy whose `sever` cuts
+every connection through it at once, as a dropped SSH tunnel does, and which can refuse new
+connections for a while (the tunnel is still down) before it lets them through again.
 """
 
 from __future__ import annotations
@@ -12,104 +12,19 @@ import random
 import socket
 import threading
 import time
-from types import TracebackType
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from kit import ServerProcess
+from proxy import Proxy, in_background
 
 import mymps_magic._session
-from kit import ServerProcess
 from mymps_magic import Client, wire
 from mymps_magic.display import OutputSink
 from mymps_magic.errors import ConnectionError, RemoteNameError, SessionLostError
 
 PATIENCE_S = 15.0
-
-
-class Proxy:
-    """A loopback TCP proxy to ``127.0.0.1:target_port``.
-
-    Each accepted connection is piped both ways to a new connection to the target by two
-    threads. `sever` closes every current connection and keeps accepting new ones; while
-    `refusing` is set, new connections are accepted and closed at once.
-
-    Attributes:
-        port: where clients connect.
-        accepted: how many connections it has piped so far.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.accepted = 0
-        self.refusing = threading.Event()
-        self._open: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept_forever, name="proxy-accept", daemon=True)
-        self._thread.start()
-
-    def _accept_forever(self) -> None:
-        while not self._closed:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refusing.is_set():
-                downstream.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                downstream.close()
-                continue
-            upstream.settimeout(None)
-            for sock in (downstream, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._open += [downstream, upstream]
-                self.accepted += 1
-            for src, dst in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pipe, args=(src, dst), name="proxy-pipe", daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def sever(self) -> None:
-        """Cut every connection through the proxy now; new ones are still accepted."""
-        with self._lock:
-            socks, self._open = self._open, []
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-    def close(self) -> None:
-        self._closed = True
-        self.listener.close()
-        self.sever()
-
-    def __enter__(self) -> Proxy:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 class StreamRecorder(OutputSink):
@@ -153,21 +68,6 @@ def chatty(n: int) -> int:
 def mark() -> int:
     marks.append("ran")  # type: ignore[name-defined]  # noqa: F821
     return len(marks)  # type: ignore[name-defined]  # noqa: F821
-
-
-def in_background(fn: Any) -> tuple[threading.Thread, list[Any]]:
-    """Run ``fn()`` in a thread; the list gets its value or the exception it raised."""
-    out: list[Any] = []
-
-    def target() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, out
 
 
 @pytest.fixture
