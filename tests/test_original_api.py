@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from kit import REPO_ROOT, ServerProcess, TinyModels, auth, never_ending_copy
+from test_original_example import ORIGINAL_EXAMPLE
 
 ORIGINAL_STOP_REASONS = {"eos", "max_tokens", "stop", "cancelled"}
 
@@ -220,42 +221,11 @@ def test_mympsclient_keeps_the_originals_signatures_and_defaults(server: ServerP
         client.close()
 
 
-ORIGINAL_EXAMPLE = '''
-from mymps_magic import MympsClient
-
-client = MympsClient(token="{token}")  # connects to localhost:5555
-
-# check server
-client.health()
-
-# load a model onto MPS
-client.load_model("{model}")
-
-# generate text
-result = client.generate("{model}", "The meaning of life is", max_new_tokens=64)
-print(result["text"])
-
-# streaming generation
-import asyncio
-
-async def stream():
-    async with client.stream_generate("{model}", "Write a poem:\\n") as s:
-        async for token in s:
-            print(token, end="", flush=True)
-
-asyncio.run(stream())
-
-# cleanup
-client.unload_model("{model}")
-client.close()
-'''
-
-
 def test_the_original_readme_example_runs_with_the_token_passed_to_mympsclient(
         tmp_path: Path, server: ServerProcess, endless: str) -> None:
     """The port comes from the environment (the test server's is not 5555); the token is the
     one change to the example's text."""
-    example = ORIGINAL_EXAMPLE.format(token=server.token, model=endless)
+    example = ORIGINAL_EXAMPLE.format(model=endless).replace("MympsClient()", f"MympsClient(token={server.token!r})")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MYMPS_")}
     env.update({"MYMPS_SERVER_PORT": str(server.port), "PYTHONPATH": str(REPO_ROOT), "MYMPS_HOME": str(tmp_path)})
 
