@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from kit import ServerProcess, TinyModels, auth
+from rawhttp import read_answer
 from mymps_magic import wire
 from mymps_magic.cli.localserver import free_port
 
@@ -84,20 +85,7 @@ def raw_exchange(server: ServerProcess, request: bytes, timeout: float = 5.0) ->
     """Send raw bytes, read one HTTP answer; ``(status, body)``. The request may be incomplete."""
     with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), None)
-        while length is not None and len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
+        head, body = read_answer(sock)
     return int(head.split(b" ", 2)[1]), body
 
 

@@ -27,6 +27,7 @@ import psutil
 import pytest
 
 from kit import MakeServer, ServerProcess, TinyModels, auth, wait_for
+from rawhttp import read_answer, read_head
 from mymps_magic import Client, wire
 
 MODEL = "boundary-net"
@@ -98,20 +99,8 @@ def raw_request(server: ServerProcess, request: bytes) -> tuple[int, bytes]:
     finished its answer (the head, and the body when its length is known)."""
     with socket.create_connection((server.host, server.port), timeout=30) as sock:
         sock.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-        while match and len(body) < int(match.group(1)):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    assert head.startswith(b"HTTP/1.1 "), data[:200]
+        head, body = read_answer(sock)
+    assert head.startswith(b"HTTP/1.1 "), head[:200]
     return int(head.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
 
 
@@ -313,12 +302,7 @@ def test_a_10_gib_declared_body_is_refused_without_memory_growth(guarded: Server
 
         sender = threading.Thread(target=keep_sending)
         sender.start()
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            data = sock.recv(65536)
-            if not data:
-                break
-            answer += data
+        answer = read_head(sock)
         sender.join()
     assert answer.split(b" ", 2)[1] == (b"413" if token == "right" else b"401"), answer[:300]
     assert _rss(guarded) - before < 64 << 20, f"the server grew by {(_rss(guarded) - before) >> 20} MiB"
