@@ -191,7 +191,7 @@ def test_a_free_port_is_kept_across_restarts_and_a_stop_is_forwarded_once(
         child = psutil.Process(process.pid).children()[0]
         child.kill()
         assert wait_for(lambda: len(addresses()) == 2 and addresses(), "the restart")[1] == first
-        assert "(restart 1): the server process" in log.read_text()
+        wait_for(lambda: "(restart 1): the server process" in log.read_text(), "the restarted server's line naming the crash")
         restarted = psutil.Process(process.pid).children()[0]
         if stop == "ctrl-c":
             os.killpg(process.pid, signal.SIGINT)
