@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from kit import REPO_ROOT, ServerProcess, TinyModels, wait_for
+from kit import REPO_ROOT, ServerProcess, TinyModels, never_ending_copy, wait_for
 from test_session import wait_for_file
 
 from mymps_magic import Client, NotFoundError
@@ -54,9 +54,11 @@ def run_example(c: Client, model: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def llama(server: ServerProcess, tiny_models: TinyModels) -> Iterator[str]:
+def llama(server: ServerProcess, tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Its EOS unreachable: the random model sampled its EOS now and then before the cancel came.
+    model = never_ending_copy(tiny_models.text_llama, tmp_path_factory.mktemp("cancel") / "llama")
     with Client(host="127.0.0.1", port=server.port, token=server.token) as c:
-        c.load_model(LLAMA, path=str(tiny_models.text_llama), progress=False)
+        c.load_model(LLAMA, path=str(model), progress=False)
         yield LLAMA
         c.unload_model(LLAMA)
 
