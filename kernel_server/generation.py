@@ -229,7 +229,7 @@ def generate(
     on_progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Generate up to ``max_new_tokens`` with ``model.generate``; returns the original's stats
-    plus ``stop_reason``.
+    plus ``stop_reason`` and ``prompt_tokens`` (the prompt as the model read it: OpenAI's usage).
 
     ``stop_reason`` is ``eos``, ``stop`` (a stop string), ``max_tokens`` or ``cancelled``, the
     original's values. A ``max_tokens`` stop also says which limit in ``limit``: ``max_new_tokens``
@@ -272,6 +272,7 @@ def generate(
         "time_s": round(elapsed, 4),
         "tokens_per_s": round(produced / elapsed, 2) if elapsed > 0 else 0.0,
         "stop_reason": stop_reason,
+        "prompt_tokens": int(ids.shape[1]),
     }
     if stop_reason == "max_tokens":
         result["limit"] = "max_new_tokens" if budget == params.max_new_tokens else "context"

@@ -85,14 +85,12 @@ def _reason(exc: Exception) -> str:
 def submit(st: ServerState, model: str, prompt: Prompt, params: wire.GenerateRequest,
            on_text: Callable[[str], None] | None) -> Job:
     """Queue the generation ``params`` asks for, its prompt written by ``prompt`` on the worker,
-    and keep the model loaded as its ``keep_alive`` says; the job's result is ``/generate``'s plus
-    ``prompt_tokens``."""
+    and keep the model loaded as its ``keep_alive`` says; the job's result is ``/generate``'s."""
 
     def work(job: Job) -> dict[str, Any]:
-        loaded = st.registry.get(model, ("text",))
-        text = prompt(loaded)
+        text = prompt(st.registry.get(model, ("text",)))
         result: dict[str, Any] = generation_job(st, replace(params, prompt=text), on_text)(job)
-        return {**result, "prompt_tokens": len(loaded.tokenizer(text).input_ids)}
+        return result
 
     job = st.jobs.submit(work, "generate", model=model)
     st.lifetime.touch(model, params.keep_alive)  # after the submit: a keep_alive of 0 waits for this job
